@@ -1,0 +1,142 @@
+"""Attention: the APN box proposal and the differentiable crop-and-zoom (paper Sec. 3.2, Eqs. 2-6).
+
+Coordinates. A box is ``(cx, cy, half)``: centre and half side of a square, all *normalised* to the image it
+refers to (0 = left/top edge, 1 = right/bottom edge, so the box side is ``2 * half`` of the image side). The
+boxcar mask's steepness ``k`` (paper: 10) applies to coordinates in *pixels of the image being cropped*: with
+k = 10 the mask goes from 0.12 to 0.88 within 0.4 px of an edge, i.e. it is the near-hard crop of the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def box_from_unit(z: torch.Tensor, min_side: float, max_side: float) -> torch.Tensor:
+    """Map APN outputs ``z`` in (0, 1)^3 to a box that respects the side bounds and lies inside the image.
+
+    ``half = (min_side + (max_side - min_side) z_l) / 2`` and ``c = half + (1 - 2 half) z_c``: a smooth
+    re-parametrisation instead of clamping, so the gradient never dies at a bound.  B x 3 -> B x 3.
+    """
+    half = 0.5 * (min_side + (max_side - min_side) * z[:, 2])
+    cx = half + (1.0 - 2.0 * half) * z[:, 0]
+    cy = half + (1.0 - 2.0 * half) * z[:, 1]
+    return torch.stack([cx, cy, half], dim=1)
+
+
+def box_to_xyxy(box: torch.Tensor) -> torch.Tensor:
+    """``(cx, cy, half)`` -> ``(x0, y0, x1, y1)``; ... x 3 -> ... x 4."""
+    cx, cy, h = box.unbind(-1)
+    return torch.stack([cx - h, cy - h, cx + h, cy + h], dim=-1)
+
+
+def compose_boxes(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """A box ``inner`` given relative to the crop ``outer`` -> the same box relative to the outer image."""
+    x0 = outer[:, 0] - outer[:, 2]
+    y0 = outer[:, 1] - outer[:, 2]
+    side = 2.0 * outer[:, 2]
+    return torch.stack([x0 + side * inner[:, 0], y0 + side * inner[:, 1], side * inner[:, 2]], dim=1)
+
+
+class APN(nn.Module):
+    """Attention proposal network: two FC layers on a scale's last conv features (released model: FC 1024, tanh,
+    FC 3, sigmoid). The features are average-pooled to ``grid x grid`` first so one APN fits any input size."""
+
+    def __init__(self, in_channels: int, *, grid: int = 7, hidden: int = 1024, min_side: float = 0.25,
+                 max_side: float = 1.0):
+        super().__init__()
+        self.grid, self.min_side, self.max_side = grid, min_side, max_side
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.fc1 = nn.Linear(in_channels * grid * grid, hidden)
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w -> B x 3 box ``(cx, cy, half)`` normalised to the scale's input."""
+        z = self.pool(feats).flatten(1)  # B x C*g*g
+        z = torch.sigmoid(self.fc2(torch.tanh(self.fc1(z))))  # B x 3 in (0, 1)
+        return box_from_unit(z, self.min_side, self.max_side)
+
+
+def _logistic(x: torch.Tensor, k: float) -> torch.Tensor:
+    return torch.sigmoid(k * x)  # h(x) = 1 / (1 + exp(-k x)), Eq. 5
+
+
+def boxcar_1d(pos: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: float) -> torch.Tensor:
+    """One factor of Eq. 4, ``h(x - t_tl) - h(x - t_br)``, all in pixels; pos ... x n, lo/hi ... x 1."""
+    return _logistic(pos - lo, k) - _logistic(pos - hi, k)
+
+
+def _sample_positions(box: torch.Tensor, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised centres of the ``out`` output pixels along x and y inside each box: B x out each."""
+    u = (torch.arange(out, device=box.device, dtype=box.dtype) + 0.5) / out  # out
+    x0 = (box[:, 0] - box[:, 2])[:, None]
+    y0 = (box[:, 1] - box[:, 2])[:, None]
+    side = 2.0 * box[:, 2:3]
+    return x0 + side * u, y0 + side * u
+
+
+def _axis_taps(pos: torch.Tensor, size: int, lo: torch.Tensor, hi: torch.Tensor,
+               k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps along one axis, each weight multiplied by the boxcar at its pixel centre.
+
+    ``pos``: B x out normalised sample positions; ``lo``/``hi``: B x 1 box edges in pixels.
+    Returns the two neighbour indices (B x out, long) and their weights (B x out). Border padding and
+    ``align_corners=False`` as in ``F.grid_sample``.
+    """
+    ix = (pos * size - 0.5).clamp(0, size - 1)  # B x out, continuous pixel index
+    i0 = ix.detach().floor().clamp(0, size - 1)
+    i1 = (i0 + 1).clamp(max=size - 1)
+    frac = ix - i0  # differentiable in pos
+    w0 = (1 - frac) * boxcar_1d(i0 + 0.5, lo, hi, k)
+    w1 = frac * boxcar_1d(i1 + 0.5, lo, hi, k)
+    return i0.long(), i1.long(), w0, w1
+
+
+def crop_zoom(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
+    """Attend and zoom (Eqs. 3-6), batched: B x C x H x W image, B x 3 box -> B x C x out x out.
+
+    Exactly :func:`crop_zoom_reference` (mask the full image with the boxcar ``M``, then zoom the box
+    bilinearly) without materialising ``X * M``: ``M`` is separable, so each bilinear tap's weight is multiplied
+    by the 1-D mask at that tap's pixel, and the zoom is two gathers (rows, then columns). Gradients reach
+    ``box`` through the tap weights (sample positions) and the mask, as with the reference.
+    """
+    b, c, h, w = image.shape
+    xs, ys = _sample_positions(box, out)  # B x out each, normalised
+    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * w, (box[:, 0] + box[:, 2])[:, None] * w  # B x 1, pixels
+    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * h, (box[:, 1] + box[:, 2])[:, None] * h
+    r0, r1, wr0, wr1 = _axis_taps(ys, h, y0, y1, k)  # B x out
+    c0, c1, wc0, wc1 = _axis_taps(xs, w, x0, x1, k)  # B x out
+    wr0, wr1, wc0, wc1 = (t.to(image.dtype) for t in (wr0, wr1, wc0, wc1))
+    # rows: B x C x out x W
+    rows = (image.gather(2, r0[:, None, :, None].expand(b, c, out, w)) * wr0[:, None, :, None]
+            + image.gather(2, r1[:, None, :, None].expand(b, c, out, w)) * wr1[:, None, :, None])
+    # columns: B x C x out x out
+    return (rows.gather(3, c0[:, None, None, :].expand(b, c, out, out)) * wc0[:, None, None, :]
+            + rows.gather(3, c1[:, None, None, :].expand(b, c, out, out)) * wc1[:, None, None, :])
+
+
+def boxcar_mask(box: torch.Tensor, height: int, width: int, k: float = 10.0) -> torch.Tensor:
+    """The full-resolution attention mask ``M`` of Eq. 4 at pixel centres: B x 3 -> B x 1 x H x W."""
+    px = torch.arange(width, device=box.device, dtype=box.dtype) + 0.5  # W
+    py = torch.arange(height, device=box.device, dtype=box.dtype) + 0.5  # H
+    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * width, (box[:, 0] + box[:, 2])[:, None] * width
+    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * height, (box[:, 1] + box[:, 2])[:, None] * height
+    mx = boxcar_1d(px[None], x0, x1, k)  # B x W
+    my = boxcar_1d(py[None], y0, y1, k)  # B x H
+    return (my[:, :, None] * mx[:, None, :])[:, None]
+
+
+def crop_zoom_reference(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
+    """The paper's formulation taken literally: ``X_att = X * M`` on the full image (Eq. 3), then each sample's
+    box is cut out and bilinearly zoomed (Eq. 6) one at a time. Slow; the ground truth for tests and benchmarks."""
+    _, _, h, w = image.shape
+    attended = image * boxcar_mask(box, h, w, k).to(image.dtype)  # B x C x H x W
+    crops = []
+    for i in range(image.shape[0]):  # per-sample on purpose: this is the straightforward reference
+        xs, ys = _sample_positions(box[i : i + 1], out)
+        grid = torch.stack([(2 * xs - 1)[:, None, :].expand(1, out, out),
+                            (2 * ys - 1)[:, :, None].expand(1, out, out)], dim=-1)
+        crops.append(F.grid_sample(attended[i : i + 1], grid.to(image.dtype), mode="bilinear",
+                                   padding_mode="border", align_corners=False))
+    return torch.cat(crops)

@@ -1,0 +1,159 @@
+"""``racnn`` command line: thin argparse front-ends over the library. ``main(argv) -> exit code``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train RA-CNN with the alternating schedule",
+                       description="Train RA-CNN. Writes config.yaml, last.pt, best.pt, metrics.jsonl and, at the "
+                                   "end, metrics.json (test evaluation) into --out.", epilog=EPILOG)
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
+    p.add_argument("--data", help="dataset folder (sets data.root)")
+    p.add_argument("--out", default="runs/racnn", help="output folder (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. --set train.epochs=2 model.backbone=tiny")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .training.loop import Trainer
+
+    if a.resume:
+        if a.config or a.overrides:
+            print("racnn train --resume: the run's own config is used; --config/--set are ignored",
+                  file=sys.stderr)
+        from .config import Config
+
+        trainer = Trainer(Config(), a.out, resume=True, progress=not a.no_progress)
+    else:
+        overrides = list(a.overrides) + ([f"data.root={a.data}"] if a.data else [])
+        trainer = Trainer(load_config(a.config, overrides), a.out, progress=not a.no_progress)
+    metrics = trainer.fit()
+    print(json.dumps({k: metrics[k] for k in ("acc_s1", "acc_s123") if k in metrics}))
+    print(f"wrote {Path(a.out) / 'metrics.json'}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint (paper table + localisation)",
+                       description="Top-1 of every scale and fusion, scale-1 box IoU with the object box, "
+                                   "box sides. Accepts a .pt checkpoint or an exported folder.", epilog=EPILOG)
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
+    p.add_argument("--data", required=True, help="dataset folder")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "trainval"])
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .config import apply_overrides
+    from .evaluation import evaluate, format_table, json_safe
+    from .training import setup
+    from .training.checkpoint import load_model
+
+    model, cfg, classes = load_model(a.checkpoint)
+    overrides = [f"data.root={a.data}", f"train.batch_size={a.batch_size}"]
+    overrides += [f"data.max_images={a.max_images}"] if a.max_images else []
+    apply_overrides(cfg, overrides)
+    device = setup.resolve_device(a.device)
+    dataset = setup.make_dataset(cfg, a.split, model.preprocessing, train=False)
+    if list(dataset.classes) != list(classes):
+        raise ValueError(f"{a.data}: its {len(dataset.classes)} classes differ from the checkpoint's {len(classes)}")
+    metrics = evaluate(model.to(device), setup.make_loader(dataset, cfg), device=device,
+                       head_parts=getattr(dataset, "head_parts", None))
+    metrics["split"] = a.split
+    print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images)"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(json_safe(metrics), indent=2))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-5 per scale and fused, with attention boxes",
+                       description="Classify images; boxes are given in each image's pixel coordinates.")
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .inference import format_predictions, predict_images
+    from .training import setup
+    from .training.checkpoint import load_model
+
+    model, cfg, classes = load_model(a.checkpoint)
+    records = predict_images(model, cfg, classes, a.images, topk=a.topk, device=setup.resolve_device(a.device))
+    print(json.dumps(records, indent=2) if a.json else format_predictions(records, a.topk))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write release weights (model.safetensors + config.json)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .training.checkpoint import export_model
+
+    out = export_model(a.checkpoint, a.out)
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_eval, _add_predict, _add_export]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="racnn", description="RA-CNN: recurrent attention CNN for fine-grained "
+                                     "image recognition (train, evaluate, predict, export).", epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"racnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .backbones import WeightsNotFoundError
+    from .config import ConfigError
+    from .data import DatasetError
+    from .training.checkpoint import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DatasetError, CheckpointError, WeightsNotFoundError, FloatingPointError) as e:
+        print(f"racnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"racnn {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"racnn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

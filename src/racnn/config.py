@@ -1,0 +1,265 @@
+"""Run configuration: dataclasses per concern, YAML loading and dotted ``--set`` overrides.
+
+The resolved :class:`Config` is stored (as a plain dict) inside every checkpoint, so a model can be rebuilt
+from the file alone. This module imports neither torch models nor data code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message is one line naming the key and the problem."""
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mobilenet_v2"  # any name of racnn.backbones.list_backbones() or a torchvision model
+    pretrained: bool = True  # ImageNet weights via torchvision (offline through TORCH_HOME) or weights_file
+    weights_file: str | None = None  # local state_dict for the backbone, overrides the torchvision weights
+    num_scales: int = 3
+    input_size: int = 224  # side of every scale's (square) input, pixels
+    crop_from: str = "previous"  # "previous": zoom the previous scale (paper); "source": crop the data image
+    mask_k: float = 10.0  # steepness of the boxcar's logistic h(x)=1/(1+exp(-k x)), x in source pixels
+    box_min_side: float = 0.25  # lower bound on the box side, fraction of the input side
+    box_max_side: float = 1.0  # upper bound on the box side
+    apn_grid: int = 7  # APN input: last conv features pooled to grid x grid, then flattened
+    apn_hidden: int = 1024  # released model: FC 1024, tanh, FC 3, sigmoid
+    dropout: float = 0.0  # before every classification head
+    checkpoint_activations: bool = False  # recompute backbone activations in backward (saves memory)
+
+
+@dataclass
+class DataConfig:
+    name: str = "cub"  # dataset kind: racnn.data.list_datasets()
+    root: str | None = None  # dataset folder (the CLI's --data overrides it)
+    image_size: int = 224  # side of the image the loader gives the model (> input_size for crop_from=source)
+    val_fraction: float = 0.1  # share of train carved out (seeded, per class) for model selection
+    max_images: int | None = None  # cap on each split, for smoke runs
+    num_workers: int = 2
+    augment: bool = True  # random resized crop + horizontal flip on train
+    crop_scale_min: float = 0.6  # smallest area fraction of RandomResizedCrop
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.01  # classification heads and fusion
+    backbone_lr_mult: float = 0.1  # backbones train at lr * this
+    apn_lr: float = 1e-3
+    apn_optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"  # cosine | step | none  (over the classification epochs)
+    step_size: int = 10  # epochs between decays for scheduler=step
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    mode: str = "alternate"  # alternate (paper) | joint (both losses every step)
+    apn_init_steps: int = 50  # regression steps of each APN towards the strongest conv response
+    apn_init_side: float = 0.5  # side of the square the APN is initialised to, fraction of the input side
+    classify_epochs: int = 2  # epochs per classification phase (APNs frozen)
+    attend_epochs: int = 1  # epochs per attention phase (classifiers frozen)
+    rank_margin: float = 0.05
+    rank_weight: float = 1.0  # weight of the ranking loss (joint mode, attention phase)
+    fusion_weight: float = 1.0  # weight of the fusion cross-entropies
+    converge_tol: float = 0.01  # relative loss improvement under which a phase counts as converged
+    max_steps_per_epoch: int | None = None  # cap on iterations per epoch (smoke runs, benchmarks)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12  # total epochs, all phases together
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = False  # autocast (bf16 on CPU and on GPUs that support it, else fp16)
+    channels_last: bool = False
+    deterministic: bool = False
+    eval_every: int = 1  # validate every N epochs
+    log_every: int = 10  # iterations between progress-bar updates of the running loss
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
+        cfg = cls()
+        _merge(cfg, d, prefix="", source=source)
+        validate(cfg, source=source)
+        return cfg
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (bool, int, float, str, optional thereof)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - all fields use the types above
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{source}: {key} must be {name}, got {value!r}")
+
+
+def _merge(obj: Any, d: dict[str, Any], prefix: str, source: str) -> None:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {d!r}")
+    hints = _field_types(obj)
+    for key, value in d.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{source}: unknown key '{full}' (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full, source))
+
+
+_CHOICES = {
+    "model.crop_from": ("previous", "source"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.apn_optimizer": ("adam", "sgd"),
+    "optim.scheduler": ("cosine", "step", "none"),
+    "schedule.mode": ("alternate", "joint"),
+}
+
+
+def validate(cfg: Config, *, source: str = "config") -> None:
+    """Range and choice checks that the types alone cannot express."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    m = cfg.model
+    checks = [
+        (m.num_scales >= 1, "model.num_scales must be >= 1"),
+        (m.input_size >= 16, "model.input_size must be >= 16"),
+        (0.0 < m.box_min_side <= m.box_max_side <= 1.0, "need 0 < model.box_min_side <= box_max_side <= 1"),
+        (m.mask_k > 0, "model.mask_k must be > 0"),
+        (m.apn_grid >= 1 and m.apn_hidden >= 1, "model.apn_grid and apn_hidden must be >= 1"),
+        (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
+        (cfg.data.max_images is None or cfg.data.max_images > 0, "data.max_images must be > 0"),
+        (cfg.data.image_size >= 16, "data.image_size must be >= 16"),
+        (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]"),
+        (cfg.train.epochs >= 0 and cfg.train.batch_size >= 1, "train.epochs >= 0 and batch_size >= 1"),
+        (cfg.schedule.classify_epochs >= 1 and cfg.schedule.attend_epochs >= 1, "phase lengths must be >= 1"),
+        (cfg.schedule.apn_init_steps >= 0, "schedule.apn_init_steps must be >= 0"),
+        (0.0 < cfg.schedule.apn_init_side <= 1.0, "schedule.apn_init_side must be in (0, 1]"),
+        (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {msg}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=value"`` -> ``("a.b", value)`` with the value parsed as YAML (so 3, 0.1, true, null work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply dotted ``key=value`` overrides with the same type checks as the file."""
+    for text in overrides:
+        key, value = parse_override(text)
+        if isinstance(value, str) and _expects_number(cfg, key):
+            raise ConfigError(f"--set {text}: {key} must be a number, got {value!r}")
+        _merge(cfg, _nest(key, value), prefix="", source=f"--set {text}")
+    validate(cfg, source="--set")
+    return cfg
+
+
+def _expects_number(cfg: Config, key: str) -> bool:
+    obj: Any = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+        obj = getattr(obj, p, None)
+        if obj is None or not dataclasses.is_dataclass(obj):
+            return False
+    tp = _field_types(obj).get(parts[-1])
+    return tp in (int, float, int | None, float | None)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from the defaults when ``path`` is None) and apply overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"{p}{where}: not valid YAML") from e
+        _merge(cfg, raw, prefix="", source=str(p))
+        validate(cfg, source=str(p))
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

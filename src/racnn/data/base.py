@@ -1,0 +1,171 @@
+"""Pieces shared by the datasets: sample records, split carving, capping and the item dict."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from racnn.data.errors import DatasetError
+from racnn.data.io import image_size, load_image
+from racnn.data.transforms import PairedTransformFn, build_transform
+
+__all__ = ["SPLITS", "AnnotatedImageDataset", "Sample", "cap_spread", "carve_val", "check_options"]
+
+SPLITS = ("train", "val", "test", "trainval")
+
+# Fallback normalisation when no transform is given (the model publishes its own; these are ImageNet's).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
+
+
+@dataclass(frozen=True, eq=False)
+class Sample:
+    """One image: path, contiguous label, box ``[4]`` xyxy pixels (or None), parts ``[P, 3]`` (x, y,
+    visible) pixels (or None)."""
+
+    path: Path
+    label: int
+    box: Tensor | None = None
+    parts: Tensor | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sample):
+            return NotImplemented
+        return (
+            (self.path, self.label) == (other.path, other.label)
+            and _same(self.box, other.box)
+            and _same(self.parts, other.parts)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.label))
+
+
+def check_options(split: str, val_fraction: float, max_images: int | None) -> None:
+    """Validate the options common to every dataset."""
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} (expected one of: {', '.join(SPLITS)})")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_images is not None and (
+        not isinstance(max_images, int) or isinstance(max_images, bool) or max_images < 1
+    ):
+        raise DatasetError(f"max_images must be a positive integer or None, got {max_images!r}")
+
+
+def _by_class(labels: Sequence[int]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        groups[label].append(i)
+    return groups
+
+
+def carve_val(labels: Sequence[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split positions ``0..len(labels)-1`` into (train, val), stratified per class and seeded.
+
+    Each class gives ``round(val_fraction * n)`` images to val, but always keeps one for train.
+    Both lists are sorted; they are disjoint and together cover every position.
+    """
+    val: list[int] = []
+    for label, members in sorted(_by_class(labels).items()):
+        take = min(math.floor(val_fraction * len(members) + 0.5), len(members) - 1)
+        if take <= 0:
+            continue
+        shuffled = list(members)
+        random.Random(seed * 1_000_003 + label).shuffle(shuffled)
+        val.extend(shuffled[:take])
+    val_set = set(val)
+    return [i for i in range(len(labels)) if i not in val_set], sorted(val)
+
+
+def cap_spread(labels: Sequence[int], max_images: int | None, seed: int) -> list[int]:
+    """Pick at most ``max_images`` positions, round robin over classes in a seeded order (so a small cap
+    still covers many classes); images within a class are taken in a seeded order. Returns sorted
+    positions."""
+    if max_images is None or len(labels) <= max_images:
+        return list(range(len(labels)))
+    rng = random.Random(seed)
+    groups = [members for _, members in sorted(_by_class(labels).items())]
+    rng.shuffle(groups)
+    for members in groups:
+        rng.shuffle(members)
+    chosen: list[int] = []
+    for rank in range(max(len(g) for g in groups)):
+        for members in groups:
+            if rank < len(members):
+                chosen.append(members[rank])
+                if len(chosen) == max_images:
+                    return sorted(chosen)
+    return sorted(chosen)
+
+
+class AnnotatedImageDataset(Dataset):
+    """Base class: a list of :class:`Sample` records and a paired transform.
+
+    ``__getitem__`` returns ``{"image": [3, S, S] float32, "label": int64 scalar, "box": [4] xyxy in
+    [0, 1], "parts": [P, 3], "has_box": bool scalar, "index": int64 scalar}``. ``has_box`` says whether
+    the image has a box annotation; a box cropped away by augmentation is ``[0, 0, 0, 0]``.
+    """
+
+    samples: list[Sample]
+    classes: list[str]
+
+    def __init__(self, transform: PairedTransformFn | None) -> None:
+        self.transform: PairedTransformFn = (
+            transform
+            if transform is not None
+            else build_transform(size=224, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, train=False)
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return self.samples[i].path
+
+    def original_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``i`` in pixels, reading only the file header."""
+        return image_size(self.samples[i].path)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = range(len(self.samples))[index]  # IndexError when out of range; negative indices allowed
+        sample = self.samples[index]
+        image = load_image(sample.path)
+        box = None
+        if sample.box is not None:
+            width, height = image.size
+            box = sample.box.clone()
+            box[0::2] = box[0::2].clamp(0, width)
+            box[1::2] = box[1::2].clamp(0, height)
+        image_t, box_t, parts_t = self.transform(image, box, sample.parts)
+        return {
+            "image": image_t,
+            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "box": box_t,
+            "parts": parts_t,
+            "has_box": torch.tensor(sample.box is not None),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={getattr(self, 'split', '?')!r}, images={len(self)}, "
+            f"classes={self.num_classes})"
+        )

@@ -1,0 +1,60 @@
+"""Image loading: every image becomes an 8-bit RGB :class:`PIL.Image.Image` or a :class:`DatasetError`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from racnn.data.errors import DatasetError
+
+__all__ = ["image_size", "load_image", "to_rgb"]
+
+# Background that transparent pixels are composited onto.
+_WHITE = (255, 255, 255)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency (RGBA, LA, P/L with a transparent colour) goes on white."""
+    if image.mode == "RGB":
+        return image
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # High bit depth greyscale: rescale to 0..255 instead of letting PIL clip at 255.
+        lo, hi = image.getextrema()  # type: ignore[misc]
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = image.convert("F").point(lambda v: (v - lo) * scale).convert("L")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read an image file fully (so truncated files fail here) and return it as RGB.
+
+    No EXIF rotation is applied: annotations refer to the stored pixel grid.
+    Raises :class:`DatasetError` ``"{path}: cannot read image ({reason})"`` for a missing, corrupt or
+    truncated file.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. PIL's "Palette images with transparency" notice
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
+        raise DatasetError(f"{path}: cannot read image ({reason or type(exc).__name__})") from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image, reading only its header."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
+        raise DatasetError(f"{path}: cannot read image ({reason or type(exc).__name__})") from exc

@@ -1,0 +1,137 @@
+"""Evaluation as the paper reports it (Table 2: scale 1, 2, 3, 1+2, 1+2+3) plus attention localisation.
+
+Boxes are compared in the normalised coordinates of the evaluated (squash-resized, uncropped) image; IoU is
+invariant to the per-axis scaling that maps them back to the original pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .attention import box_to_xyxy, compose_boxes
+from .model import RACNN
+
+TABLE_ROWS = [
+    ("acc_s1", "scale 1"), ("acc_s2", "scale 2"), ("acc_s3", "scale 3"), ("acc_s12", "scale 1+2"),
+    ("acc_s123", "scale 1+2+3"), ("loc_iou_mean", "scale-1 box IoU (mean)"),
+    ("loc_acc_iou50", "scale-1 box IoU >= 0.5"), ("head_hit_s2", "scale-2 box holds the head"),
+    ("box_side_s1", "box side, scale 1"), ("box_side_s2", "box side, scale 2"),
+]
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of matching rows of two xyxy box sets, N x 4 each -> N."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+
+
+def head_hits(box_xyxy: torch.Tensor, parts: torch.Tensor, head: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether every visible head part lies in the box. B x 4, B x P x 3 -> (hit B bool, has_head B bool)."""
+    p = parts[:, head]  # B x H x 3
+    vis = p[..., 2] > 0
+    inside = ((p[..., 0] >= box_xyxy[:, None, 0]) & (p[..., 0] <= box_xyxy[:, None, 2])
+              & (p[..., 1] >= box_xyxy[:, None, 1]) & (p[..., 1] <= box_xyxy[:, None, 3]))
+    return (inside | ~vis).all(1) & vis.any(1), vis.any(1)
+
+
+class Accumulator:
+    """Sums over batches; ``summary()`` turns them into the metrics dict."""
+
+    def __init__(self) -> None:
+        self.correct: dict[str, int] = defaultdict(int)
+        self.n = 0
+        self.ious: list[torch.Tensor] = []
+        self.sides: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.head_hit = 0
+        self.head_n = 0
+
+    def update(self, logits: dict[str, torch.Tensor], boxes: list[torch.Tensor], batch: dict[str, Any],
+               head_parts: list[int] | None = None) -> None:
+        target = batch["label"].to(next(iter(logits.values())).device)
+        self.n += target.numel()
+        for k, v in logits.items():
+            self.correct[k] += int((v.argmax(1) == target).sum())
+        for s, box in enumerate(boxes):
+            self.sides[s + 1].append((2 * box[:, 2]).float().cpu())
+        if not boxes:
+            return
+        b1 = boxes[0].float().cpu()
+        has_box = batch["has_box"].bool().cpu()
+        if has_box.any():
+            self.ious.append(box_iou(box_to_xyxy(b1[has_box]), batch["box"][has_box].float()))
+        if head_parts and len(boxes) > 1 and batch["parts"].shape[1] > 0:
+            b2 = compose_boxes(b1, boxes[1].float().cpu())  # scale-2 box in image coordinates
+            hit, has = head_hits(box_to_xyxy(b2), batch["parts"].float(), head_parts)
+            self.head_hit += int(hit.sum())
+            self.head_n += int(has.sum())
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        out = {("acc_" + k): c / n for k, c in self.correct.items()}
+        if self.ious:
+            iou = torch.cat(self.ious)
+            out["loc_iou_mean"] = float(iou.mean())
+            out["loc_acc_iou50"] = float((iou >= 0.5).float().mean())
+        else:
+            out["loc_iou_mean"] = out["loc_acc_iou50"] = math.nan
+        out["head_hit_s2"] = self.head_hit / self.head_n if self.head_n else math.nan
+        for s, sides in self.sides.items():
+            side = torch.cat(sides)
+            out[f"box_side_s{s}"] = float(side.mean())
+            out[f"box_side_std_s{s}"] = float(side.std()) if side.numel() > 1 else 0.0
+        out["num_images"] = self.n
+        return out
+
+
+@torch.no_grad()
+def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], *, device: torch.device | str = "cpu",
+             amp: bool = False, channels_last: bool = False, head_parts: list[int] | None = None, desc: str = "eval",
+             progress: bool = True) -> dict[str, float]:
+    """Top-1 accuracy of every scale and fusion, scale-1 box IoU with the object box, scale-2 head hits, and
+    box side mean/std per scale (fractions of that scale's input side)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    acc = Accumulator()
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        images = batch["image"].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
+            out = model(images)
+        acc.update({k: v.float() for k, v in out.logits.items()}, out.boxes, batch, head_parts)
+    model.train(was_training)
+    return acc.summary()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CPU and on GPUs that support it, else fp16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
+    """The paper-style table as aligned text."""
+    width = max(len(label) for _, label in TABLE_ROWS)
+    lines = [f"{title}", "-" * (width + 12)]
+    for key, label in TABLE_ROWS:
+        if key in metrics and not (isinstance(metrics[key], float) and math.isnan(metrics[key])):
+            v = metrics[key]
+            lines.append(f"{label:<{width}}  {100 * v:7.2f}%" if key.startswith(("acc", "loc", "head"))
+                         else f"{label:<{width}}  {v:8.3f}")
+    return "\n".join(lines)
+
+
+def json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a metric that does not apply, e.g. no boxes in the data) -> None, so the JSON is standard."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

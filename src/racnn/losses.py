@@ -1,0 +1,40 @@
+"""Loss terms of RA-CNN (paper Eqs. 7-8) as pure functions returning named scalars."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def true_class_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``p_t``: softmax probability of the true class. B x K, B -> B."""
+    return logits.float().softmax(dim=1).gather(1, target[:, None]).squeeze(1)
+
+
+def ranking_loss(probs: list[torch.Tensor], margin: float = 0.05) -> torch.Tensor:
+    """Inter-scale pairwise ranking loss, Eq. 8, summed over adjacent scales and averaged over the batch:
+    ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each."""
+    total = probs[0].new_zeros(())
+    for coarse, fine in zip(probs[:-1], probs[1:], strict=True):
+        total = total + (coarse - fine + margin).clamp(min=0).mean()
+    return total
+
+
+def classification_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, *,
+                          label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """Cross-entropy of every output (per-scale ``ce_s1``.. and fusion ``ce_s12``, ``ce_s123``), Eq. 7's L_cls."""
+    return {f"ce_{k}": F.cross_entropy(v.float(), target, label_smoothing=label_smoothing)
+            for k, v in logits.items()}
+
+
+def total_classification(terms: dict[str, torch.Tensor], *, num_scales: int,
+                         fusion_weight: float = 1.0) -> torch.Tensor:
+    """Sum of the per-scale cross-entropies plus ``fusion_weight`` times the fusion ones."""
+    scale = sum(terms[f"ce_s{i + 1}"] for i in range(num_scales))
+    fused = [v for k, v in terms.items() if len(k) > len("ce_s1")]
+    return scale + fusion_weight * sum(fused, torch.zeros((), device=scale.device))
+
+
+def box_regression_loss(box: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """APN initialisation: smooth-L1 between predicted and target ``(cx, cy, half)``, B x 3 each."""
+    return F.smooth_l1_loss(box, target, beta=0.05)

@@ -1,0 +1,144 @@
+"""RA-CNN: N scales of (backbone, head, APN) wired by crop-and-zoom, plus fusion heads (paper Fig. 2).
+
+The model only computes; losses live in :mod:`racnn.losses` and the training schedule in :mod:`racnn.training`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
+
+from .attention import APN, compose_boxes, crop_zoom
+from .backbones import Backbone, Preprocessing, build_backbone
+from .config import ModelConfig
+
+
+def scale_keys(num_scales: int) -> list[str]:
+    """Output names: ``s1 .. sN`` for the scales, then ``s12``, ``s123``, ... for the fused prefixes."""
+    keys = [f"s{i + 1}" for i in range(num_scales)]
+    keys += ["s" + "".join(str(j + 1) for j in range(n)) for n in range(2, num_scales + 1)]
+    return keys
+
+
+@dataclass
+class RACNNFeatures:
+    pooled: list[torch.Tensor]  # per scale, B x C (global average pool of the last conv layer)
+    boxes: list[torch.Tensor]  # per scale but the last, B x 3 (cx, cy, half) relative to that scale's input
+    crops: list[torch.Tensor]  # inputs of scales 2..N, B x 3 x S x S
+    maps: list[torch.Tensor] = field(default_factory=list)  # last conv maps (only when return_maps=True)
+
+
+@dataclass
+class RACNNOutput:
+    logits: dict[str, torch.Tensor]  # "s1".."sN", "s12", "s123": B x K
+    boxes: list[torch.Tensor]
+    crops: list[torch.Tensor]
+    maps: list[torch.Tensor] = field(default_factory=list)
+
+
+class RACNN(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, num_classes: int, backbones: list[Backbone]):
+        super().__init__()
+        if len(backbones) != cfg.num_scales:
+            raise ValueError(f"need {cfg.num_scales} backbones, got {len(backbones)}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.backbones = nn.ModuleList(backbones)
+        c = backbones[0].channels
+        self.heads = nn.ModuleList(nn.Linear(b.channels, num_classes) for b in backbones)
+        self.apns = nn.ModuleList(
+            APN(b.channels, grid=cfg.apn_grid, hidden=cfg.apn_hidden, min_side=cfg.box_min_side,
+                max_side=cfg.box_max_side)
+            for b in backbones[:-1]
+        )
+        # fusion over the first n scales, n = 2..N (paper Table 2: "scale 1+2", "scale 1+2+3")
+        self.fusions = nn.ModuleList(nn.Linear(c * n, num_classes) for n in range(2, cfg.num_scales + 1))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.keys = scale_keys(cfg.num_scales)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """Normalisation the data pipeline must apply (published by the backbone, read by data code)."""
+        return self.backbones[0].preprocessing
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``backbone`` / ``head`` (per-scale and fusion FCs) / ``apn``: the parts the phases train or freeze."""
+        return {
+            "backbone": list(self.backbones.parameters()),
+            "head": list(self.heads.parameters()) + list(self.fusions.parameters()),
+            "apn": list(self.apns.parameters()),
+        }
+
+    def _trunk(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbones[s].features
+        if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+            segments = min(4, len(feats))
+            return checkpoint_sequential(feats, segments, x, use_reentrant=False)
+        return feats(x)
+
+    def forward_features(self, images: torch.Tensor, *, detach_boxes: bool = False,
+                         return_maps: bool = False) -> RACNNFeatures:
+        """Run the scales. ``images``: B x 3 x H x W, normalised; resized to the scale-1 input when H != S.
+
+        ``detach_boxes`` cuts the gradient from the crops into the APNs (classification phase: APNs fixed).
+        """
+        size = self.cfg.input_size
+        x = images
+        if images.shape[-2:] != (size, size):
+            x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        absolute = None  # box of the current scale's input in `images` coordinates (crop_from="source")
+        pooled, boxes, crops, maps = [], [], [], []
+        for s in range(self.cfg.num_scales):
+            fmap = self._trunk(s, x)  # B x C x h x w
+            pooled.append(fmap.mean(dim=(2, 3)))  # B x C
+            if return_maps:
+                maps.append(fmap)
+            if s == self.cfg.num_scales - 1:
+                break
+            if detach_boxes:
+                with torch.no_grad():
+                    box = self.apns[s](fmap.detach())  # B x 3, fixed attention
+            else:
+                box = self.apns[s](fmap)
+            boxes.append(box)
+            if self.cfg.crop_from == "source":
+                absolute = box if absolute is None else compose_boxes(absolute, box)
+                x = crop_zoom(images, absolute, size, self.cfg.mask_k)  # real pixels of the source image
+            else:
+                x = crop_zoom(x, box, size, self.cfg.mask_k)  # B x 3 x S x S, zoom of the previous scale
+            crops.append(x)
+        return RACNNFeatures(pooled, boxes, crops, maps)
+
+    def forward_head(self, feats: RACNNFeatures) -> dict[str, torch.Tensor]:
+        """Per-scale and fused logits, B x K each."""
+        pooled = [self.dropout(p) for p in feats.pooled]
+        logits = {f"s{i + 1}": head(p) for i, (head, p) in enumerate(zip(self.heads, pooled, strict=True))}
+        for n, fusion in enumerate(self.fusions, start=2):
+            logits[self.keys[self.cfg.num_scales + n - 2]] = fusion(torch.cat(pooled[:n], dim=1))
+        return logits
+
+    def forward(self, images: torch.Tensor, *, detach_boxes: bool = False,
+                return_maps: bool = False) -> RACNNOutput:
+        feats = self.forward_features(images, detach_boxes=detach_boxes, return_maps=return_maps)
+        return RACNNOutput(self.forward_head(feats), feats.boxes, feats.crops, feats.maps)
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, pretrained: bool | None = None) -> RACNN:
+    """Build RA-CNN from its config: N copies of the backbone (separate parameters, same initialisation).
+
+    ``pretrained`` overrides ``cfg.pretrained`` (``False`` when weights come from a checkpoint next).
+    """
+    use_pretrained = cfg.pretrained if pretrained is None else pretrained
+    first = build_backbone(cfg.backbone, pretrained=use_pretrained,
+                           weights_file=cfg.weights_file if use_pretrained else None)
+    backbones = [first] + [copy.deepcopy(first) for _ in range(cfg.num_scales - 1)]
+    return RACNN(cfg, num_classes=num_classes, backbones=backbones)

@@ -1,0 +1,1 @@
+"""Training: the phase schedule, the loop, checkpoints and run set-up."""

@@ -1,0 +1,123 @@
+"""Checkpoints: atomic writes, ``weights_only``-safe contents, and models rebuilt from the file alone.
+
+Two forms hold a model:
+- a ``.pt`` file from training (``last.pt``: full resumable state; ``best.pt``: config, classes and weights);
+- a release folder from ``racnn export``: ``model.safetensors`` + ``config.json``.
+Both carry the resolved config and the class names, so nothing else is needed to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config, ConfigError
+from ..model import RACNN, build_model
+
+TRAIN_FORMAT = "racnn-train-v1"
+MODEL_FORMAT = "racnn-model-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit; one line naming the file."""
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a ``.pt`` checkpoint with ``weights_only=True`` (tensors and primitives only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable racnn checkpoint ({first[:200]})") from e
+    if not isinstance(obj, dict) or obj.get("format") not in (TRAIN_FORMAT, MODEL_FORMAT):
+        raise CheckpointError(f"{path}: not a racnn checkpoint (no 'format' key of {TRAIN_FORMAT}/{MODEL_FORMAT})")
+    return obj
+
+
+def model_record(model: RACNN, cfg: Config, classes: list[str]) -> dict[str, Any]:
+    """The minimal model checkpoint (``best.pt``): format, config, class names, weights."""
+    return {"format": MODEL_FORMAT, "config": cfg.to_dict(), "classes": list(classes),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def _rebuild(cfg_dict: dict[str, Any], classes: list[str], state: dict[str, torch.Tensor],
+             source: Path) -> tuple[RACNN, Config, list[str]]:
+    try:
+        cfg = Config.from_dict(cfg_dict, source=str(source))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    model = build_model(cfg.model, num_classes=len(classes), pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{source}: weights do not fit a {cfg.model.backbone} RA-CNN with "
+                              f"{len(classes)} classes ({first[:200]})") from e
+    model.eval()
+    return model, cfg, classes
+
+
+def load_model(path: str | Path) -> tuple[RACNN, Config, list[str]]:
+    """Rebuild a model (in eval mode, on the CPU) from a ``.pt`` checkpoint or an exported folder."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        folder = path if path.is_dir() else path.parent
+        weights = path if path.suffix == ".safetensors" else folder / "model.safetensors"
+        meta_path = folder / "config.json"
+        for p in (weights, meta_path):
+            if not p.is_file():
+                raise CheckpointError(f"{p}: not found (an exported model is model.safetensors + config.json)")
+        from safetensors.torch import load_file
+
+        try:
+            meta = json.loads(meta_path.read_text())
+            return _rebuild(meta["config"], meta["classes"], load_file(str(weights)), folder)
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{meta_path}: not a racnn config.json ({e})") from e
+    ckpt = load_checkpoint(path)
+    return _rebuild(ckpt["config"], ckpt["classes"], ckpt["model"], path)
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write release weights: ``out_dir/model.safetensors`` and ``out_dir/config.json``."""
+    from safetensors.torch import save_file
+
+    model, cfg, classes = load_model(checkpoint)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    prep = model.preprocessing
+    meta = {"format": MODEL_FORMAT, "config": cfg.to_dict(), "classes": classes,
+            "preprocessing": {"mean": list(prep.mean), "std": list(prep.std), "input_size": cfg.model.input_size,
+                              "image_size": cfg.data.image_size}}
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": MODEL_FORMAT}))
+    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    return out

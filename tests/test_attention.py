@@ -1,0 +1,302 @@
+"""Attention: box parametrisation, the boxcar mask and the differentiable crop-and-zoom (paper Eqs. 2-6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from racnn.attention import (
+    APN,
+    box_from_unit,
+    box_to_xyxy,
+    boxcar_mask,
+    compose_boxes,
+    crop_zoom,
+    crop_zoom_reference,
+)
+
+CROPS = [crop_zoom, crop_zoom_reference]
+CROP_IDS = ["crop_zoom", "reference"]
+
+
+def _random_boxes(n: int, gen: torch.Generator, min_side: float = 0.3, max_side: float = 0.9) -> torch.Tensor:
+    z = torch.rand(n, 3, generator=gen, dtype=torch.float64)
+    return box_from_unit(z, min_side, max_side)
+
+
+def _smooth_image(b: int, c: int, h: int, w: int, dtype=torch.float64) -> torch.Tensor:
+    """Low-frequency, non-symmetric content in [0, 1] (interpolation errors stay small)."""
+    y = torch.linspace(0, 1, h, dtype=dtype)[:, None]
+    x = torch.linspace(0, 1, w, dtype=dtype)[None, :]
+    chans = []
+    for i in range(b * c):
+        chans.append(0.5 + 0.25 * torch.sin(2.1 * x + 1.3 * y + i) + 0.2 * x * y ** 2)
+    return torch.stack(chans).reshape(b, c, h, w)
+
+
+# --------------------------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("fn", CROPS, ids=CROP_IDS)
+@pytest.mark.parametrize("k", [10.0, 0.7])
+def test_gradcheck_wrt_box(fn, k):
+    gen = torch.Generator().manual_seed(11)  # no sample position within eps of a pixel centre (a kink)
+    image = torch.rand(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    box = _random_boxes(2, gen).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b: fn(image, b, 5, k), (box,), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fn", CROPS, ids=CROP_IDS)
+@pytest.mark.parametrize("k", [10.0, 0.7])
+def test_gradcheck_wrt_image(fn, k):
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(2, 3, 8, 8, generator=gen, dtype=torch.float64).requires_grad_(True)
+    box = _random_boxes(2, gen)
+    assert torch.autograd.gradcheck(lambda im: fn(im, box, 5, k), (image,), eps=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- fast path == reference
+
+_BORDER_BOXES = torch.tensor(
+    [
+        [0.3, 0.5, 0.3],  # touches the left edge
+        [0.71, 0.4, 0.29],  # touches the right edge
+        [0.5, 0.22, 0.22],  # touches the top edge
+        [0.45, 0.73, 0.27],  # touches the bottom edge
+        [0.5, 0.5, 0.5],  # the whole image
+        [0.2, 0.8, 0.2],  # bottom-left corner
+    ],
+    dtype=torch.float64,
+)
+
+
+@pytest.mark.parametrize(("shape", "out"), [
+    ((6, 3, 8, 11), 3),  # output much smaller than the box in pixels
+    ((6, 3, 8, 11), 17),  # larger
+    ((6, 2, 13, 7), 5),
+    ((6, 2, 13, 7), 24),
+    ((6, 1, 16, 16), 9),
+])
+@pytest.mark.parametrize("k", [10.0, 1.5])
+def test_crop_zoom_matches_reference(shape, out, k):
+    gen = torch.Generator().manual_seed(sum(shape) * 31 + out)
+    image = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    random_boxes = _random_boxes(shape[0], gen, 0.1, 1.0)
+    for boxes in (random_boxes, _BORDER_BOXES):
+        box_a = boxes.clone().requires_grad_(True)
+        box_b = boxes.clone().requires_grad_(True)
+        a = crop_zoom(image, box_a, out, k)
+        b = crop_zoom_reference(image, box_b, out, k)
+        assert a.shape == b.shape == (shape[0], shape[1], out, out)
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+        upstream = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+        (ga,) = torch.autograd.grad((a * upstream).sum(), box_a)
+        (gb,) = torch.autograd.grad((b * upstream).sum(), box_b)
+        assert ga.abs().sum() > 0
+        torch.testing.assert_close(ga, gb, atol=1e-10, rtol=0)
+
+
+def test_crop_zoom_image_gradient_matches_reference():
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(4, 3, 9, 12, generator=gen, dtype=torch.float64)
+    boxes = _random_boxes(4, gen)
+    grads = []
+    for fn in CROPS:
+        im = image.clone().requires_grad_(True)
+        y = fn(im, boxes, 7, 10.0)
+        upstream = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+        grads.append(torch.autograd.grad((y * upstream).sum(), im)[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- semantics
+
+
+def test_full_image_box_reproduces_the_image():
+    gen = torch.Generator().manual_seed(4)
+    image = torch.rand(2, 3, 12, 12, generator=gen, dtype=torch.float64)
+    full = torch.tensor([[0.5, 0.5, 0.5]] * 2, dtype=torch.float64)
+    # k = 10: the interior (>= 1.5 px from the edge) is exact, the edge pixels are damped by the soft mask
+    crop = crop_zoom(image, full, 12, 10.0)
+    torch.testing.assert_close(crop[..., 2:-2, 2:-2], image[..., 2:-2, 2:-2], atol=1e-9, rtol=0)
+    assert (crop[..., 0, :] <= image[..., 0, :] + 1e-12).all()
+    # a near-hard mask reproduces everything
+    torch.testing.assert_close(crop_zoom(image, full, 12, 200.0), image, atol=1e-12, rtol=0)
+
+
+def test_pixel_aligned_box_copies_the_window():
+    """A box whose side is ``out`` pixels and whose edges lie on pixel edges is a plain slice: rows are y."""
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    # x in [4, 12) px, y in [2, 10) px  ->  cx = 8/16, cy = 6/16, half = 4/16
+    box = torch.tensor([[0.5, 0.375, 0.25]] * 2, dtype=torch.float64)
+    crop = crop_zoom(image, box, 8, 200.0)
+    torch.testing.assert_close(crop, image[:, :, 2:10, 4:12], atol=1e-12, rtol=0)
+    # and it is not the transposed window
+    assert not torch.allclose(crop, image[:, :, 4:12, 2:10], atol=1e-3)
+
+
+def test_bright_rectangle_lands_where_expected_non_square_image():
+    """Image 20 x 30 (H x W); bright rows 2..5, columns 20..27; box: x in [0.6, 1], y in [0, 0.4]."""
+    image = torch.zeros(1, 1, 20, 30, dtype=torch.float64)
+    image[..., 2:6, 20:28] = 1.0
+    box = torch.tensor([[0.8, 0.2, 0.2]], dtype=torch.float64)  # x: px 18..30, y: px 0..8
+    out = 24
+    crop = crop_zoom(image, box, out, 10.0)[0, 0]
+    bright = (crop > 0.5).nonzero()
+    rows, cols = bright[:, 0], bright[:, 1]
+    # box x [18, 30) px -> 24 output columns (2 per px): bright px 20..27 -> cols 4..19
+    # box y [0, 8) px -> 24 output rows (3 per px): bright px 2..5 -> rows 6..17
+    assert abs(int(cols.min()) - 4) <= 1 and abs(int(cols.max()) - 19) <= 1
+    assert abs(int(rows.min()) - 6) <= 1 and abs(int(rows.max()) - 17) <= 1
+    assert crop[12, 12] > 0.9 and crop[1, 12] < 0.1 and crop[21, 12] < 0.1 and crop[12, 1] < 0.1
+
+
+def _blob(h: int, w: int, cy: float, cx: float, sigma: float = 2.5) -> torch.Tensor:
+    y = torch.arange(h, dtype=torch.float64)[:, None] + 0.5
+    x = torch.arange(w, dtype=torch.float64)[None, :] + 0.5
+    return torch.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))[None, None]
+
+
+@pytest.mark.parametrize("fn", CROPS, ids=CROP_IDS)
+@pytest.mark.parametrize(("where", "blob_yx", "axis", "sign"), [
+    ("right", (16, 25), 0, -1),
+    ("left", (16, 7), 0, +1),
+    ("below", (25, 16), 1, -1),
+    ("above", (7, 16), 1, +1),
+])
+def test_loss_gradient_moves_box_towards_content(fn, where, blob_yx, axis, sign):
+    """loss = -mean(crop): gradient descent moves the box centre towards a bright blob, on the right axis."""
+    image = _blob(32, 32, *blob_yx)
+    box = torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64, requires_grad=True)  # px 8..24
+    loss = -fn(image, box, 13, 10.0).mean()  # 13: samples off the pixel centres (kinks)
+    (g,) = torch.autograd.grad(loss, box)
+    assert g[0, axis] * sign > 1e-4, (where, g)
+    assert abs(g[0, 1 - axis]) < 0.05 * abs(g[0, axis]), (where, g)
+
+
+def test_boxcar_mask_inside_and_outside():
+    # H x W = 16 x 24; box x in [0.125, 0.375] -> px 3..9, y in [0.375, 0.625] -> px 6..10
+    box = torch.tensor([[0.25, 0.5, 0.125]], dtype=torch.float64)
+    m = boxcar_mask(box, 16, 24, 10.0)
+    assert m.shape == (1, 1, 16, 24)
+    inside = torch.zeros(16, 24, dtype=torch.bool)
+    inside[6:10, 3:9] = True
+    assert (m[0, 0][inside] > 0.98).all()
+    assert (m[0, 0][~inside] < 0.01).all()
+    assert math.isclose(float(m.sum()), 4 * 6, rel_tol=0.03)
+    assert ((m >= 0) & (m <= 1)).all()
+
+
+def test_compose_boxes_chained_crop_equals_direct_crop():
+    image = _smooth_image(1, 2, 64, 64)
+    outer = torch.tensor([[0.45, 0.55, 0.3]], dtype=torch.float64)
+    inner = torch.tensor([[0.4, 0.6, 0.25]], dtype=torch.float64)
+    chained = crop_zoom(crop_zoom(image, outer, 64, 10.0), inner, 16, 10.0)
+    direct = crop_zoom(image, compose_boxes(outer, inner), 16, 10.0)
+    # the inner crop stays away from the outer crop's soft edge; the rest is bilinear resampling error
+    torch.testing.assert_close(chained[..., 1:-1, 1:-1], direct[..., 1:-1, 1:-1], atol=0.02, rtol=0)
+
+
+# -------------------------------------------------------------------------------------------- boxes
+
+
+def _check_boxes(box: torch.Tensor, min_side: float, max_side: float) -> None:
+    xyxy = box_to_xyxy(box)
+    tol = 1e-12
+    assert (xyxy >= -tol).all() and (xyxy <= 1 + tol).all(), xyxy
+    side = 2 * box[:, 2]
+    assert (side >= min_side - tol).all() and (side <= max_side + tol).all(), side
+
+
+@pytest.mark.parametrize(("min_side", "max_side"), [(0.25, 1.0), (0.3, 0.6), (0.5, 0.5)])
+def test_box_from_unit_stays_inside_and_respects_side_bounds(min_side, max_side):
+    gen = torch.Generator().manual_seed(6)
+    extremes = torch.tensor([0.0, 1e-9, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-9, 1.0], dtype=torch.float64)
+    grid = torch.cartesian_prod(extremes, extremes, extremes)
+    z = torch.cat([grid, torch.rand(200, 3, generator=gen, dtype=torch.float64)])
+    box = box_from_unit(z, min_side, max_side)
+    assert box.shape == z.shape
+    _check_boxes(box, min_side, max_side)
+    # the extremes reach the bounds: side min at z_l=0, side max at z_l=1, box on the left edge at z_x=0
+    torch.testing.assert_close(box_from_unit(torch.tensor([[0.0, 1.0, 0.0]]), min_side, max_side),
+                               torch.tensor([[min_side / 2, 1 - min_side / 2, min_side / 2]]))
+    torch.testing.assert_close(box_from_unit(torch.tensor([[1.0, 0.0, 1.0]]), min_side, max_side),
+                               torch.tensor([[1 - max_side / 2, max_side / 2, max_side / 2]]))
+
+
+@pytest.mark.parametrize("zval", [1e-4, 0.5, 1 - 1e-4])
+def test_box_from_unit_gradient_does_not_die_at_the_bounds(zval):
+    z = torch.full((1, 3), zval, dtype=torch.float64, requires_grad=True)
+    jac = torch.autograd.functional.jacobian(lambda t: box_from_unit(t, 0.25, 0.9), z)[0, :, 0, :]  # 3 x 3
+    assert jac[0, 0] > 0.05 and jac[1, 1] > 0.05 and jac[2, 2] > 0.05, jac
+    # cx depends on x only (and the side), never on y
+    assert jac[0, 1] == 0 and jac[1, 0] == 0
+
+
+def test_compose_boxes_identity_and_hand_cases():
+    gen = torch.Generator().manual_seed(7)
+    inner = _random_boxes(5, gen)
+    identity = torch.tensor([[0.5, 0.5, 0.5]], dtype=torch.float64).expand(5, 3)
+    torch.testing.assert_close(compose_boxes(identity, inner), inner)
+    # a full inner box gives the outer one
+    outer = _random_boxes(5, gen)
+    torch.testing.assert_close(compose_boxes(outer, identity), outer)
+    # outer covers x in [0.1, 0.5], y in [0.4, 0.8]; inner (0.5, 0.25, 0.1) of that crop
+    outer = torch.tensor([[0.3, 0.6, 0.2]], dtype=torch.float64)
+    inner = torch.tensor([[0.5, 0.25, 0.1]], dtype=torch.float64)
+    torch.testing.assert_close(compose_boxes(outer, inner),
+                               torch.tensor([[0.3, 0.5, 0.04]], dtype=torch.float64))
+    outer = torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64)
+    inner = torch.tensor([[0.25, 0.75, 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(compose_boxes(outer, inner),
+                               torch.tensor([[0.375, 0.625, 0.125]], dtype=torch.float64))
+
+
+def test_apn_output_is_inside_the_bounds():
+    torch.manual_seed(0)
+    apn = APN(8, grid=2, hidden=16, min_side=0.3, max_side=0.8)
+    feats = torch.randn(32, 8, 5, 3)
+    for scale in (1.0, 100.0):  # 100: saturated sigmoids
+        box = apn(feats * scale)
+        assert box.shape == (32, 3)
+        _check_boxes(box.double(), 0.3, 0.8)
+    # differentiable w.r.t. its parameters and the features
+    feats.requires_grad_(True)
+    apn(feats).sum().backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in apn.parameters())
+
+
+# --------------------------------------------------------------------------------- batching and dtypes
+
+
+def test_crop_zoom_batch_equals_per_sample():
+    gen = torch.Generator().manual_seed(8)
+    image = torch.rand(6, 3, 10, 14, generator=gen, dtype=torch.float64)
+    boxes = _random_boxes(6, gen, 0.2, 1.0)
+    batched = crop_zoom(image, boxes, 7, 10.0)
+    single = torch.cat([crop_zoom(image[i : i + 1], boxes[i : i + 1], 7, 10.0) for i in range(6)])
+    torch.testing.assert_close(batched, single, atol=1e-14, rtol=0)
+    # each sample uses its own box: reversing the boxes changes the result
+    assert not torch.allclose(crop_zoom(image, boxes.flip(0), 7, 10.0), batched)
+
+
+def test_crop_zoom_dtypes():
+    image64 = _smooth_image(2, 3, 16, 16)
+    box64 = torch.tensor([[0.45, 0.55, 0.3], [0.6, 0.4, 0.25]], dtype=torch.float64)
+    ref = crop_zoom(image64, box64, 12, 10.0)
+    for dtype, atol in [(torch.float32, 1e-5), (torch.bfloat16, 0.1)]:
+        y = crop_zoom(image64.to(dtype), box64.to(dtype), 12, 10.0)
+        assert y.dtype == dtype
+        assert torch.isfinite(y.float()).all()
+        err = (y.double() - ref).abs()
+        assert err.max() <= atol, (dtype, err.max())
+        if dtype is torch.bfloat16:
+            assert err.mean() < 0.02
+    # bf16 image with a float32 box (autocast-like): output keeps the image dtype
+    y = crop_zoom(image64.to(torch.bfloat16), box64.float(), 12, 10.0)
+    assert y.dtype == torch.bfloat16
+    assert (y.double() - ref).abs().max() < 0.05
