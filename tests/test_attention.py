@@ -21,6 +21,15 @@ CROPS = [crop_zoom, crop_zoom_reference]
 CROP_IDS = ["crop_zoom", "reference"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; 2 OpenMP threads on a busy 2-core box stall (100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _random_boxes(n: int, gen: torch.Generator, min_side: float = 0.3, max_side: float = 0.9) -> torch.Tensor:
     z = torch.rand(n, 3, generator=gen, dtype=torch.float64)
     return box_from_unit(z, min_side, max_side)
@@ -32,7 +41,7 @@ def _smooth_image(b: int, c: int, h: int, w: int, dtype=torch.float64) -> torch.
     x = torch.linspace(0, 1, w, dtype=dtype)[None, :]
     chans = []
     for i in range(b * c):
-        chans.append(0.5 + 0.25 * torch.sin(2.1 * x + 1.3 * y + i) + 0.2 * x * y ** 2)
+        chans.append(0.5 + 0.25 * torch.sin(2.1 * x + 1.3 * y + i) + 0.2 * x * y**2)
     return torch.stack(chans).reshape(b, c, h, w)
 
 
@@ -72,13 +81,16 @@ _BORDER_BOXES = torch.tensor(
 )
 
 
-@pytest.mark.parametrize(("shape", "out"), [
-    ((6, 3, 8, 11), 3),  # output much smaller than the box in pixels
-    ((6, 3, 8, 11), 17),  # larger
-    ((6, 2, 13, 7), 5),
-    ((6, 2, 13, 7), 24),
-    ((6, 1, 16, 16), 9),
-])
+@pytest.mark.parametrize(
+    ("shape", "out"),
+    [
+        ((6, 3, 8, 11), 3),  # output much smaller than the box in pixels
+        ((6, 3, 8, 11), 17),  # larger
+        ((6, 2, 13, 7), 5),
+        ((6, 2, 13, 7), 24),
+        ((6, 1, 16, 16), 9),
+    ],
+)
 @pytest.mark.parametrize("k", [10.0, 1.5])
 def test_crop_zoom_matches_reference(shape, out, k):
     gen = torch.Generator().manual_seed(sum(shape) * 31 + out)
@@ -161,12 +173,15 @@ def _blob(h: int, w: int, cy: float, cx: float, sigma: float = 2.5) -> torch.Ten
 
 
 @pytest.mark.parametrize("fn", CROPS, ids=CROP_IDS)
-@pytest.mark.parametrize(("where", "blob_yx", "axis", "sign"), [
-    ("right", (16, 25), 0, -1),
-    ("left", (16, 7), 0, +1),
-    ("below", (25, 16), 1, -1),
-    ("above", (7, 16), 1, +1),
-])
+@pytest.mark.parametrize(
+    ("where", "blob_yx", "axis", "sign"),
+    [
+        ("right", (16, 25), 0, -1),
+        ("left", (16, 7), 0, +1),
+        ("below", (25, 16), 1, -1),
+        ("above", (7, 16), 1, +1),
+    ],
+)
 def test_loss_gradient_moves_box_towards_content(fn, where, blob_yx, axis, sign):
     """loss = -mean(crop): gradient descent moves the box centre towards a bright blob, on the right axis."""
     image = _blob(32, 32, *blob_yx)
@@ -221,10 +236,14 @@ def test_box_from_unit_stays_inside_and_respects_side_bounds(min_side, max_side)
     assert box.shape == z.shape
     _check_boxes(box, min_side, max_side)
     # the extremes reach the bounds: side min at z_l=0, side max at z_l=1, box on the left edge at z_x=0
-    torch.testing.assert_close(box_from_unit(torch.tensor([[0.0, 1.0, 0.0]]), min_side, max_side),
-                               torch.tensor([[min_side / 2, 1 - min_side / 2, min_side / 2]]))
-    torch.testing.assert_close(box_from_unit(torch.tensor([[1.0, 0.0, 1.0]]), min_side, max_side),
-                               torch.tensor([[1 - max_side / 2, max_side / 2, max_side / 2]]))
+    torch.testing.assert_close(
+        box_from_unit(torch.tensor([[0.0, 1.0, 0.0]]), min_side, max_side),
+        torch.tensor([[min_side / 2, 1 - min_side / 2, min_side / 2]]),
+    )
+    torch.testing.assert_close(
+        box_from_unit(torch.tensor([[1.0, 0.0, 1.0]]), min_side, max_side),
+        torch.tensor([[1 - max_side / 2, max_side / 2, max_side / 2]]),
+    )
 
 
 @pytest.mark.parametrize("zval", [1e-4, 0.5, 1 - 1e-4])
@@ -247,12 +266,14 @@ def test_compose_boxes_identity_and_hand_cases():
     # outer covers x in [0.1, 0.5], y in [0.4, 0.8]; inner (0.5, 0.25, 0.1) of that crop
     outer = torch.tensor([[0.3, 0.6, 0.2]], dtype=torch.float64)
     inner = torch.tensor([[0.5, 0.25, 0.1]], dtype=torch.float64)
-    torch.testing.assert_close(compose_boxes(outer, inner),
-                               torch.tensor([[0.3, 0.5, 0.04]], dtype=torch.float64))
+    torch.testing.assert_close(
+        compose_boxes(outer, inner), torch.tensor([[0.3, 0.5, 0.04]], dtype=torch.float64)
+    )
     outer = torch.tensor([[0.5, 0.5, 0.25]], dtype=torch.float64)
     inner = torch.tensor([[0.25, 0.75, 0.25]], dtype=torch.float64)
-    torch.testing.assert_close(compose_boxes(outer, inner),
-                               torch.tensor([[0.375, 0.625, 0.125]], dtype=torch.float64))
+    torch.testing.assert_close(
+        compose_boxes(outer, inner), torch.tensor([[0.375, 0.625, 0.125]], dtype=torch.float64)
+    )
 
 
 def test_apn_output_is_inside_the_bounds():

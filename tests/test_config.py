@@ -31,7 +31,9 @@ def test_defaults_validate():
 
 
 def test_load_yaml_file(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 model:
   backbone: tiny
   pretrained: false
@@ -44,7 +46,8 @@ optim:
   grad_clip: 2.0
 data:
   max_images: null
-""")
+""",
+    )
     cfg = load_config(path)
     assert cfg.model.backbone == "tiny" and cfg.model.pretrained is False and cfg.model.input_size == 64
     assert cfg.model.mask_k == 20.0 and isinstance(cfg.model.mask_k, float)
@@ -65,11 +68,14 @@ def test_file_then_overrides(tmp_path):
     assert cfg.train.epochs == 7 and cfg.train.batch_size == 4
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("foo: 1\n", "'foo'"),
-    ("model:\n  backbone: tiny\n  bakcbone: vgg19\n", "'model.bakcbone'"),
-    ("train:\n  epochs: 2\n  lr: 0.1\n", "'train.lr'"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("foo: 1\n", "'foo'"),
+        ("model:\n  backbone: tiny\n  bakcbone: vgg19\n", "'model.bakcbone'"),
+        ("train:\n  epochs: 2\n  lr: 0.1\n", "'train.lr'"),
+    ],
+)
 def test_unknown_key_in_file_is_named(tmp_path, text, key):
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError, match="unknown key") as info:
@@ -78,29 +84,35 @@ def test_unknown_key_in_file_is_named(tmp_path, text, key):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("foo=1", "'foo'"),
-    ("model.bakcbone=vgg19", "'model.bakcbone'"),
-    ("nosuch.section.key=1", "'nosuch'"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("foo=1", "'foo'"),
+        ("model.bakcbone=vgg19", "'model.bakcbone'"),
+        ("nosuch.section.key=1", "'nosuch'"),
+    ],
+)
 def test_unknown_key_in_override_is_named(override, key):
     with pytest.raises(ConfigError, match="unknown key") as info:
         apply_overrides(Config(), [override])
     assert key in str(info.value)
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    ("train:\n  epochs: '3'\n", "train.epochs"),  # string for int
-    ("train:\n  epochs: three\n", "train.epochs"),
-    ("train:\n  epochs: true\n", "train.epochs"),  # bool for int
-    ("train:\n  epochs: 2.5\n", "train.epochs"),  # float for int
-    ("model:\n  pretrained: 1\n", "model.pretrained"),  # int for bool
-    ("model:\n  backbone: 3\n", "model.backbone"),  # int for str
-    ("optim:\n  lr: fast\n", "optim.lr"),  # string for float
-    ("optim:\n  lr: true\n", "optim.lr"),  # bool for float
-    ("data:\n  max_images: 1.5\n", "data.max_images"),  # float for optional int
-    ("model: 3\n", "model"),  # scalar for a section
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("train:\n  epochs: '3'\n", "train.epochs"),  # string for int
+        ("train:\n  epochs: three\n", "train.epochs"),
+        ("train:\n  epochs: true\n", "train.epochs"),  # bool for int
+        ("train:\n  epochs: 2.5\n", "train.epochs"),  # float for int
+        ("model:\n  pretrained: 1\n", "model.pretrained"),  # int for bool
+        ("model:\n  backbone: 3\n", "model.backbone"),  # int for str
+        ("optim:\n  lr: fast\n", "optim.lr"),  # string for float
+        ("optim:\n  lr: true\n", "optim.lr"),  # bool for float
+        ("data:\n  max_images: 1.5\n", "data.max_images"),  # float for optional int
+        ("model: 3\n", "model"),  # scalar for a section
+    ],
+)
 def test_wrong_type_in_file(tmp_path, text, key):
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
@@ -108,15 +120,18 @@ def test_wrong_type_in_file(tmp_path, text, key):
     assert key in str(info.value)
 
 
-@pytest.mark.parametrize("override", [
-    "train.epochs=three",  # string for int
-    "train.epochs=true",  # bool for int
-    "train.epochs=2.5",  # float for int
-    "optim.lr=fast",  # string for float
-    "optim.lr=false",  # bool for float
-    "model.pretrained=3",  # int for bool
-    "data.max_images=many",  # string for optional int
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.epochs=three",  # string for int
+        "train.epochs=true",  # bool for int
+        "train.epochs=2.5",  # float for int
+        "optim.lr=fast",  # string for float
+        "optim.lr=false",  # bool for float
+        "model.pretrained=3",  # int for bool
+        "data.max_images=many",  # string for optional int
+    ],
+)
 def test_wrong_type_in_override(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as info:
@@ -131,15 +146,19 @@ def test_int_for_float_accepted():
     assert cfg.model.mask_k == 20.0 and isinstance(cfg.model.mask_k, float)
 
 
-@pytest.mark.xfail(strict=True, reason="PyYAML (YAML 1.1) reads '1e-3' as a string, so float fields reject "
-                                       "scientific notation without a dot (config._coerce)")
+SCI_NOTATION_BUG = (
+    "PyYAML (YAML 1.1) reads 1e-3 as a string, so float fields reject scientific notation "
+    "without a dot (config._coerce)"
+)
+
+
+@pytest.mark.xfail(strict=True, raises=ConfigError, reason=SCI_NOTATION_BUG)
 def test_scientific_notation_for_float_in_override():
     cfg = apply_overrides(Config(), ["optim.apn_lr=1e-4"])
     assert cfg.optim.apn_lr == pytest.approx(1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="PyYAML (YAML 1.1) reads '1e-3' as a string, so float fields reject "
-                                       "scientific notation without a dot (config._coerce)")
+@pytest.mark.xfail(strict=True, raises=ConfigError, reason=SCI_NOTATION_BUG)
 def test_scientific_notation_for_float_in_file(tmp_path):
     cfg = load_config(_write(tmp_path, "optim:\n  lr: 1e-3\n  weight_decay: 5e-4\n"))
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.weight_decay == pytest.approx(5e-4)
@@ -148,8 +167,17 @@ def test_scientific_notation_for_float_in_file(tmp_path):
 def test_apply_overrides_values():
     cfg = Config()
     cfg.model.weights_file = "x.pth"
-    out = apply_overrides(cfg, ["train.epochs=3", "model.weights_file=null", "model.pretrained=false",
-                                "model.backbone=resnet50", "optim.lr=0.002", "data.max_images=10"])
+    out = apply_overrides(
+        cfg,
+        [
+            "train.epochs=3",
+            "model.weights_file=null",
+            "model.pretrained=false",
+            "model.backbone=resnet50",
+            "optim.lr=0.002",
+            "data.max_images=10",
+        ],
+    )
     assert out is cfg
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.model.weights_file is None
@@ -176,12 +204,15 @@ def test_override_without_equals_raises(bad):
         apply_overrides(Config(), [bad])
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("schedule.mode=foo", "schedule.mode"),
-    ("model.crop_from=center", "model.crop_from"),
-    ("optim.name=adam", "optim.name"),
-    ("optim.scheduler=linear", "optim.scheduler"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("schedule.mode=foo", "schedule.mode"),
+        ("model.crop_from=center", "model.crop_from"),
+        ("optim.name=adam", "optim.name"),
+        ("optim.scheduler=linear", "optim.scheduler"),
+    ],
+)
 def test_bad_choice(override, key):
     with pytest.raises(ConfigError) as info:
         apply_overrides(Config(), [override])
@@ -195,15 +226,18 @@ def test_bad_choice_in_file(tmp_path):
     assert str(path) in str(info.value) and "alternate" in str(info.value)
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("model.num_scales=0", "num_scales"),
-    ("model.input_size=8", "input_size"),
-    ("model.box_min_side=0.9", "box_min_side"),  # with box_max_side=0.5 below
-    ("model.mask_k=0", "mask_k"),
-    ("model.dropout=1.0", "dropout"),
-    ("optim.label_smoothing=1.0", "label_smoothing"),
-    ("schedule.apn_init_side=0", "apn_init_side"),
-])
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model.num_scales=0", "num_scales"),
+        ("model.input_size=8", "input_size"),
+        ("model.box_min_side=0.9", "box_min_side"),  # with box_max_side=0.5 below
+        ("model.mask_k=0", "mask_k"),
+        ("model.dropout=1.0", "dropout"),
+        ("optim.label_smoothing=1.0", "label_smoothing"),
+        ("schedule.apn_init_side=0", "apn_init_side"),
+    ],
+)
 def test_range_checks(override, needle):
     overrides = [override]
     if override.startswith("model.box_min_side"):
@@ -228,8 +262,17 @@ def test_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_round_trip_dict_and_file(tmp_path):
-    cfg = apply_overrides(Config(), ["model.backbone=tiny", "model.weights_file=w.pth", "train.epochs=3",
-                                     "optim.grad_clip=1.5", "data.max_images=7", "schedule.mode=joint"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            "model.backbone=tiny",
+            "model.weights_file=w.pth",
+            "train.epochs=3",
+            "optim.grad_clip=1.5",
+            "data.max_images=7",
+            "schedule.mode=joint",
+        ],
+    )
     d = cfg.to_dict()
     assert isinstance(d["model"], dict) and d["model"]["backbone"] == "tiny"
     again = Config.from_dict(d)

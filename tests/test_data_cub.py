@@ -7,57 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from conftest import REAL_CUB
 from racnn.data import CUB200, DatasetError, build_dataset, build_transform, list_datasets
-
-REAL_CUB = Path(__file__).resolve().parents[1].parent / "shared/datasets/cub200-subset/CUB_200_2011"
-
-CLASS_IDS = (12, 3, 7)  # written in this order; labels follow sorted ids: 3 -> 0, 7 -> 1, 12 -> 2
-PART_NAMES = {1: "back", 2: "beak", 3: "left eye", 4: "right eye", 5: "tail"}
-PER_CLASS = 5  # images per class: 4 train + 1 test
-
-
-def write_fake_cub(root: Path) -> Path:
-    """Write a 3-class, 15-image CUB_200_2011 tree under ``root``; return the CUB_200_2011 folder."""
-    cub = root / "CUB_200_2011"
-    (cub / "parts").mkdir(parents=True)
-    lines: dict[str, list[str]] = {k: [] for k in ("images", "labels", "split", "boxes", "locs")}
-    image_id = 100  # ids need not start at 1
-    for cid in CLASS_IDS:
-        folder = cub / "images" / f"{cid:03d}.Bird_{cid}"
-        folder.mkdir(parents=True)
-        for k in range(PER_CLASS):
-            image_id += 1
-            width, height = 40 + 6 * k, 32 + 4 * k
-            mode = "L" if (cid, k) == (7, 0) else "RGB"  # one greyscale image
-            Image.new(mode, (width, height), 90 + 10 * k).save(folder / f"img_{image_id}.jpg")
-            lines["images"].append(f"{image_id} {folder.name}/img_{image_id}.jpg")
-            lines["labels"].append(f"{image_id} {cid}")
-            lines["split"].append(f"{image_id} {int(k < PER_CLASS - 1)}")
-            # The first image's box overhangs the image by 2 px on the right and starts at x = -1.
-            box_w = width + 3.0 if k == 0 else width / 2
-            lines["boxes"].append(f"{image_id} {-1.0 if k == 0 else 4.0} 5.0 {box_w} {height / 2}")
-            for pid in PART_NAMES:
-                visible = int(pid != 5)
-                lines["locs"].append(f"{image_id} {pid} {10.0 * visible + pid} {12.0 * visible} {visible}")
-    files = {
-        "images.txt": lines["images"],
-        "image_class_labels.txt": lines["labels"],
-        "train_test_split.txt": lines["split"],
-        "bounding_boxes.txt": lines["boxes"],
-        "classes.txt": [f"{cid} {cid:03d}.Bird_{cid}" for cid in CLASS_IDS],
-        "parts/parts.txt": [f"{pid} {name}" for pid, name in PART_NAMES.items()],
-        "parts/part_locs.txt": lines["locs"],
-    }
-    for name, content in files.items():
-        (cub / name).write_text("\n".join(content) + "\n")
-    return cub
-
-
-@pytest.fixture
-def fake_cub(tmp_path: Path) -> Path:
-    return write_fake_cub(tmp_path)
 
 
 def _edit_line(path: Path, lineno: int, text: str) -> None:

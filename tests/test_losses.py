@@ -117,19 +117,26 @@ def test_label_smoothing_changes_the_value():
     smooth = classification_losses(logits, target, label_smoothing=0.2)
     for key in plain:
         assert not torch.allclose(plain[key], smooth[key])
-        torch.testing.assert_close(smooth[key],
-                                   F.cross_entropy(logits[key[3:]], target, label_smoothing=0.2))
+        torch.testing.assert_close(smooth[key], F.cross_entropy(logits[key[3:]], target, label_smoothing=0.2))
 
 
 @pytest.mark.parametrize("fusion_weight", [1.0, 0.5, 0.0])
 def test_total_classification_hand_example(fusion_weight):
-    terms = {"ce_s1": _t(1.0)[0], "ce_s2": _t(2.0)[0], "ce_s3": _t(3.0)[0],
-             "ce_s12": _t(4.0)[0], "ce_s123": _t(5.0)[0]}
+    terms = {
+        "ce_s1": _t(1.0)[0],
+        "ce_s2": _t(2.0)[0],
+        "ce_s3": _t(3.0)[0],
+        "ce_s12": _t(4.0)[0],
+        "ce_s123": _t(5.0)[0],
+    }
     total = total_classification(terms, num_scales=3, fusion_weight=fusion_weight)
     assert math.isclose(float(total), 6.0 + fusion_weight * 9.0, abs_tol=1e-12)
     two = {k: terms[k] for k in ("ce_s1", "ce_s2", "ce_s12")}
-    assert math.isclose(float(total_classification(two, num_scales=2, fusion_weight=fusion_weight)),
-                        3.0 + fusion_weight * 4.0, abs_tol=1e-12)
+    assert math.isclose(
+        float(total_classification(two, num_scales=2, fusion_weight=fusion_weight)),
+        3.0 + fusion_weight * 4.0,
+        abs_tol=1e-12,
+    )
     one = {"ce_s1": terms["ce_s1"]}
     assert math.isclose(float(total_classification(one, num_scales=1, fusion_weight=fusion_weight)), 1.0)
 

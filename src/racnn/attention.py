@@ -43,8 +43,15 @@ class APN(nn.Module):
     """Attention proposal network: two FC layers on a scale's last conv features (released model: FC 1024, tanh,
     FC 3, sigmoid). The features are average-pooled to ``grid x grid`` first so one APN fits any input size."""
 
-    def __init__(self, in_channels: int, *, grid: int = 7, hidden: int = 1024, min_side: float = 0.25,
-                 max_side: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        grid: int = 7,
+        hidden: int = 1024,
+        min_side: float = 0.25,
+        max_side: float = 1.0,
+    ):
         super().__init__()
         self.grid, self.min_side, self.max_side = grid, min_side, max_side
         self.pool = nn.AdaptiveAvgPool2d(grid)
@@ -76,8 +83,9 @@ def _sample_positions(box: torch.Tensor, out: int) -> tuple[torch.Tensor, torch.
     return x0 + side * u, y0 + side * u
 
 
-def _axis_taps(pos: torch.Tensor, size: int, lo: torch.Tensor, hi: torch.Tensor,
-               k: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _axis_taps(
+    pos: torch.Tensor, size: int, lo: torch.Tensor, hi: torch.Tensor, k: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Bilinear taps along one axis, each weight multiplied by the boxcar at its pixel centre.
 
     ``pos``: B x out normalised sample positions; ``lo``/``hi``: B x 1 box edges in pixels.
@@ -109,11 +117,15 @@ def crop_zoom(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0)
     c0, c1, wc0, wc1 = _axis_taps(xs, w, x0, x1, k)  # B x out
     wr0, wr1, wc0, wc1 = (t.to(image.dtype) for t in (wr0, wr1, wc0, wc1))
     # rows: B x C x out x W
-    rows = (image.gather(2, r0[:, None, :, None].expand(b, c, out, w)) * wr0[:, None, :, None]
-            + image.gather(2, r1[:, None, :, None].expand(b, c, out, w)) * wr1[:, None, :, None])
+    rows = (
+        image.gather(2, r0[:, None, :, None].expand(b, c, out, w)) * wr0[:, None, :, None]
+        + image.gather(2, r1[:, None, :, None].expand(b, c, out, w)) * wr1[:, None, :, None]
+    )
     # columns: B x C x out x out
-    return (rows.gather(3, c0[:, None, None, :].expand(b, c, out, out)) * wc0[:, None, None, :]
-            + rows.gather(3, c1[:, None, None, :].expand(b, c, out, out)) * wc1[:, None, None, :])
+    return (
+        rows.gather(3, c0[:, None, None, :].expand(b, c, out, out)) * wc0[:, None, None, :]
+        + rows.gather(3, c1[:, None, None, :].expand(b, c, out, out)) * wc1[:, None, None, :]
+    )
 
 
 def boxcar_mask(box: torch.Tensor, height: int, width: int, k: float = 10.0) -> torch.Tensor:
@@ -135,8 +147,17 @@ def crop_zoom_reference(image: torch.Tensor, box: torch.Tensor, out: int, k: flo
     crops = []
     for i in range(image.shape[0]):  # per-sample on purpose: this is the straightforward reference
         xs, ys = _sample_positions(box[i : i + 1], out)
-        grid = torch.stack([(2 * xs - 1)[:, None, :].expand(1, out, out),
-                            (2 * ys - 1)[:, :, None].expand(1, out, out)], dim=-1)
-        crops.append(F.grid_sample(attended[i : i + 1], grid.to(image.dtype), mode="bilinear",
-                                   padding_mode="border", align_corners=False))
+        grid = torch.stack(
+            [(2 * xs - 1)[:, None, :].expand(1, out, out), (2 * ys - 1)[:, :, None].expand(1, out, out)],
+            dim=-1,
+        )
+        crops.append(
+            F.grid_sample(
+                attended[i : i + 1],
+                grid.to(image.dtype),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=False,
+            )
+        )
     return torch.cat(crops)

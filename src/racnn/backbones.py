@@ -62,24 +62,50 @@ def _trunk(model: nn.Module, name: str) -> nn.Sequential:
         return nn.Sequential(*list(model.features.children())[:-1])
     if hasattr(model, "features") and isinstance(model.features, nn.Module):
         # MobileNet, EfficientNet, DenseNet, ConvNeXt, ...; DenseNet ends on a BatchNorm, so add its ReLU
-        layers = list(model.features.children()) if isinstance(model.features, nn.Sequential) else [model.features]
+        layers = (
+            list(model.features.children()) if isinstance(model.features, nn.Sequential) else [model.features]
+        )
         if name.startswith("densenet"):
             layers.append(nn.ReLU(inplace=False))
         return nn.Sequential(*layers)
-    if hasattr(model, "fc") and hasattr(model, "avgpool"):  # ResNet, ResNeXt, Wide ResNet, RegNet, GoogLeNet-free
+    if hasattr(model, "fc") and hasattr(
+        model, "avgpool"
+    ):  # ResNet, ResNeXt, Wide ResNet, RegNet, GoogLeNet-free
         return nn.Sequential(*[m for n, m in model.named_children() if n not in ("avgpool", "fc", "dropout")])
     raise ValueError(f"backbone {name!r}: cannot find the conv trunk of this torchvision model")
 
 
-def _hub_weights_available(weights: torchvision.models.WeightsEnum) -> Path:
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if not path.is_file():
-        raise WeightsNotFoundError(
-            f"{path}: ImageNet weights for {weights} not found and racnn never downloads; put the file there "
-            "(or set TORCH_HOME to a folder holding hub/checkpoints/), pass model.weights_file=FILE, "
-            "or train from random init with model.pretrained=false"
-        )
-    return path
+def _hub_path(weights: torchvision.models.WeightsEnum) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def cached_weights(name: str) -> torchvision.models.WeightsEnum:
+    """The torchvision weights of ``name`` found in the hub cache: ``DEFAULT`` first, then the others (e.g.
+    ``IMAGENET1K_V1`` when only that file is there). Never downloads."""
+    enum = torchvision.models.get_model_weights(name)
+    candidates = [enum.DEFAULT] + [w for w in enum if w is not enum.DEFAULT]
+    for w in candidates:
+        if _hub_path(w).is_file():
+            return w
+    raise WeightsNotFoundError(
+        f"{_hub_path(enum.DEFAULT)}: ImageNet weights for {name} not found (racnn never downloads); put the file "
+        "there (or set TORCH_HOME to a folder holding hub/checkpoints/), pass model.weights_file=FILE, "
+        "or train from random init with model.pretrained=false"
+    )
+
+
+def check_weights(name: str, *, pretrained: bool, weights_file: str | None = None) -> None:
+    """Fail fast (before any data is read) when the requested weights are not on this machine."""
+    if weights_file:
+        if not Path(weights_file).is_file():
+            raise WeightsNotFoundError(f"{weights_file}: weights file not found")
+    elif pretrained:
+        if name in _CUSTOM:
+            raise WeightsNotFoundError(
+                f"backbone {name!r} has no pretrained weights; set model.pretrained=false"
+            )
+        if name in torchvision.models.list_models(module=torchvision.models):
+            cached_weights(name)
 
 
 def backbone_preprocessing(name: str) -> Preprocessing:
@@ -95,13 +121,7 @@ def backbone_preprocessing(name: str) -> Preprocessing:
 
 
 def _torchvision(name: str, *, pretrained: bool, weights_file: str | None) -> tuple[nn.Module, Preprocessing]:
-    try:
-        weights_enum = torchvision.models.get_model_weights(name) if pretrained and not weights_file else None
-    except ValueError as e:
-        raise ValueError(f"backbone {name!r}: {e}") from e
-    weights = weights_enum.DEFAULT if weights_enum is not None else None
-    if weights is not None:
-        _hub_weights_available(weights)
+    weights = cached_weights(name) if pretrained and not weights_file else None
     model = torchvision.models.get_model(name, weights=weights)
     prep = backbone_preprocessing(name)
     if weights_file:
@@ -141,17 +161,20 @@ def _probe(features: nn.Module) -> tuple[int, int]:
 def build_backbone(name: str, *, pretrained: bool = False, weights_file: str | None = None) -> Backbone:
     """Build one scale's feature extractor; raises ``ValueError`` for an unknown name."""
     if name in _CUSTOM:
-        if pretrained or weights_file:
-            if not weights_file:
-                raise WeightsNotFoundError(f"backbone {name!r} has no pretrained weights; set model.pretrained=false")
+        if pretrained and not weights_file:
+            raise WeightsNotFoundError(
+                f"backbone {name!r} has no pretrained weights; set model.pretrained=false"
+            )
         features = _CUSTOM[name]()
         prep = Preprocessing()
         if weights_file:
             features.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     else:
         if name not in torchvision.models.list_models(module=torchvision.models):
-            raise ValueError(f"unknown backbone {name!r}; known: tiny and torchvision classifiers such as "
-                             f"{', '.join(KNOWN[1:])} (see racnn.backbones.list_backbones())")
+            raise ValueError(
+                f"unknown backbone {name!r}; known: tiny and torchvision classifiers such as "
+                f"{', '.join(KNOWN[1:])} (see racnn.backbones.list_backbones())"
+            )
         model, prep = _torchvision(name, pretrained=pretrained, weights_file=weights_file)
         features = _trunk(model, name)
     channels, stride = _probe(features)

@@ -12,14 +12,24 @@ EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train RA-CNN with the alternating schedule",
-                       description="Train RA-CNN. Writes config.yaml, last.pt, best.pt, metrics.jsonl and, at the "
-                                   "end, metrics.json (test evaluation) into --out.", epilog=EPILOG)
+    p = sub.add_parser(
+        "train",
+        help="train RA-CNN with the alternating schedule",
+        description="Train RA-CNN. Writes config.yaml, last.pt, best.pt, metrics.jsonl and, at the "
+        "end, metrics.json (test evaluation) into --out.",
+        epilog=EPILOG,
+    )
     p.add_argument("--config", help="YAML config (see configs/); defaults apply to keys it leaves out")
     p.add_argument("--data", help="dataset folder (sets data.root)")
     p.add_argument("--out", default="runs/racnn", help="output folder (default: %(default)s)")
-    p.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set train.epochs=2 model.backbone=tiny")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config keys, e.g. --set train.epochs=2 model.backbone=tiny",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -31,8 +41,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.resume:
         if a.config or a.overrides:
-            print("racnn train --resume: the run's own config is used; --config/--set are ignored",
-                  file=sys.stderr)
+            print(
+                "racnn train --resume: the run's own config is used; --config/--set are ignored",
+                file=sys.stderr,
+            )
         from .config import Config
 
         trainer = Trainer(Config(), a.out, resume=True, progress=not a.no_progress)
@@ -46,9 +58,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (paper table + localisation)",
-                       description="Top-1 of every scale and fusion, scale-1 box IoU with the object box, "
-                                   "box sides. Accepts a .pt checkpoint or an exported folder.", epilog=EPILOG)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint (paper table + localisation)",
+        description="Top-1 of every scale and fusion, scale-1 box IoU with the object box, "
+        "box sides. Accepts a .pt checkpoint or an exported folder.",
+        epilog=EPILOG,
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "trainval"])
@@ -72,9 +88,15 @@ def cmd_eval(a: argparse.Namespace) -> int:
     device = setup.resolve_device(a.device)
     dataset = setup.make_dataset(cfg, a.split, model.preprocessing, train=False)
     if list(dataset.classes) != list(classes):
-        raise ValueError(f"{a.data}: its {len(dataset.classes)} classes differ from the checkpoint's {len(classes)}")
-    metrics = evaluate(model.to(device), setup.make_loader(dataset, cfg), device=device,
-                       head_parts=getattr(dataset, "head_parts", None))
+        raise ValueError(
+            f"{a.data}: its {len(dataset.classes)} classes differ from the checkpoint's {len(classes)}"
+        )
+    metrics = evaluate(
+        model.to(device),
+        setup.make_loader(dataset, cfg),
+        device=device,
+        head_parts=getattr(dataset, "head_parts", None),
+    )
     metrics["split"] = a.split
     print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images)"))
     if a.json:
@@ -84,8 +106,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="top-5 per scale and fused, with attention boxes",
-                       description="Classify images; boxes are given in each image's pixel coordinates.")
+    p = sub.add_parser(
+        "predict",
+        help="top-5 per scale and fused, with attention boxes",
+        description="Classify images; boxes are given in each image's pixel coordinates.",
+    )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--topk", type=int, default=5)
@@ -100,7 +125,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .training.checkpoint import load_model
 
     model, cfg, classes = load_model(a.checkpoint)
-    records = predict_images(model, cfg, classes, a.images, topk=a.topk, device=setup.resolve_device(a.device))
+    records = predict_images(
+        model, cfg, classes, a.images, topk=a.topk, device=setup.resolve_device(a.device)
+    )
     print(json.dumps(records, indent=2) if a.json else format_predictions(records, a.topk))
     return 0
 
@@ -120,14 +147,23 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_eval, _add_predict, _add_export]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_eval,
+    _add_predict,
+    _add_export,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="racnn", description="RA-CNN: recurrent attention CNN for fine-grained "
-                                     "image recognition (train, evaluate, predict, export).", epilog=EPILOG)
+    parser = argparse.ArgumentParser(
+        prog="racnn",
+        description="RA-CNN: recurrent attention CNN for fine-grained "
+        "image recognition (train, evaluate, predict, export).",
+        epilog=EPILOG,
+    )
     parser.add_argument("--version", action="version", version=f"racnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:

@@ -18,10 +18,16 @@ from .attention import box_to_xyxy, compose_boxes
 from .model import RACNN
 
 TABLE_ROWS = [
-    ("acc_s1", "scale 1"), ("acc_s2", "scale 2"), ("acc_s3", "scale 3"), ("acc_s12", "scale 1+2"),
-    ("acc_s123", "scale 1+2+3"), ("loc_iou_mean", "scale-1 box IoU (mean)"),
-    ("loc_acc_iou50", "scale-1 box IoU >= 0.5"), ("head_hit_s2", "scale-2 box holds the head"),
-    ("box_side_s1", "box side, scale 1"), ("box_side_s2", "box side, scale 2"),
+    ("acc_s1", "scale 1"),
+    ("acc_s2", "scale 2"),
+    ("acc_s3", "scale 3"),
+    ("acc_s12", "scale 1+2"),
+    ("acc_s123", "scale 1+2+3"),
+    ("loc_iou_mean", "scale-1 box IoU (mean)"),
+    ("loc_acc_iou50", "scale-1 box IoU >= 0.5"),
+    ("head_hit_s2", "scale-2 box holds the head"),
+    ("box_side_s1", "box side, scale 1"),
+    ("box_side_s2", "box side, scale 2"),
 ]
 
 
@@ -34,12 +40,18 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
 
 
-def head_hits(box_xyxy: torch.Tensor, parts: torch.Tensor, head: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def head_hits(
+    box_xyxy: torch.Tensor, parts: torch.Tensor, head: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Whether every visible head part lies in the box. B x 4, B x P x 3 -> (hit B bool, has_head B bool)."""
     p = parts[:, head]  # B x H x 3
     vis = p[..., 2] > 0
-    inside = ((p[..., 0] >= box_xyxy[:, None, 0]) & (p[..., 0] <= box_xyxy[:, None, 2])
-              & (p[..., 1] >= box_xyxy[:, None, 1]) & (p[..., 1] <= box_xyxy[:, None, 3]))
+    inside = (
+        (p[..., 0] >= box_xyxy[:, None, 0])
+        & (p[..., 0] <= box_xyxy[:, None, 2])
+        & (p[..., 1] >= box_xyxy[:, None, 1])
+        & (p[..., 1] <= box_xyxy[:, None, 3])
+    )
     return (inside | ~vis).all(1) & vis.any(1), vis.any(1)
 
 
@@ -54,8 +66,13 @@ class Accumulator:
         self.head_hit = 0
         self.head_n = 0
 
-    def update(self, logits: dict[str, torch.Tensor], boxes: list[torch.Tensor], batch: dict[str, Any],
-               head_parts: list[int] | None = None) -> None:
+    def update(
+        self,
+        logits: dict[str, torch.Tensor],
+        boxes: list[torch.Tensor],
+        batch: dict[str, Any],
+        head_parts: list[int] | None = None,
+    ) -> None:
         target = batch["label"].to(next(iter(logits.values())).device)
         self.n += target.numel()
         for k, v in logits.items():
@@ -93,9 +110,17 @@ class Accumulator:
 
 
 @torch.no_grad()
-def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], *, device: torch.device | str = "cpu",
-             amp: bool = False, channels_last: bool = False, head_parts: list[int] | None = None, desc: str = "eval",
-             progress: bool = True) -> dict[str, float]:
+def evaluate(
+    model: RACNN,
+    loader: Iterable[dict[str, Any]],
+    *,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    head_parts: list[int] | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict[str, float]:
     """Top-1 accuracy of every scale and fusion, scale-1 box IoU with the object box, scale-2 head hits, and
     box side mean/std per scale (fractions of that scale's input side)."""
     device = torch.device(device)
@@ -127,8 +152,11 @@ def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
     for key, label in TABLE_ROWS:
         if key in metrics and not (isinstance(metrics[key], float) and math.isnan(metrics[key])):
             v = metrics[key]
-            lines.append(f"{label:<{width}}  {100 * v:7.2f}%" if key.startswith(("acc", "loc", "head"))
-                         else f"{label:<{width}}  {v:8.3f}")
+            lines.append(
+                f"{label:<{width}}  {100 * v:7.2f}%"
+                if key.startswith(("acc", "loc", "head"))
+                else f"{label:<{width}}  {v:8.3f}"
+            )
     return "\n".join(lines)
 
 

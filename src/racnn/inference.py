@@ -22,8 +22,16 @@ def absolute_boxes(boxes: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def predict_images(model: RACNN, cfg: Config, classes: list[str], paths: list[str | Path], *, topk: int = 5,
-                   device: torch.device | str = "cpu", batch_size: int = 16) -> list[dict[str, Any]]:
+def predict_images(
+    model: RACNN,
+    cfg: Config,
+    classes: list[str],
+    paths: list[str | Path],
+    *,
+    topk: int = 5,
+    device: torch.device | str = "cpu",
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
     """One record per image: ``{"image", "width", "height", "top": {key: [(class, prob), ...]},
     "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``; boxes of scale s are where scale s looked."""
     device = torch.device(device)
@@ -46,15 +54,22 @@ def predict_images(model: RACNN, cfg: Config, classes: list[str], paths: list[st
             top = {}
             for key, pr in probs.items():
                 val, idx = pr[i].topk(k)
-                top[key] = [{"class": classes[j], "index": int(j), "prob": float(v)}
-                            for v, j in zip(val, idx, strict=True)]
+                top[key] = [
+                    {"class": classes[j], "index": int(j), "prob": float(v)}
+                    for v, j in zip(val, idx, strict=True)
+                ]
             rec_boxes = []
             for s, b in enumerate(boxes):
                 x0, y0, x1, y1 = box_to_xyxy(b[i]).tolist()
-                rec_boxes.append({"scale": s + 1, "cx": float(b[i, 0]), "cy": float(b[i, 1]),
-                                  "side": float(2 * b[i, 2]),
-                                  "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1),
-                                              round(y1 * h, 1)]})
+                rec_boxes.append(
+                    {
+                        "scale": s + 1,
+                        "cx": float(b[i, 0]),
+                        "cy": float(b[i, 1]),
+                        "side": float(2 * b[i, 2]),
+                        "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)],
+                    }
+                )
             records.append({"image": str(p), "width": w, "height": h, "top": top, "boxes": rec_boxes})
     return records
 
@@ -68,11 +83,15 @@ def format_predictions(records: list[dict[str, Any]], topk: int = 5) -> str:
         width = max(len(e["class"]) for k in keys for e in r["top"][k][:topk])
         lines.append("  rank  " + "  ".join(f"{k:<{width + 8}}" for k in keys))
         for rank in range(min(topk, len(r["top"][keys[0]]))):
-            cells = [f"{r['top'][k][rank]['class']:<{width}} {100 * r['top'][k][rank]['prob']:5.1f}%" for k in keys]
+            cells = [
+                f"{r['top'][k][rank]['class']:<{width}} {100 * r['top'][k][rank]['prob']:5.1f}%" for k in keys
+            ]
             lines.append(f"  {rank + 1:>4}  " + "  ".join(f"{c:<{width + 8}}" for c in cells))
         for b in r["boxes"]:
             x0, y0, x1, y1 = b["xyxy_px"]
-            lines.append(f"  attention of scale {b['scale']} (input of scale {b['scale'] + 1}): "
-                         f"x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} px")
+            lines.append(
+                f"  attention of scale {b['scale']} (input of scale {b['scale'] + 1}): "
+                f"x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} px"
+            )
         lines.append("")
     return "\n".join(lines)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -15,20 +17,24 @@ def ranking_loss(probs: list[torch.Tensor], margin: float = 0.05) -> torch.Tenso
     """Inter-scale pairwise ranking loss, Eq. 8, summed over adjacent scales and averaged over the batch:
     ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each."""
     total = probs[0].new_zeros(())
-    for coarse, fine in zip(probs[:-1], probs[1:], strict=True):
+    for coarse, fine in itertools.pairwise(probs):
         total = total + (coarse - fine + margin).clamp(min=0).mean()
     return total
 
 
-def classification_losses(logits: dict[str, torch.Tensor], target: torch.Tensor, *,
-                          label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+def classification_losses(
+    logits: dict[str, torch.Tensor], target: torch.Tensor, *, label_smoothing: float = 0.0
+) -> dict[str, torch.Tensor]:
     """Cross-entropy of every output (per-scale ``ce_s1``.. and fusion ``ce_s12``, ``ce_s123``), Eq. 7's L_cls."""
-    return {f"ce_{k}": F.cross_entropy(v.float(), target, label_smoothing=label_smoothing)
-            for k, v in logits.items()}
+    return {
+        f"ce_{k}": F.cross_entropy(v.float(), target, label_smoothing=label_smoothing)
+        for k, v in logits.items()
+    }
 
 
-def total_classification(terms: dict[str, torch.Tensor], *, num_scales: int,
-                         fusion_weight: float = 1.0) -> torch.Tensor:
+def total_classification(
+    terms: dict[str, torch.Tensor], *, num_scales: int, fusion_weight: float = 1.0
+) -> torch.Tensor:
     """Sum of the per-scale cross-entropies plus ``fusion_weight`` times the fusion ones."""
     scale = sum(terms[f"ce_s{i + 1}"] for i in range(num_scales))
     fused = [v for k, v in terms.items() if len(k) > len("ce_s1")]

@@ -52,8 +52,13 @@ class RACNN(nn.Module):
         c = backbones[0].channels
         self.heads = nn.ModuleList(nn.Linear(b.channels, num_classes) for b in backbones)
         self.apns = nn.ModuleList(
-            APN(b.channels, grid=cfg.apn_grid, hidden=cfg.apn_hidden, min_side=cfg.box_min_side,
-                max_side=cfg.box_max_side)
+            APN(
+                b.channels,
+                grid=cfg.apn_grid,
+                hidden=cfg.apn_hidden,
+                min_side=cfg.box_min_side,
+                max_side=cfg.box_max_side,
+            )
             for b in backbones[:-1]
         )
         # fusion over the first n scales, n = 2..N (paper Table 2: "scale 1+2", "scale 1+2+3")
@@ -85,8 +90,9 @@ class RACNN(nn.Module):
             return checkpoint_sequential(feats, segments, x, use_reentrant=False)
         return feats(x)
 
-    def forward_features(self, images: torch.Tensor, *, detach_boxes: bool = False,
-                         return_maps: bool = False) -> RACNNFeatures:
+    def forward_features(
+        self, images: torch.Tensor, *, detach_boxes: bool = False, return_maps: bool = False
+    ) -> RACNNFeatures:
         """Run the scales. ``images``: B x 3 x H x W, normalised; resized to the scale-1 input when H != S.
 
         ``detach_boxes`` cuts the gradient from the crops into the APNs (classification phase: APNs fixed).
@@ -126,8 +132,9 @@ class RACNN(nn.Module):
             logits[self.keys[self.cfg.num_scales + n - 2]] = fusion(torch.cat(pooled[:n], dim=1))
         return logits
 
-    def forward(self, images: torch.Tensor, *, detach_boxes: bool = False,
-                return_maps: bool = False) -> RACNNOutput:
+    def forward(
+        self, images: torch.Tensor, *, detach_boxes: bool = False, return_maps: bool = False
+    ) -> RACNNOutput:
         feats = self.forward_features(images, detach_boxes=detach_boxes, return_maps=return_maps)
         return RACNNOutput(self.forward_head(feats), feats.boxes, feats.crops, feats.maps)
 
@@ -138,7 +145,8 @@ def build_model(cfg: ModelConfig, *, num_classes: int, pretrained: bool | None =
     ``pretrained`` overrides ``cfg.pretrained`` (``False`` when weights come from a checkpoint next).
     """
     use_pretrained = cfg.pretrained if pretrained is None else pretrained
-    first = build_backbone(cfg.backbone, pretrained=use_pretrained,
-                           weights_file=cfg.weights_file if use_pretrained else None)
+    first = build_backbone(
+        cfg.backbone, pretrained=use_pretrained, weights_file=cfg.weights_file if use_pretrained else None
+    )
     backbones = [first] + [copy.deepcopy(first) for _ in range(cfg.num_scales - 1)]
     return RACNN(cfg, num_classes=num_classes, backbones=backbones)

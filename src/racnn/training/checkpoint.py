@@ -54,22 +54,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable racnn checkpoint ({first[:200]})") from e
     if not isinstance(obj, dict) or obj.get("format") not in (TRAIN_FORMAT, MODEL_FORMAT):
-        raise CheckpointError(f"{path}: not a racnn checkpoint (no 'format' key of {TRAIN_FORMAT}/{MODEL_FORMAT})")
+        raise CheckpointError(
+            f"{path}: not a racnn checkpoint (no 'format' key of {TRAIN_FORMAT}/{MODEL_FORMAT})"
+        )
     return obj
 
 
 def model_record(model: RACNN, cfg: Config, classes: list[str]) -> dict[str, Any]:
     """The minimal model checkpoint (``best.pt``): format, config, class names, weights."""
-    return {"format": MODEL_FORMAT, "config": cfg.to_dict(), "classes": list(classes),
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    return {
+        "format": MODEL_FORMAT,
+        "config": cfg.to_dict(),
+        "classes": list(classes),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
 
 
-def _rebuild(cfg_dict: dict[str, Any], classes: list[str], state: dict[str, torch.Tensor],
-             source: Path) -> tuple[RACNN, Config, list[str]]:
+def _rebuild(
+    cfg_dict: dict[str, Any], classes: list[str], state: dict[str, torch.Tensor], source: Path
+) -> tuple[RACNN, Config, list[str]]:
     try:
         cfg = Config.from_dict(cfg_dict, source=str(source))
     except ConfigError as e:
@@ -79,8 +86,10 @@ def _rebuild(cfg_dict: dict[str, Any], classes: list[str], state: dict[str, torc
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{source}: weights do not fit a {cfg.model.backbone} RA-CNN with "
-                              f"{len(classes)} classes ({first[:200]})") from e
+        raise CheckpointError(
+            f"{source}: weights do not fit a {cfg.model.backbone} RA-CNN with "
+            f"{len(classes)} classes ({first[:200]})"
+        ) from e
     model.eval()
     return model, cfg, classes
 
@@ -94,7 +103,9 @@ def load_model(path: str | Path) -> tuple[RACNN, Config, list[str]]:
         meta_path = folder / "config.json"
         for p in (weights, meta_path):
             if not p.is_file():
-                raise CheckpointError(f"{p}: not found (an exported model is model.safetensors + config.json)")
+                raise CheckpointError(
+                    f"{p}: not found (an exported model is model.safetensors + config.json)"
+                )
         from safetensors.torch import load_file
 
         try:
@@ -115,9 +126,19 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     prep = model.preprocessing
-    meta = {"format": MODEL_FORMAT, "config": cfg.to_dict(), "classes": classes,
-            "preprocessing": {"mean": list(prep.mean), "std": list(prep.std), "input_size": cfg.model.input_size,
-                              "image_size": cfg.data.image_size}}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": MODEL_FORMAT}))
+    meta = {
+        "format": MODEL_FORMAT,
+        "config": cfg.to_dict(),
+        "classes": classes,
+        "preprocessing": {
+            "mean": list(prep.mean),
+            "std": list(prep.std),
+            "input_size": cfg.model.input_size,
+            "image_size": cfg.data.image_size,
+        },
+    }
+    atomic_write(
+        out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": MODEL_FORMAT})
+    )
     atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     return out

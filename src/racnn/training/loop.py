@@ -16,10 +16,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..backbones import backbone_preprocessing
+from ..backbones import backbone_preprocessing, check_weights
 from ..config import Config, save_config
 from ..evaluation import Accumulator, autocast_dtype, evaluate, format_table, json_safe
-from ..losses import box_regression_loss, classification_losses, ranking_loss, total_classification, true_class_prob
+from ..losses import (
+    box_regression_loss,
+    classification_losses,
+    ranking_loss,
+    total_classification,
+    true_class_prob,
+)
 from ..model import RACNN, build_model
 from . import setup
 from .checkpoint import TRAIN_FORMAT, CheckpointError, load_checkpoint, model_record, save_checkpoint
@@ -39,13 +45,20 @@ class Trainer:
         setup.seed_everything(cfg.train.seed, cfg.train.deterministic)
         self.device = setup.resolve_device(cfg.train.device)
         # the model first: the data pipeline reads its normalisation
+        if state is None:
+            check_weights(
+                cfg.model.backbone, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file
+            )
         prep = backbone_preprocessing(cfg.model.backbone)
         self.train_set = setup.make_dataset(cfg, "train", prep, train=True)
-        self.val_set = setup.make_dataset(cfg, "val", prep, train=False) if cfg.data.val_fraction > 0 else None
+        self.val_set = (
+            setup.make_dataset(cfg, "val", prep, train=False) if cfg.data.val_fraction > 0 else None
+        )
         self._loader: torch.utils.data.DataLoader | None = None
         self.classes: list[str] = list(self.train_set.classes)
-        self.model: RACNN = build_model(cfg.model, num_classes=len(self.classes),
-                                        pretrained=cfg.model.pretrained and state is None).to(self.device)
+        self.model: RACNN = build_model(
+            cfg.model, num_classes=len(self.classes), pretrained=cfg.model.pretrained and state is None
+        ).to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.cls_opt, self.apn_opt = setup.make_optimizers(self.model, cfg.optim)
@@ -66,12 +79,19 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {**model_record(self.model, self.cfg, self.classes), "format": TRAIN_FORMAT,
-                "optimizers": {"cls": self.cls_opt.state_dict(), "apn": self.apn_opt.state_dict()},
-                "schedulers": {"cls": self.cls_sched.state_dict()},
-                "progress": {"schedule": self.schedule.state_dict(), "apn_init_done": self.apn_init_done,
-                             "best": self.best, "best_epoch": self.best_epoch},
-                "rng": rng}
+        return {
+            **model_record(self.model, self.cfg, self.classes),
+            "format": TRAIN_FORMAT,
+            "optimizers": {"cls": self.cls_opt.state_dict(), "apn": self.apn_opt.state_dict()},
+            "schedulers": {"cls": self.cls_sched.state_dict()},
+            "progress": {
+                "schedule": self.schedule.state_dict(),
+                "apn_init_done": self.apn_init_done,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+            },
+            "rng": rng,
+        }
 
     def _load_state(self, s: dict[str, Any]) -> None:
         self.model.load_state_dict(s["model"])
@@ -125,15 +145,20 @@ class Trainer:
             set_phase(self.model, "apn_init")
             opt = torch.optim.Adam(self.model.parameter_groups()["apn"], lr=self.cfg.optim.apn_lr)
             done, epoch, loss_sum = 0, 0, 0.0
-            bar = tqdm(total=steps, desc="apn init", leave=False, disable=not self.progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=steps, desc="apn init", leave=False, disable=not self.progress, dynamic_ncols=True
+            )
             while done < steps:
                 for batch in self._train_loader(10_000 + epoch):
                     x, _ = self._inputs(batch)
                     with self._autocast():
                         out = self.model(x, return_maps=True)
-                    loss = sum(box_regression_loss(box.float(), peak_response_boxes(
-                        fmap.detach(), self.cfg.schedule.apn_init_side)) for box, fmap in zip(
-                        out.boxes, out.maps, strict=False))
+                    loss = sum(
+                        box_regression_loss(
+                            box.float(), peak_response_boxes(fmap.detach(), self.cfg.schedule.apn_init_side)
+                        )
+                        for box, fmap in zip(out.boxes, out.maps, strict=False)
+                    )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -158,7 +183,9 @@ class Trainer:
         sums: dict[str, float] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
         epoch = self.schedule.epoch + 1
-        for bar, batch in self._batches(self._train_loader(epoch), f"epoch {epoch}/{cfg.train.epochs} {phase}"):
+        for bar, batch in self._batches(
+            self._train_loader(epoch), f"epoch {epoch}/{cfg.train.epochs} {phase}"
+        ):
             x, y = self._inputs(batch)
             with self._autocast():
                 out = model(x, detach_boxes=(phase == CLASSIFY))
@@ -167,7 +194,9 @@ class Trainer:
             probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
             rank = ranking_loss(probs, cfg.schedule.rank_margin) if n_scales > 1 else cls.new_zeros(())
             loss = {CLASSIFY: cls, ATTEND: rank, JOINT: cls + cfg.schedule.rank_weight * rank}[phase]
-            opts = {CLASSIFY: [self.cls_opt], ATTEND: [self.apn_opt], JOINT: [self.cls_opt, self.apn_opt]}[phase]
+            opts = {CLASSIFY: [self.cls_opt], ATTEND: [self.apn_opt], JOINT: [self.cls_opt, self.apn_opt]}[
+                phase
+            ]
             for o in opts:
                 o.zero_grad(set_to_none=True)
             if loss.requires_grad:
@@ -183,8 +212,11 @@ class Trainer:
             steps += 1
             seen += y.numel()
             if steps % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{float(sums['loss']) / steps:.3f}", acc=f"{acc.correct['s1'] / acc.n:.2f}",
-                                ips=f"{seen / (time.perf_counter() - t0):.1f}")
+                bar.set_postfix(
+                    loss=f"{float(sums['loss']) / steps:.3f}",
+                    acc=f"{acc.correct['s1'] / acc.n:.2f}",
+                    ips=f"{seen / (time.perf_counter() - t0):.1f}",
+                )
         dt = time.perf_counter() - t0
         rec = {k: float(v) / max(steps, 1) for k, v in sums.items()}
         summary = acc.summary()
@@ -196,9 +228,16 @@ class Trainer:
         if self.val_set is None or len(self.val_set) == 0:
             return {}
         loader = setup.make_loader(self.val_set, self.cfg)
-        return evaluate(self.model, loader, device=self.device, amp=self.cfg.train.amp,
-                        head_parts=getattr(self.val_set, "head_parts", None),
-                        channels_last=self.cfg.train.channels_last, desc="validate", progress=self.progress)
+        return evaluate(
+            self.model,
+            loader,
+            device=self.device,
+            amp=self.cfg.train.amp,
+            head_parts=getattr(self.val_set, "head_parts", None),
+            channels_last=self.cfg.train.channels_last,
+            desc="validate",
+            progress=self.progress,
+        )
 
     # ---------------------------------------------------------------- run
     def fit(self) -> dict[str, float]:
@@ -213,12 +252,17 @@ class Trainer:
                 rec["lr"] = self.cls_opt.param_groups[-1]["lr"]
                 self.cls_sched.step()
             if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(f"epoch {self.schedule.epoch + 1} ({phase}): loss is {rec['loss']}; "
-                                         f"stopped, {self.out / 'last.pt'} keeps the last good state")
+                raise FloatingPointError(
+                    f"epoch {self.schedule.epoch + 1} ({phase}): loss is {rec['loss']}; "
+                    f"stopped, {self.out / 'last.pt'} keeps the last good state"
+                )
             self.schedule.end_epoch(rec["loss"])
             epoch = self.schedule.epoch
-            val = self.validate() if epoch % self.cfg.train.eval_every == 0 or self.schedule.next_phase() is None \
+            val = (
+                self.validate()
+                if epoch % self.cfg.train.eval_every == 0 or self.schedule.next_phase() is None
                 else {}
+            )
             rec = {"epoch": epoch, "phase": phase, **rec, **{f"val_{k}": v for k, v in val.items()}}
             # model selection on validation only; without a validation split, on training accuracy
             score = val.get(f"acc_{fused}", -math.inf) if self.val_set else rec[f"train_acc_{fused}"]
@@ -241,8 +285,15 @@ class Trainer:
         model = load_model(best)[0].to(self.device) if best.is_file() else self.model
         test_set = setup.make_dataset(self.cfg, "test", model.preprocessing, train=False)
         loader = setup.make_loader(test_set, self.cfg)
-        metrics = evaluate(model, loader, device=self.device, amp=self.cfg.train.amp,
-                           head_parts=getattr(test_set, "head_parts", None), desc="test", progress=self.progress)
+        metrics = evaluate(
+            model,
+            loader,
+            device=self.device,
+            amp=self.cfg.train.amp,
+            head_parts=getattr(test_set, "head_parts", None),
+            desc="test",
+            progress=self.progress,
+        )
         metrics = {**metrics, "best_epoch": self.best_epoch, "split": "test"}
         (self.out / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
         if self.progress:

@@ -114,10 +114,14 @@ def trainable(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 def peak_response_boxes(fmap: torch.Tensor, side: float) -> torch.Tensor:
     """APN initialisation target (Sec. 3.4 step 2): a square of ``side`` centred on the strongest response of
-    the last conv layer (channel sum, 3x3 smoothed), moved inside the image. B x C x h x w -> B x 3."""
-    b, _, h, w = fmap.shape
-    resp = torch.nn.functional.avg_pool2d(fmap.float().sum(1, keepdim=True), 3, stride=1, padding=1,
-                                          count_include_pad=False)  # B x 1 x h x w
+    the last conv layer (channel sum, smoothed by a 3x3 binomial kernel that keeps a single peak the
+    maximum), moved inside the image. B x C x h x w -> B x 3."""
+    _, _, h, w = fmap.shape
+    k1 = torch.tensor([1.0, 2.0, 1.0], device=fmap.device)
+    kernel = (k1[:, None] * k1[None, :])[None, None]  # 1 x 1 x 3 x 3
+    resp = torch.nn.functional.conv2d(fmap.float().sum(1, keepdim=True), kernel, padding=1)
+    norm = torch.nn.functional.conv2d(torch.ones_like(resp[:1]), kernel, padding=1)  # border correction
+    resp = resp / norm  # B x 1 x h x w
     idx = resp.flatten(1).argmax(1)  # B
     cy = ((idx // w).float() + 0.5) / h
     cx = ((idx % w).float() + 0.5) / w

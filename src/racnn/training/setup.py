@@ -4,6 +4,7 @@ optimisers and learning-rate schedules for the two alternating parts."""
 from __future__ import annotations
 
 import random
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -41,33 +42,58 @@ def make_dataset(cfg: Config, split: str, preprocessing: Preprocessing, *, train
     """A split of the configured dataset, transformed with the model's normalisation."""
     if cfg.data.root is None:
         raise ValueError("no dataset folder: pass --data DIR or set data.root in the config")
-    transform = build_transform(size=cfg.data.image_size, mean=preprocessing.mean, std=preprocessing.std,
-                                train=train and cfg.data.augment, crop_scale_min=cfg.data.crop_scale_min)
-    return build_dataset(cfg.data.name, cfg.data.root, split, transform, val_fraction=cfg.data.val_fraction,
-                         seed=cfg.train.seed, max_images=cfg.data.max_images)
+    transform = build_transform(
+        size=cfg.data.image_size,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        train=train and cfg.data.augment,
+        crop_scale_min=cfg.data.crop_scale_min,
+    )
+    return build_dataset(
+        cfg.data.name,
+        cfg.data.root,
+        split,
+        transform,
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.train.seed,
+        max_images=cfg.data.max_images,
+    )
 
 
-def make_loader(dataset: Dataset, cfg: Config, *, train: bool = False, world_size: int = 1,
-                rank: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset, cfg: Config, *, train: bool = False, world_size: int = 1, rank: int = 0
+) -> DataLoader:
     """Training loaders shuffle with a ``DistributedSampler`` (seeded by ``train.seed`` and the epoch via
     ``loader.sampler.set_epoch``; one replica without DDP) and keep their workers across epochs."""
     workers = cfg.data.num_workers
-    sampler = (DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed)
-               if train else None)
-    return DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                      persistent_workers=train and workers > 0, pin_memory=torch.cuda.is_available(),
-                      drop_last=False)
+    sampler = (
+        DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.train.seed)
+        if train
+        else None
+    )
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=train and workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
 
 
 def make_optimizers(model: RACNN, o: OptimConfig) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """Classifier optimiser (backbones at ``lr * backbone_lr_mult``, heads and fusion at ``lr``) and the APN
     optimiser; each steps only in its own phase."""
     groups = model.parameter_groups()
-    cls_groups = [{"params": groups["backbone"], "lr": o.lr * o.backbone_lr_mult, "name": "backbone"},
-                  {"params": groups["head"], "lr": o.lr, "name": "head"}]
+    cls_groups = [
+        {"params": groups["backbone"], "lr": o.lr * o.backbone_lr_mult, "name": "backbone"},
+        {"params": groups["head"], "lr": o.lr, "name": "head"},
+    ]
     if o.name == "sgd":
-        cls_opt: torch.optim.Optimizer = torch.optim.SGD(cls_groups, lr=o.lr, momentum=o.momentum,
-                                                         weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+        cls_opt: torch.optim.Optimizer = torch.optim.SGD(
+            cls_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0
+        )
     else:
         cls_opt = torch.optim.AdamW(cls_groups, lr=o.lr, weight_decay=o.weight_decay)
     apn_params = [{"params": groups["apn"], "lr": o.apn_lr, "name": "apn"}]
@@ -78,7 +104,9 @@ def make_optimizers(model: RACNN, o: OptimConfig) -> tuple[torch.optim.Optimizer
     return cls_opt, apn_opt
 
 
-def make_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    opt: torch.optim.Optimizer, o: OptimConfig, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-epoch schedule over the epochs in which ``opt`` steps."""
     if o.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))

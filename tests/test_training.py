@@ -1,0 +1,169 @@
+"""Training: phases freeze the right parts, the schedule alternates and converges, runs resume exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from racnn.config import Config, ScheduleConfig, load_config
+from racnn.losses import ranking_loss, true_class_prob
+from racnn.model import build_model
+from racnn.training.checkpoint import load_checkpoint
+from racnn.training.loop import Trainer
+from racnn.training.schedule import ATTEND, CLASSIFY, JOINT, PhaseSchedule, peak_response_boxes, set_phase
+
+
+def tiny_config(root: Path, **extra: object) -> Config:
+    overrides = [
+        "model.backbone=tiny",
+        "model.pretrained=false",
+        "model.input_size=32",
+        "model.apn_grid=2",
+        "model.apn_hidden=16",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.val_fraction=0.25",
+        "train.batch_size=4",
+        "train.epochs=3",
+        "schedule.apn_init_steps=2",
+        f"data.root={root}",
+        "schedule.classify_epochs=1",
+        "schedule.attend_epochs=1",
+        "optim.apn_lr=0.01",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides)
+
+
+def _snapshot(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
+    return [t.detach().clone() for m in modules for t in m.state_dict().values()]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_attention_phase_gradients_reach_every_apn_parameter_only() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_config(Path(".")).model, num_classes=5)
+    set_phase(model, ATTEND)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    out = model(x)
+    probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(3)]
+    ranking_loss(probs, margin=1.0).backward()  # margin 1 keeps every hinge active
+    for name, p in model.apns.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    for module in (model.backbones, model.heads, model.fusions):
+        assert all(p.grad is None for p in module.parameters())
+
+
+def test_classification_phase_detaches_the_boxes() -> None:
+    torch.manual_seed(0)
+    model = build_model(tiny_config(Path(".")).model, num_classes=5)
+    set_phase(model, CLASSIFY)
+    out = model(torch.randn(4, 3, 32, 32), detach_boxes=True)
+    sum(
+        torch.nn.functional.cross_entropy(v, torch.zeros(4, dtype=torch.long)) for v in out.logits.values()
+    ).backward()
+    assert all(p.grad is None for p in model.apns.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbones.parameters())
+
+
+@pytest.mark.parametrize("phase", [ATTEND, CLASSIFY])
+def test_a_phase_epoch_changes_only_its_part(fake_cub: Path, tmp_path: Path, phase: str) -> None:
+    trainer = Trainer(tiny_config(fake_cub), tmp_path / "run", progress=False)
+    m = trainer.model
+    classifier, apn = _snapshot([m.backbones, m.heads, m.fusions]), _snapshot([m.apns])
+    trainer.schedule.start_epoch(phase)
+    rec = trainer.train_epoch(phase)
+    assert rec["steps"] > 0
+    if phase == ATTEND:  # classifiers fixed, BatchNorm statistics included
+        assert _same(classifier, _snapshot([m.backbones, m.heads, m.fusions]))
+        assert not _same(apn, _snapshot([m.apns]))
+    else:
+        assert _same(apn, _snapshot([m.apns]))
+        assert not _same(classifier, _snapshot([m.backbones, m.heads, m.fusions]))
+
+
+def test_schedule_alternates_and_plans() -> None:
+    s = PhaseSchedule(ScheduleConfig(classify_epochs=2, attend_epochs=1, converge_tol=0), epochs=7)
+    seen = []
+    while (phase := s.next_phase()) is not None:
+        s.start_epoch(phase)
+        s.end_epoch(1.0)
+        seen.append(phase)
+    assert seen == [CLASSIFY, CLASSIFY, ATTEND, CLASSIFY, CLASSIFY, ATTEND, CLASSIFY]
+    assert s.planned_epochs(CLASSIFY) == 5 and s.planned_epochs(ATTEND) == 2
+    joint = PhaseSchedule(ScheduleConfig(mode="joint"), epochs=3)
+    assert joint.next_phase() == JOINT and joint.planned_epochs(JOINT) == 3
+
+
+def test_schedule_stops_when_both_phases_converge() -> None:
+    s = PhaseSchedule(ScheduleConfig(classify_epochs=1, attend_epochs=1, converge_tol=0.05), epochs=100)
+    losses = {CLASSIFY: iter([3.0, 2.0, 1.99]), ATTEND: iter([0.5, 0.499, 0.4985])}
+    n = 0
+    while (phase := s.next_phase()) is not None:
+        s.start_epoch(phase)
+        s.end_epoch(next(losses[phase]))
+        n += 1
+    # classify converges on its 3rd phase (2.0 -> 1.99), attend already on its 2nd
+    assert s.stopped == "converged" and n == 5
+    restored = PhaseSchedule(ScheduleConfig(), epochs=100)
+    restored.load_state_dict(s.state_dict())
+    assert restored.state_dict() == s.state_dict()
+
+
+def test_peak_response_box_is_centred_on_the_peak_and_inside() -> None:
+    fmap = torch.zeros(2, 4, 8, 8)
+    fmap[0, :, 2, 5] = 10.0  # row 2 (y), column 5 (x)
+    fmap[1, :, 0, 0] = 10.0  # corner: the box is moved inside
+    box = peak_response_boxes(fmap, side=0.5)
+    assert torch.allclose(box[0], torch.tensor([5.5 / 8, 2.5 / 8, 0.25]))
+    assert torch.allclose(box[1], torch.tensor([0.25, 0.25, 0.25]))
+
+
+def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        fake_cub, **{"schedule.apn_init_steps": 30, "schedule.apn_init_side": 0.4, "optim.apn_lr": 0.01}
+    )
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    x = torch.stack([trainer.train_set[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        before = trainer.model(x).boxes[0][:, 2].mean() * 2
+    trainer.init_apns()
+    with torch.no_grad():
+        after = trainer.model.eval()(x).boxes[0][:, 2].mean() * 2
+    assert abs(float(after) - 0.4) < abs(float(before) - 0.4)
+    assert abs(float(after) - 0.4) < 0.1
+
+
+def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(fake_cub, **{"train.deterministic": "true"})
+    full = Trainer(cfg, tmp_path / "full", progress=False).fit()
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.json"):
+        assert (tmp_path / "full" / name).is_file(), name
+    lines = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase") for r in lines] == ["apn_init", CLASSIFY, ATTEND, CLASSIFY]
+
+    # the same run, stopped after its second epoch, then resumed from last.pt
+    stopped = Trainer(cfg, tmp_path / "stopped", progress=False)
+    calls = {"n": 0}
+    real = stopped.train_epoch
+
+    def stop_after_two(phase: str) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(phase)
+
+    stopped.train_epoch = stop_after_two  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["progress"]["schedule"]["epoch"] == 2
+    resumed = Trainer(Config(), tmp_path / "stopped", resume=True, progress=False).fit()
+    assert resumed == full
+    a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
