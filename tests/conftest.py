@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 REAL_CUB = Path(__file__).resolve().parents[1].parent / "shared/datasets/cub200-subset/CUB_200_2011"
@@ -55,3 +56,13 @@ def write_fake_cub(root: Path) -> Path:
 @pytest.fixture
 def fake_cub(tmp_path: Path) -> Path:
     return write_fake_cub(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Test tensors are tiny and gain nothing from threads, while 2 OpenMP threads on a busy 2-core machine
+    stall (seen 100x slower); every test runs single-threaded and restores the setting after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,15 +21,6 @@ CROPS = [crop_zoom, crop_zoom_reference]
 CROP_IDS = ["crop_zoom", "reference"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; 2 OpenMP threads on a busy 2-core box stall (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _random_boxes(n: int, gen: torch.Generator, min_side: float = 0.3, max_side: float = 0.9) -> torch.Tensor:
     z = torch.rand(n, 3, generator=gen, dtype=torch.float64)
     return box_from_unit(z, min_side, max_side)

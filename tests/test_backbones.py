@@ -21,15 +21,6 @@ SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared/weights"
 MOBILENET_FILE = SHARED_WEIGHTS / "hub" / "checkpoints" / "mobilenet_v2-b0353104.pth"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads; 2 OpenMP threads on a busy 2-core box stall (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def empty_torch_home(tmp_path, monkeypatch):
     home = tmp_path / "torch_home"
@@ -165,14 +156,6 @@ def test_tiny_weights_file(tmp_path):
     torch.testing.assert_close(bb.features[0].weight, src.features[0].weight, atol=0, rtol=0)
 
 
-TINY_WEIGHTS_BUG = (
-    "backbones.build_backbone: the tiny path calls load_state_dict unguarded, so a wrong file "
-    "raises a bare RuntimeError, not the ValueError naming the file that torchvision backbones "
-    "raise"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=TINY_WEIGHTS_BUG)
 def test_tiny_weights_file_of_another_architecture(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)

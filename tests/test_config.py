@@ -146,19 +146,11 @@ def test_int_for_float_accepted():
     assert cfg.model.mask_k == 20.0 and isinstance(cfg.model.mask_k, float)
 
 
-SCI_NOTATION_BUG = (
-    "PyYAML (YAML 1.1) reads 1e-3 as a string, so float fields reject scientific notation "
-    "without a dot (config._coerce)"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=SCI_NOTATION_BUG)
 def test_scientific_notation_for_float_in_override():
     cfg = apply_overrides(Config(), ["optim.apn_lr=1e-4"])
     assert cfg.optim.apn_lr == pytest.approx(1e-4)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=SCI_NOTATION_BUG)
 def test_scientific_notation_for_float_in_file(tmp_path):
     cfg = load_config(_write(tmp_path, "optim:\n  lr: 1e-3\n  weight_decay: 5e-4\n"))
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.optim.weight_decay == pytest.approx(5e-4)

@@ -125,17 +125,25 @@ def _torchvision(name: str, *, pretrained: bool, weights_file: str | None) -> tu
     model = torchvision.models.get_model(name, weights=weights)
     prep = backbone_preprocessing(name)
     if weights_file:
-        path = Path(weights_file)
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{path}: weights file not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise ValueError(f"{path}: not a state_dict of torchvision's {name} ({first})") from e
+        _load_weights_file(model, weights_file, f"torchvision's {name}")
     return model, prep
+
+
+def _load_weights_file(module: nn.Module, weights_file: str, what: str) -> None:
+    """Load a local state_dict (optionally wrapped as ``{"state_dict": ...}``) with clear one-line errors."""
+    path = Path(weights_file)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__})") from e
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a state_dict of {what} ({first[:200]})") from e
 
 
 _CUSTOM: dict[str, Callable[[], nn.Sequential]] = {"tiny": _tiny}
@@ -168,7 +176,7 @@ def build_backbone(name: str, *, pretrained: bool = False, weights_file: str | N
         features = _CUSTOM[name]()
         prep = Preprocessing()
         if weights_file:
-            features.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
+            _load_weights_file(features, weights_file, name)
     else:
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise ValueError(

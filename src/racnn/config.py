@@ -133,6 +133,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -223,11 +228,19 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply dotted ``key=value`` overrides with the same type checks as the file."""
     for text in overrides:
         key, value = parse_override(text)
-        if isinstance(value, str) and _expects_number(cfg, key):
+        if isinstance(value, str) and _expects_number(cfg, key) and not _is_float(value):
             raise ConfigError(f"--set {text}: {key} must be a number, got {value!r}")
         _merge(cfg, _nest(key, value), prefix="", source=f"--set {text}")
     validate(cfg, source="--set")
     return cfg
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _expects_number(cfg: Config, key: str) -> bool:

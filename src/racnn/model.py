@@ -5,17 +5,45 @@ The model only computes; losses live in :mod:`racnn.losses` and the training sch
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint_sequential
+from torch.utils.checkpoint import checkpoint
 
 from .attention import APN, compose_boxes, crop_zoom
 from .backbones import Backbone, Preprocessing, build_backbone
 from .config import ModelConfig
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers keep their running statistics (momentum 0, batch count restored) inside."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [
+        (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns
+    ]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
+
+
+def _recompute_contexts(
+    module: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), _frozen_bn_stats(module)
 
 
 def scale_keys(num_scales: int) -> list[str]:
@@ -86,8 +114,14 @@ class RACNN(nn.Module):
     def _trunk(self, s: int, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbones[s].features
         if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
-            segments = min(4, len(feats))
-            return checkpoint_sequential(feats, segments, x, use_reentrant=False)
+            # recompute activations in backward, segment by segment; the recomputation must not update
+            # BatchNorm running statistics a second time
+            n = len(feats)
+            bounds = [round(i * n / 4) for i in range(5)] if n >= 4 else list(range(n + 1))
+            for a, b in itertools.pairwise(bounds):
+                seg = feats[a:b]
+                x = checkpoint(seg, x, use_reentrant=False, context_fn=partial(_recompute_contexts, seg))
+            return x
         return feats(x)
 
     def forward_features(
