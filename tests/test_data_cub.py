@@ -128,9 +128,10 @@ def test_missing_and_broken_images(fake_cub: Path) -> None:
 
 
 def test_registry(fake_cub: Path, tmp_path: Path) -> None:
-    assert list_datasets() == ["cub", "imagefolder"]
+    expected = ["cub", "fgvc_aircraft", "imagefolder", "stanford_cars", "stanford_dogs", "synthetic"]
+    assert list_datasets() == expected
     assert len(build_dataset("cub", fake_cub.parent, "test")) == 3
-    with pytest.raises(DatasetError, match=r"unknown dataset 'imagenet' \(known: cub, imagefolder\)"):
+    with pytest.raises(DatasetError, match=rf"unknown dataset 'imagenet' \(known: {', '.join(expected)}\)"):
         build_dataset("imagenet", fake_cub, "train")
     with pytest.raises(DatasetError, match=r"nowhere: dataset folder not found"):
         build_dataset("cub", tmp_path / "nowhere", "train")

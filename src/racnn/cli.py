@@ -133,15 +133,32 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write release weights (model.safetensors + config.json)")
+    p = sub.add_parser(
+        "export",
+        help="write release weights (model.safetensors + config.json) or an ONNX graph (model.onnx)",
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        choices=["safetensors", "onnx"],
+        help="safetensors: weights + config.json; onnx: model.onnx with input 'images' of side "
+        "data.image_size and a dynamic batch (needs pip install 'racnn[onnx]') (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .training.checkpoint import export_model
+    from .training.checkpoint import export_model, load_model
 
+    if a.format == "onnx":
+        from .onnx_export import export_onnx
+
+        model, cfg, classes = load_model(a.checkpoint)
+        path = export_onnx(model, Path(a.out) / "model.onnx", image_size=cfg.data.image_size, classes=classes)
+        print(f"wrote {path}")
+        return 0
     out = export_model(a.checkpoint, a.out)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0

@@ -69,10 +69,20 @@ class OptimConfig:
 class ScheduleConfig:
     mode: str = "alternate"  # alternate (paper) | joint (both losses every step)
     apn_init_steps: int = 50  # regression steps of each APN towards the strongest conv response
+    apn_init_lr: float = 1e-3  # Adam learning rate of that regression
     apn_init_side: float = 0.5  # side of the square the APN is initialised to, fraction of the input side
+    apn_init_response: str = (
+        "sum"  # "sum": channel sum of the last conv layer (paper); "cam": class activation
+    )
+    warmup_epochs: int = (
+        0  # classification epochs before the APN initialisation (for backbones without ImageNet init)
+    )
     classify_epochs: int = 2  # epochs per classification phase (APNs frozen)
     attend_epochs: int = 1  # epochs per attention phase (classifiers frozen)
     rank_margin: float = 0.05
+    rank_detach_coarse: bool = (
+        True  # p_t(s) is a fixed reference in L_rank: only p_t(s+1) is pushed (see losses)
+    )
     rank_weight: float = 1.0  # weight of the ranking loss (joint mode, attention phase)
     fusion_weight: float = 1.0  # weight of the fusion cross-entropies
     converge_tol: float = 0.01  # relative loss improvement under which a phase counts as converged
@@ -169,6 +179,7 @@ _CHOICES = {
     "optim.apn_optimizer": ("adam", "sgd"),
     "optim.scheduler": ("cosine", "step", "none"),
     "schedule.mode": ("alternate", "joint"),
+    "schedule.apn_init_response": ("sum", "cam"),
 }
 
 
@@ -194,6 +205,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (cfg.train.epochs >= 0 and cfg.train.batch_size >= 1, "train.epochs >= 0 and batch_size >= 1"),
         (cfg.schedule.classify_epochs >= 1 and cfg.schedule.attend_epochs >= 1, "phase lengths must be >= 1"),
         (cfg.schedule.apn_init_steps >= 0, "schedule.apn_init_steps must be >= 0"),
+        (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (0.0 < cfg.schedule.apn_init_side <= 1.0, "schedule.apn_init_side must be in (0, 1]"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
     ]

@@ -13,12 +13,19 @@ def true_class_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=1).gather(1, target[:, None]).squeeze(1)
 
 
-def ranking_loss(probs: list[torch.Tensor], margin: float = 0.05) -> torch.Tensor:
+def ranking_loss(
+    probs: list[torch.Tensor], margin: float = 0.05, *, detach_coarse: bool = False
+) -> torch.Tensor:
     """Inter-scale pairwise ranking loss, Eq. 8, summed over adjacent scales and averaged over the batch:
-    ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each."""
+    ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each.
+
+    ``detach_coarse`` makes ``p_t(s)`` a fixed reference: the gradient then only raises ``p_t(s+1)``, so the
+    APN that feeds scale s is never rewarded for making scale s worse (its crop also feeds the pair (s, s+1)).
+    """
     total = probs[0].new_zeros(())
     for coarse, fine in itertools.pairwise(probs):
-        total = total + (coarse - fine + margin).clamp(min=0).mean()
+        ref = coarse.detach() if detach_coarse else coarse
+        total = total + (ref - fine + margin).clamp(min=0).mean()
     return total
 
 

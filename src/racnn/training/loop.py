@@ -29,7 +29,17 @@ from ..losses import (
 from ..model import RACNN, build_model
 from . import setup
 from .checkpoint import TRAIN_FORMAT, CheckpointError, load_checkpoint, model_record, save_checkpoint
-from .schedule import ATTEND, CLASSIFY, JOINT, PhaseSchedule, peak_response_boxes, set_phase, trainable
+from .schedule import (
+    ATTEND,
+    CLASSIFY,
+    JOINT,
+    WARMUP,
+    PhaseSchedule,
+    class_activation,
+    peak_response_boxes,
+    set_phase,
+    trainable,
+)
 
 
 class Trainer:
@@ -63,7 +73,9 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.cls_opt, self.apn_opt = setup.make_optimizers(self.model, cfg.optim)
         self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs)
-        cls_epochs = self.schedule.planned_epochs(JOINT if cfg.schedule.mode == JOINT else CLASSIFY)
+        cls_epochs = self.schedule.planned_epochs(WARMUP) + self.schedule.planned_epochs(
+            JOINT if cfg.schedule.mode == JOINT else CLASSIFY
+        )
         self.cls_sched = setup.make_scheduler(self.cls_opt, cfg.optim, cls_epochs)
         self.apn_init_done = False
         self.best = -math.inf
@@ -143,21 +155,22 @@ class Trainer:
         steps = self.cfg.schedule.apn_init_steps
         if steps > 0 and self.cfg.model.num_scales > 1:
             set_phase(self.model, "apn_init")
-            opt = torch.optim.Adam(self.model.parameter_groups()["apn"], lr=self.cfg.optim.apn_lr)
+            side = self.cfg.schedule.apn_init_side
+            opt = torch.optim.Adam(self.model.parameter_groups()["apn"], lr=self.cfg.schedule.apn_init_lr)
             done, epoch, loss_sum = 0, 0, 0.0
             bar = tqdm(
                 total=steps, desc="apn init", leave=False, disable=not self.progress, dynamic_ncols=True
             )
             while done < steps:
                 for batch in self._train_loader(10_000 + epoch):
-                    x, _ = self._inputs(batch)
+                    x, y = self._inputs(batch)
                     with self._autocast():
                         out = self.model(x, return_maps=True)
                     loss = sum(
                         box_regression_loss(
-                            box.float(), peak_response_boxes(fmap.detach(), self.cfg.schedule.apn_init_side)
+                            box.float(), peak_response_boxes(self._response(s, fmap, y), side)
                         )
-                        for box, fmap in zip(out.boxes, out.maps, strict=False)
+                        for s, (box, fmap) in enumerate(zip(out.boxes, out.maps, strict=False))
                     )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -174,6 +187,13 @@ class Trainer:
         self.apn_init_done = True
         self._save_last()
 
+    def _response(self, s: int, fmap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """What the APN of scale ``s`` is initialised towards: the last conv layer's response (B x C' x h x w)."""
+        fmap = fmap.detach().float()
+        if self.cfg.schedule.apn_init_response == "cam":
+            return class_activation(fmap, self.model.heads[s], target)
+        return fmap
+
     def train_epoch(self, phase: str) -> dict[str, float]:
         cfg, model = self.cfg, self.model
         set_phase(model, phase)
@@ -188,15 +208,18 @@ class Trainer:
         ):
             x, y = self._inputs(batch)
             with self._autocast():
-                out = model(x, detach_boxes=(phase == CLASSIFY))
+                out = model(x, detach_boxes=phase in (CLASSIFY, WARMUP))
             terms = classification_losses(out.logits, y, label_smoothing=cfg.optim.label_smoothing)
             cls = total_classification(terms, num_scales=n_scales, fusion_weight=cfg.schedule.fusion_weight)
             probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
-            rank = ranking_loss(probs, cfg.schedule.rank_margin) if n_scales > 1 else cls.new_zeros(())
-            loss = {CLASSIFY: cls, ATTEND: rank, JOINT: cls + cfg.schedule.rank_weight * rank}[phase]
-            opts = {CLASSIFY: [self.cls_opt], ATTEND: [self.apn_opt], JOINT: [self.cls_opt, self.apn_opt]}[
-                phase
-            ]
+            rank = (
+                ranking_loss(probs, cfg.schedule.rank_margin, detach_coarse=cfg.schedule.rank_detach_coarse)
+                if n_scales > 1
+                else cls.new_zeros(())
+            )
+            # warm-up and classification: L_cls only, APNs fixed; attention: L_rank only, classifiers fixed
+            loss = {ATTEND: rank, JOINT: cls + cfg.schedule.rank_weight * rank}.get(phase, cls)
+            opts = {ATTEND: [self.apn_opt], JOINT: [self.cls_opt, self.apn_opt]}.get(phase, [self.cls_opt])
             for o in opts:
                 o.zero_grad(set_to_none=True)
             if loss.requires_grad:
@@ -242,13 +265,13 @@ class Trainer:
     # ---------------------------------------------------------------- run
     def fit(self) -> dict[str, float]:
         """Train to the end of the schedule (continuing a resumed run), then evaluate ``best.pt`` on test."""
-        if not self.apn_init_done:
-            self.init_apns()
         fused = self.model.keys[-1]
         while (phase := self.schedule.next_phase()) is not None:
+            if phase != WARMUP and not self.apn_init_done:
+                self.init_apns()
             self.schedule.start_epoch(phase)
             rec = self.train_epoch(phase)
-            if phase in (CLASSIFY, JOINT):
+            if phase in (CLASSIFY, JOINT, WARMUP):
                 rec["lr"] = self.cls_opt.param_groups[-1]["lr"]
                 self.cls_sched.step()
             if not math.isfinite(rec["loss"]):

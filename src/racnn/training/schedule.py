@@ -16,7 +16,7 @@ from torch import nn
 from ..config import ScheduleConfig
 from ..model import RACNN
 
-CLASSIFY, ATTEND, JOINT = "classify", "attend", "joint"
+CLASSIFY, ATTEND, JOINT, WARMUP = "classify", "attend", "joint", "warmup"
 
 
 @dataclass
@@ -39,9 +39,11 @@ class PhaseSchedule:
         """Phase of the next epoch, or None when the budget is spent or both phases converged."""
         if self.epoch >= self.epochs or self.stopped:
             return None
+        if self.epoch < self.cfg.warmup_epochs:
+            return WARMUP
         if self.cfg.mode == JOINT:
             return JOINT
-        if not self.phase:
+        if self.phase in ("", WARMUP):
             return CLASSIFY
         if self.phase_epoch < self._length(self.phase):
             return self.phase
@@ -58,7 +60,7 @@ class PhaseSchedule:
         self.epoch += 1
         self.phase_epoch += 1
         self.phase_losses.append(loss)
-        if self.phase_epoch < self._length(self.phase):
+        if self.phase_epoch < self._length(self.phase) or self.phase == WARMUP:
             return
         mean = sum(self.phase_losses) / len(self.phase_losses)
         prev = self.last.get(self.phase)
@@ -71,10 +73,13 @@ class PhaseSchedule:
 
     def planned_epochs(self, phase: str) -> int:
         """How many of the budget's epochs would be of ``phase`` without early stopping (for LR schedules)."""
+        warm = min(self.cfg.warmup_epochs, self.epochs)
+        if phase == WARMUP:
+            return warm
         if self.cfg.mode == JOINT:
-            return self.epochs if phase == JOINT else 0
+            return self.epochs - warm if phase == JOINT else 0
         cycle = self.cfg.classify_epochs + self.cfg.attend_epochs
-        full, rest = divmod(self.epochs, cycle)
+        full, rest = divmod(self.epochs - warm, cycle)
         if phase == CLASSIFY:
             return full * self.cfg.classify_epochs + min(rest, self.cfg.classify_epochs)
         return full * self.cfg.attend_epochs + max(0, rest - self.cfg.classify_epochs)
@@ -94,7 +99,7 @@ def set_phase(model: RACNN, phase: str) -> None:
     """Freeze what the phase keeps fixed. Frozen parts also go to eval mode, so BatchNorm statistics and
     dropout stay put: in the attention phase no classifier tensor (parameter or buffer) changes."""
     groups = model.parameter_groups()
-    train_cls = phase in (CLASSIFY, JOINT)
+    train_cls = phase in (CLASSIFY, JOINT, WARMUP)
     train_apn = phase in (ATTEND, JOINT, "apn_init")
     for p in groups["backbone"] + groups["head"]:
         p.requires_grad_(train_cls)
@@ -110,6 +115,12 @@ def set_phase(model: RACNN, phase: str) -> None:
 
 def trainable(params: list[nn.Parameter]) -> list[nn.Parameter]:
     return [p for p in params if p.requires_grad]
+
+
+def class_activation(fmap: torch.Tensor, head: nn.Linear, target: torch.Tensor) -> torch.Tensor:
+    """Class activation map (Zhou et al. 2016) of the true class: B x C x h x w -> B x 1 x h x w."""
+    w = head.weight[target].to(fmap.dtype)  # B x C
+    return torch.einsum("bchw,bc->bhw", fmap, w)[:, None]
 
 
 def peak_response_boxes(fmap: torch.Tensor, side: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def make_dataset(cfg: Config, split: str, preprocessing: Preprocessing, *, train: bool) -> Dataset:
     """A split of the configured dataset, transformed with the model's normalisation."""
-    if cfg.data.root is None:
+    if cfg.data.root is None and cfg.data.name != "synthetic":
         raise ValueError("no dataset folder: pass --data DIR or set data.root in the config")
     transform = build_transform(
         size=cfg.data.image_size,

@@ -1,0 +1,125 @@
+"""ONNX export of a trained RA-CNN: logits of every scale and fusion plus the attention boxes.
+
+Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``; needs the ``onnx`` and
+``onnxscript`` packages: ``pip install racnn[onnx]``). The TorchScript exporter (``dynamo=False``) cannot
+export the model: it has no symbolic for antialiased bilinear resizing, and it loses the crop's spatial
+shape (a gather with an expanded index), which ``AdaptiveAvgPool2d`` in the APN needs. The default opset is
+18, the first whose ``Resize`` has the ``antialias`` attribute used when ``image_size != input_size``.
+
+Graph: input ``images`` (B x 3 x S x S, float32, normalised with the model's mean/std); outputs
+``logits_s1``, ..., ``logits_s123`` (B x K, in ``model.keys`` order), then ``box_s1``, ... (B x 3 boxes
+``(cx, cy, half)``, each normalised to the input of its scale). The file's metadata holds the class names,
+the normalisation and the output keys (see :func:`export_onnx`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import RACNN
+from .training.checkpoint import atomic_write
+
+__all__ = ["DEFAULT_OPSET", "RACNNOnnxWrapper", "export_onnx", "output_names"]
+
+DEFAULT_OPSET = 18
+# Weights above this size go to a separate ``<file>.data`` next to the graph (protobuf caps a file at 2 GiB).
+_EXTERNAL_DATA_BYTES = 1536 * 1024**2
+
+
+class RACNNOnnxWrapper(nn.Module):
+    """``forward(images) -> (logits per key in model.keys order..., box of each attended scale...)``."""
+
+    def __init__(self, model: RACNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(images)
+        return tuple(out.logits[k] for k in self.model.keys) + tuple(out.boxes)
+
+
+def output_names(model: RACNN) -> list[str]:
+    """``logits_<key>`` for every key of ``model.keys``, then ``box_s1`` .. ``box_s<N-1>``."""
+    boxes = [f"box_s{i + 1}" for i in range(model.cfg.num_scales - 1)]
+    return [f"logits_{k}" for k in model.keys] + boxes
+
+
+def _metadata(model: RACNN, image_size: int, classes: Sequence[str] | None) -> dict[str, str]:
+    prep = model.preprocessing
+    meta = {
+        "racnn.format": "racnn-onnx-v1",
+        "racnn.keys": json.dumps(list(model.keys)),
+        "racnn.mean": json.dumps(list(prep.mean)),
+        "racnn.std": json.dumps(list(prep.std)),
+        "racnn.image_size": str(image_size),
+        "racnn.input_size": str(model.input_size),
+        "racnn.box_format": "cx,cy,half normalised to the input of each scale",
+    }
+    if classes is not None:
+        meta["racnn.classes"] = json.dumps(list(classes))
+    return meta
+
+
+def export_onnx(
+    model: RACNN,
+    path: str | Path,
+    *,
+    image_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    batch_dynamic: bool = True,
+    classes: Sequence[str] | None = None,
+    optimize: bool = True,
+) -> Path:
+    """Write ``model`` (exported in eval mode; its mode is restored afterwards) to the ONNX file ``path``.
+
+    ``image_size``: the side S of the ``images`` input (default ``model.input_size``; the graph resizes to
+    the input size when they differ). ``batch_dynamic``: the batch axis is symbolic (``"batch"``), else
+    fixed at 2. ``classes`` (optional) and the normalisation are stored as ``racnn.*`` metadata
+    properties. ``optimize`` runs onnxscript's graph optimiser (constant folding etc.). Weights are kept
+    inside the file unless they exceed 1.5 GiB (then ``<path>.data`` holds them). Returns ``path``.
+    """
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it; fail with a clear hint instead)
+    except ImportError as e:
+        raise RuntimeError(
+            "ONNX export needs the onnx and onnxscript packages: pip install 'racnn[onnx]'"
+        ) from e
+    size = model.input_size if image_size is None else int(image_size)
+    if size < 1:
+        raise ValueError(f"image_size must be >= 1, got {size}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    wrapper = RACNNOnnxWrapper(model).eval()
+    param = next(model.parameters())
+    example = torch.randn(2, 3, size, size, device=param.device, dtype=param.dtype)
+    dynamic = ({0: torch.export.Dim("batch", min=1)},) if batch_dynamic else None
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                input_names=["images"],
+                output_names=output_names(model),
+                opset_version=opset,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                optimize=optimize,
+                verbose=False,
+            )
+    finally:
+        model.train(was_training)
+    if program is None:  # pragma: no cover - only the TorchScript exporter returns None
+        raise RuntimeError("torch.onnx.export returned no program")
+    program.model.metadata_props.update(_metadata(model, size, classes))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    if weight_bytes > _EXTERNAL_DATA_BYTES:
+        program.save(str(path), external_data=True)  # the .data file is named after ``path``: no temp file
+    else:
+        atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
+    return path

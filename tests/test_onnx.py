@@ -1,0 +1,109 @@
+"""ONNX export: onnxruntime reproduces every PyTorch output, with a batch size other than the export's.
+
+One real export (about 5 s) is shared by the module: ``racnn export --format onnx`` on a tiny model whose
+data.image_size (40) differs from its input size (32), so the graph includes the antialiased resize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+from racnn.cli import main  # noqa: E402
+from racnn.config import load_config  # noqa: E402
+from racnn.model import RACNN, build_model  # noqa: E402
+from racnn.onnx_export import RACNNOnnxWrapper, export_onnx, output_names  # noqa: E402
+from racnn.training.checkpoint import load_model, model_record, save_checkpoint  # noqa: E402
+
+NAMES = ["logits_s1", "logits_s2", "logits_s3", "logits_s12", "logits_s123", "box_s1", "box_s2"]
+CLASSES = ["a", "b", "c", "d"]
+# ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=8), 4 classes
+OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
+OVERRIDES += ["model.apn_hidden=8", "data.image_size=40"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """``(checkpoint, release folder, stdout of racnn export --format onnx)``."""
+    tmp = tmp_path_factory.mktemp("onnx")
+    cfg = load_config(None, OVERRIDES)
+    torch.manual_seed(0)
+    ckpt = tmp / "best.pt"
+    save_checkpoint(model_record(build_model(cfg.model, num_classes=4), cfg, CLASSES), ckpt)
+    out = tmp / "release"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(out)])
+    assert code == 0
+    return ckpt, out, stdout.getvalue().strip()
+
+
+def _check_outputs(session: ort.InferenceSession, model: RACNN, images: torch.Tensor) -> None:
+    got = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        want = RACNNOnnxWrapper(model)(images)
+    assert len(got) == len(want) == len(NAMES)
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        assert g.shape == tuple(w.shape), name
+        assert np.abs(g - w.numpy()).max() < 1e-4, name
+
+
+def test_cli_writes_model_onnx(exported: tuple[Path, Path, str]) -> None:
+    _, out, stdout = exported
+    assert stdout == f"wrote {out / 'model.onnx'}"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]  # weights inside, no .data file
+
+
+def test_onnxruntime_matches_pytorch_with_dynamic_batch(exported: tuple[Path, Path, str]) -> None:
+    ckpt, out, _ = exported
+    model, _, classes = load_model(ckpt)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.shape[1:] == [3, 40, 40] and isinstance(inp.shape[0], str)
+    assert [o.name for o in session.get_outputs()] == NAMES == output_names(model)
+    torch.manual_seed(3)
+    _check_outputs(session, model, torch.randn(3, 3, 40, 40))  # exported with batch 2
+    _check_outputs(session, model, torch.randn(1, 3, 40, 40))
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["racnn.classes"]) == classes == CLASSES
+    assert json.loads(meta["racnn.keys"]) == ["s1", "s2", "s3", "s12", "s123"]
+    assert (meta["racnn.image_size"], meta["racnn.input_size"]) == ("40", "32")
+    assert json.loads(meta["racnn.mean"]) == pytest.approx(list(model.preprocessing.mean))
+
+
+def test_export_restores_mode_and_reports_missing_packages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(None, OVERRIDES)
+    model = build_model(cfg.model, num_classes=4).train()
+    seen: list[bool] = []
+
+    def fake_export(wrapper: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        seen.append(wrapper.training)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    with pytest.raises(RuntimeError, match="boom"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert seen == [False] and model.training  # traced in eval mode, mode restored
+    with pytest.raises(ValueError, match="image_size"):
+        export_onnx(model, tmp_path / "m.onnx", image_size=0)
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    with pytest.raises(RuntimeError, match=r"racnn\[onnx\]"):
+        export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_cli_rejects_unknown_format(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path / "x.pt"), "--format", "tflite", "--out", str(tmp_path)])
