@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli_pictures import add_demo, add_plot, add_visualize
+
 EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
 
 
@@ -165,9 +167,12 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_demo,
     _add_train,
     _add_eval,
     _add_predict,
+    add_visualize,
+    add_plot,
     _add_export,
 ]
 

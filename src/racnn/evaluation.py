@@ -25,6 +25,7 @@ TABLE_ROWS = [
     ("acc_s123", "scale 1+2+3"),
     ("loc_iou_mean", "scale-1 box IoU (mean)"),
     ("loc_acc_iou50", "scale-1 box IoU >= 0.5"),
+    ("loc_centre_hit", "scale-1 box holds the object centre"),
     ("head_hit_s2", "scale-2 box holds the head"),
     ("box_side_s1", "box side, scale 1"),
     ("box_side_s2", "box side, scale 2"),
@@ -62,6 +63,7 @@ class Accumulator:
         self.correct: dict[str, int] = defaultdict(int)
         self.n = 0
         self.ious: list[torch.Tensor] = []
+        self.centre_hits: list[torch.Tensor] = []
         self.sides: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.head_hit = 0
         self.head_n = 0
@@ -84,7 +86,10 @@ class Accumulator:
         b1 = boxes[0].float().cpu()
         has_box = batch["has_box"].bool().cpu()
         if has_box.any():
-            self.ious.append(box_iou(box_to_xyxy(b1[has_box]), batch["box"][has_box].float()))
+            att, gt = box_to_xyxy(b1[has_box]), batch["box"][has_box].float()
+            self.ious.append(box_iou(att, gt))
+            centre = (gt[:, :2] + gt[:, 2:]) / 2  # the object's centre lies in the attention box
+            self.centre_hits.append(((centre >= att[:, :2]) & (centre <= att[:, 2:])).all(1))
         if head_parts and len(boxes) > 1 and batch["parts"].shape[1] > 0:
             b2 = compose_boxes(b1, boxes[1].float().cpu())  # scale-2 box in image coordinates
             hit, has = head_hits(box_to_xyxy(b2), batch["parts"].float(), head_parts)
@@ -98,8 +103,9 @@ class Accumulator:
             iou = torch.cat(self.ious)
             out["loc_iou_mean"] = float(iou.mean())
             out["loc_acc_iou50"] = float((iou >= 0.5).float().mean())
+            out["loc_centre_hit"] = float(torch.cat(self.centre_hits).float().mean())
         else:
-            out["loc_iou_mean"] = out["loc_acc_iou50"] = math.nan
+            out["loc_iou_mean"] = out["loc_acc_iou50"] = out["loc_centre_hit"] = math.nan
         out["head_hit_s2"] = self.head_hit / self.head_n if self.head_n else math.nan
         for s, sides in self.sides.items():
             side = torch.cat(sides)

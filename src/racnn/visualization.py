@@ -1,0 +1,184 @@
+"""Pictures: attention boxes and zoomed crops per scale with the top predictions, and training curves.
+
+matplotlib is imported lazily (inside the functions) with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inference import absolute_boxes
+from .model import RACNN
+
+SCALE_COLOURS = ["#ffd400", "#00e5ff", "#ff3df5", "#7dff5c"]
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """3 x H x W normalised -> H x W x 3 array in [0, 1] for display."""
+    m = torch.tensor(mean, dtype=x.dtype)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype)[:, None, None]
+    return (x * s + m).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def attention_figure(
+    model: RACNN,
+    images: torch.Tensor,
+    classes: list[str],
+    out: str | Path,
+    *,
+    labels: list[int] | None = None,
+    titles: list[str] | None = None,
+    topk: int = 3,
+) -> Path:
+    """One row per image: the image with every scale's box, the zoomed input of scales 2..N, and the top-k
+    classes with probabilities per scale and fused. ``images``: B x 3 x S x S, normalised."""
+    plt = _plt()
+    from matplotlib.patches import Rectangle
+
+    model.eval()
+    result = model(images)
+    probs = {k: v.float().softmax(1) for k, v in result.logits.items()}
+    boxes = [b.float() for b in absolute_boxes(result.boxes)]
+    prep = model.preprocessing
+    n, scales = images.shape[0], model.cfg.num_scales
+    cols = scales + 1  # image, crops of scales 2..N, text
+    fig, axes = plt.subplots(
+        n,
+        cols,
+        figsize=(2.6 * cols + 1.4, 2.6 * n),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [1] * scales + [1.5]},
+    )
+    for i in range(n):
+        img = denormalize(images[i].float().cpu(), prep.mean, prep.std)
+        h, w = img.shape[:2]
+        ax = axes[i, 0]
+        ax.imshow(img)
+        for s, b in enumerate(boxes):
+            cx, cy, half = b[i].tolist()
+            ax.add_patch(
+                Rectangle(
+                    ((cx - half) * w, (cy - half) * h),
+                    2 * half * w,
+                    2 * half * h,
+                    fill=False,
+                    lw=2,
+                    ec=SCALE_COLOURS[s % len(SCALE_COLOURS)],
+                    label=f"box of scale {s + 1}",
+                )
+            )
+        head = titles[i] if titles else ""
+        if labels is not None:
+            head = f"{head} truth: {classes[labels[i]]}".strip()
+        ax.set_title(head, fontsize=8)
+        for s, crop in enumerate(result.crops):
+            a = axes[i, s + 1]
+            a.imshow(denormalize(crop[i].float().cpu(), prep.mean, prep.std))
+            for side in a.spines.values():
+                side.set_edgecolor(SCALE_COLOURS[s % len(SCALE_COLOURS)])
+                side.set_linewidth(3)
+            a.set_title(f"scale {s + 2} input", fontsize=8)
+        lines = []
+        for key, p in probs.items():
+            val, idx = p[i].topk(min(topk, p.shape[1]))
+            truth = labels[i] if labels is not None else -1
+            entries = ", ".join(
+                f"{'*' if int(j) == truth else ' '}{classes[int(j)][:18]} {100 * float(v):.0f}%"
+                for v, j in zip(val, idx, strict=True)
+            )
+            lines.append(f"{key:>5}: {entries}")
+        axes[i, -1].text(0, 0.5, "\n".join(lines), fontsize=7, family="monospace", va="center")
+        for a in axes[i]:
+            a.set_xticks([])
+            a.set_yticks([])
+        axes[i, -1].axis("off")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The epoch records of ``metrics.jsonl`` (APN-init and event lines left out)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is {run_dir} a racnn train output folder?)")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+        if isinstance(rec.get("epoch"), int) and rec["epoch"] > 0 and "loss" in rec:
+            records.append(rec)
+    return records
+
+
+PHASE_COLOURS = {"warmup": "#dddddd", "classify": "#e8f0ff", "attend": "#ffeedd", "joint": "#eeffee"}
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Loss and per-scale accuracy per epoch, with the phases shaded: ``RUN_DIR/curves.png`` by default."""
+    plt = _plt()
+    recs = read_metrics(run_dir)
+    if not recs:
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no epoch records yet")
+    epochs = [r["epoch"] for r in recs]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax in (ax_loss, ax_acc):
+        seen = set()
+        for r in recs:
+            ph = r["phase"]
+            ax.axvspan(
+                r["epoch"] - 0.5,
+                r["epoch"] + 0.5,
+                color=PHASE_COLOURS.get(ph, "#f4f4f4"),
+                lw=0,
+                label=None if ph in seen else ph,
+            )
+            seen.add(ph)
+    ax_loss.plot(epochs, [r.get("cls", r["loss"]) for r in recs], "o-", label="classification loss")
+    ax_loss.set_ylabel("classification loss")
+    ax_rank = ax_loss.twinx()
+    ax_rank.plot(
+        epochs, [r.get("rank", float("nan")) for r in recs], "s--", color="#c0392b", label="ranking loss"
+    )
+    ax_rank.set_ylabel("ranking loss", color="#c0392b")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.legend(loc="upper right", fontsize=8)
+    keys = [k for k in recs[-1] if k.startswith("val_acc_")] or [
+        k for k in recs[-1] if k.startswith("train_acc_")
+    ]
+    for k in keys:
+        ax_acc.plot(epochs, [r.get(k, float("nan")) for r in recs], "o-", ms=3, label=k.split("_acc_")[1])
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("validation top-1" if keys and keys[0].startswith("val") else "training top-1")
+    ax_acc.set_ylim(0, 1)
+    ax_acc.legend(fontsize=8, ncol=2, loc="lower right")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
