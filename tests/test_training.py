@@ -126,7 +126,8 @@ def test_peak_response_box_is_centred_on_the_peak_and_inside() -> None:
 
 def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
-        fake_cub, **{"schedule.apn_init_steps": 30, "schedule.apn_init_side": 0.4, "schedule.apn_init_lr": 0.01}
+        fake_cub,
+        **{"schedule.apn_init_steps": 30, "schedule.apn_init_side": 0.4, "schedule.apn_init_lr": 0.01},
     )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     x = torch.stack([trainer.train_set[i]["image"] for i in range(4)])
