@@ -214,3 +214,45 @@ def test_help_everywhere(command: list[str], capsys: pytest.CaptureFixture[str])
         main([*command, "--help"])
     assert e.value.code == 0
     assert "usage: racnn" in capsys.readouterr().out
+
+
+def test_imagefolder_train_and_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/custom-data.md: a folder of photos by class -> train -> predict."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for split, n in (("train", 4), ("test", 2)):
+        for k, cls in enumerate(("cup", "mug")):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 30), (200 * k, 50, 90 + i)).save(root / split / cls / f"{i}.jpg")
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "data.name=imagefolder",
+        "model.backbone=tiny",
+        "model.pretrained=false",
+        "model.input_size=32",
+        "data.image_size=32",
+        "model.apn_hidden=8",
+        "model.apn_grid=2",
+        "train.epochs=2",
+        "data.num_workers=0",
+        "schedule.apn_init_steps=1",
+        "train.batch_size=4",
+    ]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 4 and metrics["loc_iou_mean"] is None  # no boxes in this layout
+    capsys.readouterr()
+    assert (
+        main(["predict", "--checkpoint", str(out / "best.pt"), "--json", str(root / "test/mug/0.jpg")]) == 0
+    )
+    rec = json.loads(capsys.readouterr().out)[0]
+    assert {e["class"] for e in rec["top"]["s1"]} == {"cup", "mug"}

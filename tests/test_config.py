@@ -286,3 +286,21 @@ def test_from_dict_validates():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_every_config_key_is_documented() -> None:
+    """docs/config.md is the reference: it must name every key the code accepts."""
+    import dataclasses
+    from pathlib import Path
+
+    from racnn.config import Config
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    cfg = Config()
+    missing = [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(cfg)
+        for f in dataclasses.fields(getattr(cfg, section.name))
+        if f"`{section.name}.{f.name}`" not in doc
+    ]
+    assert not missing, f"undocumented config keys: {missing}"
