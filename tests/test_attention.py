@@ -312,3 +312,16 @@ def test_crop_zoom_dtypes():
     y = crop_zoom(image64.to(torch.bfloat16), box64.float(), 12, 10.0)
     assert y.dtype == torch.bfloat16
     assert (y.double() - ref).abs().max() < 0.05
+
+
+def test_nan_box_gives_nan_crop_not_a_crash() -> None:
+    """A diverged APN (NaN box) must give NaN values the loss check reports, never out-of-range indices."""
+    from racnn.attention import crop_zoom_gather
+
+    img = torch.rand(2, 3, 16, 16)
+    for fn in (crop_zoom, crop_zoom_gather):
+        box = torch.tensor([[float("nan"), 0.5, 0.3], [0.5, 0.5, 0.3]], requires_grad=True)
+        out = fn(img, box, 8)
+        out.sum().backward()
+        assert torch.isnan(out[0]).all() and torch.isfinite(out[1]).all()
+        assert torch.isfinite(box.grad[1]).all()

@@ -116,7 +116,8 @@ def _axis_taps(
     Returns the two neighbour indices (B x out, long) and their weights (B x out). Border padding and
     ``align_corners=False`` as in ``F.grid_sample``.
     """
-    ix = (pos * size - 0.5).clamp(0, size - 1)  # B x out, continuous pixel index
+    # B x out, continuous pixel index; a NaN box (diverged training) must not become a garbage index
+    ix = torch.nan_to_num(pos * size - 0.5).clamp(0, size - 1)
     i0 = ix.detach().floor().clamp(0, size - 1)
     i1 = (i0 + 1).clamp(max=size - 1)
     frac = ix - i0  # differentiable in pos
@@ -137,7 +138,8 @@ def _folded_axis(
     i0, _, w0, w1 = _axis_taps(pos, size, lo, hi, k)
     alpha = w0 + w1  # > 0: at least one tap lies inside the soft box
     frac = w1 / alpha.clamp_min(torch.finfo(alpha.dtype).tiny)  # in [0, 1]; 0 when both weights vanish
-    return (2 * (i0.to(frac.dtype) + frac) + 1) / size - 1, alpha
+    # a NaN box gives a NaN gain (the loss shows it) but never a NaN grid: grid_sample must not see one
+    return torch.nan_to_num((2 * (i0.to(frac.dtype) + frac) + 1) / size - 1), alpha
 
 
 def crop_zoom(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:

@@ -34,6 +34,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable images (counted as bad_images in metrics.jsonl) instead of stopping",
+    )
     p.set_defaults(func=cmd_train)
 
 
@@ -49,13 +54,32 @@ def cmd_train(a: argparse.Namespace) -> int:
             )
         from .config import Config
 
-        trainer = Trainer(Config(), a.out, resume=True, progress=not a.no_progress)
+        cfg, resume = Config(), True
     else:
         overrides = list(a.overrides) + ([f"data.root={a.data}"] if a.data else [])
-        trainer = Trainer(load_config(a.config, overrides), a.out, progress=not a.no_progress)
-    metrics = trainer.fit()
-    print(json.dumps({k: metrics[k] for k in ("acc_s1", "acc_s123") if k in metrics}))
-    print(f"wrote {Path(a.out) / 'metrics.json'}")
+        cfg, resume = load_config(a.config, overrides), False
+    trainer = Trainer(
+        cfg, a.out, resume=resume, progress=not a.no_progress, skip_bad_images=a.skip_bad_images
+    )
+    metrics = None
+    try:
+        metrics = trainer.fit()
+    except KeyboardInterrupt:  # Ctrl-C: last.pt holds the last finished epoch (the unfinished one is dropped)
+        pass
+    finally:
+        trainer.close()  # loader workers stop before the message, so it comes last
+    if metrics is None:
+        done = f"after epoch {trainer.saved_epoch}" if trainer.saved_epoch else "at the start of the run"
+        if trainer.main:
+            print(
+                f"racnn train: interrupted; {trainer.last} holds the run {done}; "
+                f"continue with: racnn train --out {a.out} --resume",
+                file=sys.stderr,
+            )
+        return 130
+    if trainer.main:
+        print(json.dumps({k: metrics[k] for k in ("acc_s1", "acc_s123") if k in metrics}))
+        print(f"wrote {Path(a.out) / 'metrics.json'}")
     return 0
 
 
@@ -74,6 +98,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     p.set_defaults(func=cmd_eval)
 
 
@@ -81,25 +106,29 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .config import apply_overrides
     from .evaluation import evaluate, format_table, json_safe
     from .training import setup
-    from .training.checkpoint import load_model
+    from .training.checkpoint import CheckpointError, load_model
 
     model, cfg, classes = load_model(a.checkpoint)
     overrides = [f"data.root={a.data}", f"train.batch_size={a.batch_size}"]
     overrides += [f"data.max_images={a.max_images}"] if a.max_images else []
+    overrides += ["data.skip_bad_images=true"] if a.skip_bad_images else []
     apply_overrides(cfg, overrides)
     device = setup.resolve_device(a.device)
     dataset = setup.make_dataset(cfg, a.split, model.preprocessing, train=False)
     if list(dataset.classes) != list(classes):
-        raise ValueError(
-            f"{a.data}: its {len(dataset.classes)} classes differ from the checkpoint's {len(classes)}"
+        n = len(dataset.classes)
+        what = "other class names" if n == len(classes) else f"{n} classes"
+        raise CheckpointError(
+            f"{a.checkpoint}: trained on {len(classes)} classes ({cfg.model.backbone}), but {a.data} "
+            f"({a.split}) has {what}; evaluate it on the dataset it was trained on"
         )
-    metrics = evaluate(
-        model.to(device),
-        setup.make_loader(dataset, cfg),
-        device=device,
-        head_parts=getattr(dataset, "head_parts", None),
-    )
+    loader = setup.make_loader(dataset, cfg)
+    head_parts = getattr(dataset, "head_parts", None)
+    metrics = evaluate(model.to(device), loader, device=device, head_parts=head_parts)
     metrics["split"] = a.split
+    if a.skip_bad_images:
+        metrics["bad_images"] = loader.bad_images
+        print(f"skipped {loader.bad_images} unreadable image(s)", file=sys.stderr)
     print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images)"))
     if a.json:
         Path(a.json).write_text(json.dumps(json_safe(metrics), indent=2))
@@ -166,6 +195,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+from .cli_analyze import add_analyze  # noqa: E402 (racnn analyze: derivative maps)
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo,
     _add_train,
@@ -174,6 +205,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_visualize,
     add_plot,
     _add_export,
+    add_analyze,
 ]
 
 

@@ -47,6 +47,7 @@ class DataConfig:
     num_workers: int = 2
     augment: bool = True  # random resized crop + horizontal flip on train
     crop_scale_min: float = 0.6  # smallest area fraction of RandomResizedCrop
+    skip_bad_images: bool = False  # unreadable images: skip and count them instead of stopping
 
 
 @dataclass
@@ -99,7 +100,8 @@ class TrainConfig:
     channels_last: bool = False
     deterministic: bool = False
     eval_every: int = 1  # validate every N epochs
-    log_every: int = 10  # iterations between progress-bar updates of the running loss
+    log_every: int = 10  # iterations between progress-bar updates and non-finite loss checks
+    tensorboard: bool = True  # scalars + attention pictures in OUT/tb/ when tensorboard is installed
 
 
 @dataclass
@@ -205,6 +207,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (cfg.train.epochs >= 0 and cfg.train.batch_size >= 1, "train.epochs >= 0 and batch_size >= 1"),
         (cfg.schedule.classify_epochs >= 1 and cfg.schedule.attend_epochs >= 1, "phase lengths must be >= 1"),
         (cfg.schedule.apn_init_steps >= 0, "schedule.apn_init_steps must be >= 0"),
+        (cfg.train.log_every >= 1 and cfg.train.eval_every >= 1, "train.log_every, eval_every must be >= 1"),
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (0.0 < cfg.schedule.apn_init_side <= 1.0, "schedule.apn_init_side must be in (0, 1]"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections import defaultdict
@@ -17,7 +18,18 @@ from racnn.data.errors import DatasetError
 from racnn.data.io import image_size, load_image
 from racnn.data.transforms import PairedTransformFn, build_transform
 
-__all__ = ["SPLITS", "AnnotatedImageDataset", "Sample", "cap_spread", "carve_val", "check_options"]
+__all__ = [
+    "SPLITS",
+    "AnnotatedImageDataset",
+    "Sample",
+    "SkipBadImages",
+    "cap_spread",
+    "carve_val",
+    "check_labels",
+    "check_options",
+]
+
+_log = logging.getLogger("racnn.data")
 
 SPLITS = ("train", "val", "test", "trainval")
 
@@ -169,3 +181,55 @@ class AnnotatedImageDataset(Dataset):
             f"{type(self).__name__}(split={getattr(self, 'split', '?')!r}, images={len(self)}, "
             f"classes={self.num_classes})"
         )
+
+
+def check_labels(dataset: AnnotatedImageDataset) -> None:
+    """Every sample's label must index ``dataset.classes``; raises a :class:`DatasetError` naming the file."""
+    k = len(dataset.classes)
+    if k == 0:
+        raise DatasetError(f"{getattr(dataset, 'root', type(dataset).__name__)}: the dataset has no classes")
+    for sample in dataset.samples:
+        if not 0 <= sample.label < k:
+            raise DatasetError(
+                f"{sample.path}: label {sample.label} is out of range (expected 0..{k - 1}, {k} classes)"
+            )
+
+
+class SkipBadImages(Dataset):
+    """Wrap a dataset so that an unreadable image (a :class:`DatasetError` from loading it) does not stop the
+    run; what ``data.skip_bad_images`` / ``--skip-bad-images`` turns on.
+
+    ``replace=True`` (training): the item is replaced by the next readable one (index + 1, + 2, ... wrapping
+    around), so batch shapes and step counts stay as planned (and equal across DDP ranks); ``item["bad"]``
+    (int64 scalar) counts the unreadable images passed over for it. ``replace=False`` (evaluation): the item is
+    ``None``, for the loader's collate to drop and count. Each unreadable file is reported once per process as
+    a warning of the ``racnn.data`` logger.
+    """
+
+    def __init__(self, dataset: Dataset, *, replace: bool) -> None:
+        self.dataset, self.replace = dataset, replace
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:  # classes, samples, head_parts, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor] | None:
+        n = len(self)
+        for tried in range(n):
+            try:
+                item = self.dataset[(index + tried) % n]
+            except DatasetError as e:
+                if str(e) not in self._reported:
+                    self._reported.add(str(e))
+                    _log.warning("skipped unreadable image: %s", e)
+                if not self.replace:
+                    return None
+                continue
+            item["bad"] = torch.tensor(tried, dtype=torch.int64)
+            return item
+        raise DatasetError(f"{getattr(self.dataset, 'root', 'dataset')}: none of its {n} images can be read")
