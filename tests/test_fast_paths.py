@@ -1,0 +1,274 @@
+"""Correctness of every fast path (speed is the benchmark's business, see benchmarks/speed.py):
+
+* ``crop_zoom`` (one ``grid_sample`` on the raw image with the mask folded into shifted sample positions and
+  gains) and ``crop_zoom_gather`` equal the literal ``crop_zoom_reference`` in values and in the gradients
+  with respect to the box and the image (float64, tight tolerance), including the cases where the folding
+  could go wrong: border boxes, samples clamped at the border, pixel-aligned samples, near-hard masks;
+* its no-grad, channels_last and low-precision paths;
+* the APN's pool shortcut;
+* the whole (tiny) model under channels_last, bf16 autocast and activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from racnn.attention import APN, box_from_unit, crop_zoom, crop_zoom_gather, crop_zoom_reference
+from racnn.config import ModelConfig
+from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
+from racnn.model import build_model
+
+FAST = [crop_zoom, crop_zoom_gather]
+FAST_IDS = ["grid_sample", "gather"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from threads; 2 OpenMP threads on a busy 2-core box stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _boxes(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Random boxes, border boxes, a pixel-aligned box (samples on pixel centres: zero fractions) and a box
+    half outside the image (samples clamped to the border)."""
+    random = box_from_unit(torch.rand(n, 3, generator=gen, dtype=torch.float64), 0.1, 1.0)
+    special = torch.tensor(
+        [
+            [0.3, 0.5, 0.3],  # left edge
+            [0.71, 0.4, 0.29],  # right edge
+            [0.5, 0.22, 0.22],  # top edge
+            [0.45, 0.73, 0.27],  # bottom edge
+            [0.5, 0.5, 0.5],  # whole image
+            [0.2, 0.8, 0.2],  # bottom-left corner
+            [0.5, 0.375, 0.25],  # pixel-aligned on a 16 x 16 image with out = 8
+            [0.95, 0.05, 0.2],  # half outside (top-right)
+        ],
+        dtype=torch.float64,
+    )
+    return torch.cat([random, special])
+
+
+def _compare(fn, image: torch.Tensor, boxes: torch.Tensor, out: int, k: float, image_grad: bool) -> None:
+    gen = torch.Generator().manual_seed(out)
+    results = []
+    for f in (fn, crop_zoom_reference):
+        im = image.clone().requires_grad_(image_grad)
+        bx = boxes.clone().requires_grad_(True)
+        y = f(im, bx, out, k)
+        upstream = torch.randn(y.shape, generator=gen.manual_seed(out), dtype=torch.float64)
+        grads = torch.autograd.grad((y * upstream).sum(), (bx, im) if image_grad else (bx,))
+        results.append((y, *grads))
+    for got, want in zip(results[0], results[1], strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fn", FAST, ids=FAST_IDS)
+@pytest.mark.parametrize(("shape", "out"), [((8, 3, 16, 16), 8), ((8, 2, 12, 19), 5), ((8, 1, 9, 7), 23)])
+@pytest.mark.parametrize("k", [10.0, 0.7, 200.0])
+@pytest.mark.parametrize("image_grad", [False, True], ids=["box_grad", "box_and_image_grad"])
+def test_fast_crop_equals_reference(fn, shape, out, k, image_grad):
+    gen = torch.Generator().manual_seed(sum(shape) + out)
+    image = torch.rand(*shape, generator=gen, dtype=torch.float64)
+    boxes = _boxes(shape[0], gen)
+    _compare(fn, image, boxes[: shape[0]], out, k, image_grad)
+    _compare(fn, image, boxes[shape[0] :], out, k, image_grad)
+
+
+def test_crop_zoom_448_to_224_equals_reference():
+    """The benchmark's geometry (448 -> 224, zoom factor 2 and below) on a 2-image batch."""
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 448, 448, generator=gen, dtype=torch.float64)
+    boxes = torch.tensor([[0.5, 0.5, 0.3], [0.31, 0.62, 0.27]], dtype=torch.float64)
+    _compare(crop_zoom, image, boxes, 224, 10.0, image_grad=True)
+
+
+def test_crop_zoom_far_outside_box_is_finite():
+    """Both tap weights underflow to 0 (near-hard mask, box off the image): output and gradient stay 0."""
+    image = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    box = torch.tensor([[1.6, 1.6, 0.1], [-0.6, 0.5, 0.1]], dtype=torch.float64, requires_grad=True)
+    y = crop_zoom(image, box, 4, 200.0)
+    (g,) = torch.autograd.grad(y.sum(), box)
+    assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(g).all()
+    torch.testing.assert_close(y, crop_zoom_reference(image, box, 4, 200.0), atol=1e-12, rtol=0)
+
+
+def test_crop_zoom_no_grad_path_equals_grad_path():
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(4, 3, 20, 20, generator=gen)
+    boxes = box_from_unit(torch.rand(4, 3, generator=gen), 0.25, 1.0)
+    with_grad = crop_zoom(image, boxes.requires_grad_(True), 11)
+    with torch.no_grad():
+        without = crop_zoom(image, boxes, 11)
+    torch.testing.assert_close(without, with_grad.detach(), atol=0, rtol=0)
+
+
+def test_crop_zoom_channels_last_in_channels_last_out():
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(3, 3, 24, 20, generator=gen, dtype=torch.float64)
+    boxes = box_from_unit(torch.rand(3, 3, generator=gen, dtype=torch.float64), 0.25, 1.0)
+    cl = image.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = crop_zoom(cl, boxes, 9)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, crop_zoom_reference(image, boxes, 9), atol=1e-12, rtol=0)
+    (g,) = torch.autograd.grad(y.sum(), cl)
+    im = image.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(crop_zoom_reference(im, boxes, 9).sum(), im)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+
+
+def test_crop_zoom_low_precision_box_is_computed_in_float32():
+    """A bf16 box (APN under autocast) is placed with float32 arithmetic: no sub-pixel rounding at 448."""
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, 448, 448, generator=gen)
+    box = torch.tensor([[0.517, 0.433, 0.301], [0.45, 0.55, 0.2]]).bfloat16()
+    torch.testing.assert_close(crop_zoom(image, box, 32), crop_zoom(image, box.float(), 32), atol=0, rtol=0)
+    y = crop_zoom(image.bfloat16(), box.float(), 32)  # bf16 image: sampled in float32, returned in bf16
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        y.float(), crop_zoom(image.bfloat16().float(), box.float(), 32), atol=0.01, rtol=0
+    )
+
+
+def test_apn_pool_shortcut_is_exact():
+    """Features already grid x grid skip the adaptive pool, which is the identity there."""
+    torch.manual_seed(0)
+    apn = APN(6, grid=3, hidden=8).double()
+    feats = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    z = torch.sigmoid(apn.fc2(torch.tanh(apn.fc1(apn.pool(feats).flatten(1)))))
+    torch.testing.assert_close(apn(feats), box_from_unit(z, apn.min_side, apn.max_side), atol=0, rtol=0)
+    assert apn(torch.randn(4, 6, 5, 4, dtype=torch.float64)).shape == (4, 3)  # other sizes still pool
+
+
+def _apn_autocast_reference(apn: APN, feats: torch.Tensor) -> torch.Tensor:
+    """The APN as autocast computes it without the cached cast (fc1 through nn.Linear)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = torch.sigmoid(apn.fc2(torch.tanh(apn.fc1(feats.flatten(1)))))
+        return box_from_unit(z, apn.min_side, apn.max_side)
+
+
+def test_apn_cached_low_precision_weight_equals_autocast():
+    """Under autocast with frozen weights the bf16 copy of fc1 is kept between calls: same output as
+    autocast's own per-call cast, refreshed after the weights change, unused while they train."""
+    torch.manual_seed(0)
+    apn = APN(8, grid=2, hidden=16)
+    feats = torch.randn(4, 8, 2, 2)
+    apn.requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = apn(feats)
+        cached = apn._fc1_cast
+        with torch.inference_mode():
+            again = apn(feats)
+    assert cached is not None and apn._fc1_cast is cached  # reused, not re-cast
+    torch.testing.assert_close(first, _apn_autocast_reference(apn, feats), atol=0, rtol=0)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    with torch.no_grad():
+        apn.fc1.weight.mul_(-1.5)  # an optimiser step / load_state_dict: the version changes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        updated = apn(feats)
+    assert apn._fc1_cast is not cached
+    torch.testing.assert_close(updated, _apn_autocast_reference(apn, feats), atol=0, rtol=0)
+    assert not torch.equal(updated, first)
+    # training the APN: autocast's differentiable cast, no copy kept, gradients reach fc1
+    apn.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        apn(feats).float().sum().backward()
+    assert apn._fc1_cast is None and apn.fc1.weight.grad is not None and apn.fc1.weight.grad.abs().sum() > 0
+    out = apn(feats)  # outside autocast: float32, no copy
+    assert out.dtype == torch.float32 and apn._fc1_cast is None
+
+
+# ----------------------------------------------------------------------------------- the whole model
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=16, **kw)
+    model = build_model(cfg, num_classes=5)
+    model.train()
+    return model
+
+
+def _loss_and_grads(model, images, *, detach_boxes=False, autocast=False):
+    target = torch.tensor([1, 3, 0, 4])
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(images, detach_boxes=detach_boxes)
+    cls = total_classification(classification_losses(out.logits, target), num_scales=3)
+    probs = [true_class_prob(out.logits[f"s{i + 1}"], target) for i in range(3)]
+    loss = cls + ranking_loss(probs, margin=1.0)  # margin 1: the ranking loss reaches every APN
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, loss.detach(), grads
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
+def test_channels_last_model_matches_contiguous():
+    ref_out, ref_loss, ref_grads = _loss_and_grads(_model(), _images())
+    model = _model().to(memory_format=torch.channels_last)
+    out, loss, grads = _loss_and_grads(model, _images().contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for a, b in zip(out.boxes + out.crops, ref_out.boxes + ref_out.crops, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("detach_boxes", [True, False], ids=["classify", "attend"])
+def test_bf16_autocast_is_finite_and_close_to_float32(channels_last, detach_boxes):
+    """Loose: bf16 boxes move by up to ~1 px on this random tiny model, and the attention-phase gradient
+    through the steep box mask follows them; the classification-phase gradient points the same way."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref_out, ref_loss, ref_grads = _loss_and_grads(_model(), _images(), detach_boxes=detach_boxes)
+    model = _model().to(memory_format=fmt)
+    images = _images().contiguous(memory_format=fmt)
+    out, loss, grads = _loss_and_grads(model, images, detach_boxes=detach_boxes, autocast=True)
+    assert all(torch.isfinite(v).all() for v in out.logits.values())
+    assert torch.isfinite(loss) and abs(float(loss / ref_loss) - 1) < 0.02
+    for a, b in zip(out.boxes, ref_out.boxes, strict=True):
+        assert float((a.detach().float() - b.detach()).abs().max()) < 0.05
+    assert grads.keys() == ref_grads.keys()
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+    if detach_boxes:
+        a = torch.cat([ref_grads[n].flatten() for n in grads])
+        b = torch.cat([grads[n].float().flatten() for n in grads])
+        assert float(a @ b / (a.norm() * b.norm())) > 0.8
+
+
+@pytest.mark.parametrize("detach_boxes", [False, True], ids=["attend", "classify"])
+def test_checkpoint_activations_gives_identical_gradients(detach_boxes):
+    images = _images().contiguous(memory_format=torch.channels_last)
+    _, ref_loss, ref_grads = _loss_and_grads(
+        _model().to(memory_format=torch.channels_last), images, detach_boxes=detach_boxes
+    )
+    model = _model(checkpoint_activations=True).to(memory_format=torch.channels_last)
+    _, loss, grads = _loss_and_grads(model, images, detach_boxes=detach_boxes)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step_has_no_host_sync():
+    model = _model().cuda()
+    images, target = _images().cuda(), torch.tensor([1, 3, 0, 4]).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(images)
+        cls = total_classification(classification_losses(out.logits, target), num_scales=3)
+        probs = [true_class_prob(out.logits[f"s{i + 1}"], target) for i in range(3)]
+        (cls + ranking_loss(probs)).backward()
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
