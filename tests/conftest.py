@@ -9,6 +9,16 @@ import torch
 from PIL import Image
 
 REAL_CUB = Path(__file__).resolve().parents[1].parent / "shared/datasets/cub200-subset/CUB_200_2011"
+# the tiny model every fast end-to-end test trains: 32 px inputs, a 16-unit APN on 2 x 2 features
+TINY_MODEL = [
+    "model.backbone=tiny",
+    "model.pretrained=false",
+    "model.input_size=32",
+    "data.image_size=32",
+    "model.apn_hidden=16",
+    "model.apn_grid=2",
+    "train.tensorboard=false",
+]
 SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared/weights"
 
 CLASS_IDS = (12, 3, 7)  # written in this order; labels follow sorted ids: 3 -> 0, 7 -> 1, 12 -> 2

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import TINY_MODEL
 from racnn.cli import main
 from racnn.config import load_config
 from racnn.data import CUB200, DatasetError, load_image
@@ -22,16 +23,10 @@ from racnn.training import setup
 from racnn.training.checkpoint import load_checkpoint, model_record, save_checkpoint
 
 TINY = [
-    "model.backbone=tiny",
-    "model.pretrained=false",
-    "model.input_size=32",
-    "data.image_size=32",
-    "model.apn_hidden=16",
-    "model.apn_grid=2",
+    *TINY_MODEL,
     "train.batch_size=4",
     "train.epochs=1",
     "schedule.apn_init_steps=1",
-    "train.tensorboard=false",
 ]
 
 

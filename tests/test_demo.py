@@ -18,10 +18,10 @@ from racnn.data.synthetic import PATTERNS, SyntheticBirds
 def test_synthetic_is_deterministic_and_seeded() -> None:
     a, b = SyntheticBirds(split="test", seed=3), SyntheticBirds(split="test", seed=3)
     c = SyntheticBirds(split="test", seed=4)
-    img_a, box_a, parts_a = a.load(5)
-    img_b, box_b, _ = b.load(5)
+    img_a, box_a, parts_a = a.raw(5)
+    img_b, box_b, _ = b.raw(5)
     assert np.array_equal(np.asarray(img_a), np.asarray(img_b)) and torch.equal(box_a, box_b)
-    assert not np.array_equal(np.asarray(img_a), np.asarray(c.load(5)[0]))
+    assert not np.array_equal(np.asarray(img_a), np.asarray(c.raw(5)[0]))
     # the detail (head) lies on the object
     x0, y0, x1, y1 = box_a.tolist()
     hx, hy, vis = parts_a[0].tolist()
@@ -46,7 +46,7 @@ def test_the_detail_is_unreadable_small_and_readable_zoomed() -> None:
     assert ds.samples[i].label // len(PATTERNS) == ds.samples[j].label // len(PATTERNS)
     heads = []
     for k in (i, j):
-        img, _, parts = ds.load(k)
+        img, _, parts = ds.raw(k)
         hx, hy = parts[0, :2].tolist()
         head = img.crop((round(hx) - 6, round(hy) - 6, round(hx) + 6, round(hy) + 6))
         heads.append(

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import TINY_MODEL
 from racnn.backbones import backbone_preprocessing
 from racnn.config import ConfigError, load_config
 from racnn.training import distributed, setup
@@ -22,18 +23,12 @@ from racnn.training.checkpoint import load_checkpoint
 from racnn.training.loop import Trainer
 
 TINY = [
-    "model.backbone=tiny",
-    "model.pretrained=false",
-    "model.input_size=32",
-    "data.image_size=32",
-    "model.apn_hidden=16",
-    "model.apn_grid=2",
+    *TINY_MODEL,
     "data.num_workers=0",
     "schedule.apn_init_steps=2",
     "schedule.classify_epochs=1",
     "schedule.attend_epochs=1",
     "optim.apn_lr=0.01",
-    "train.tensorboard=false",
 ]
 
 

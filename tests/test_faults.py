@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import TINY_MODEL
 from racnn.cli import main
 from racnn.config import Config, load_config
 from racnn.training import loop
@@ -23,12 +24,7 @@ from racnn.training.checkpoint import atomic_write, load_checkpoint
 from racnn.training.loop import Trainer
 
 TINY = [
-    "model.backbone=tiny",
-    "model.pretrained=false",
-    "model.input_size=32",
-    "data.image_size=32",
-    "model.apn_hidden=16",
-    "model.apn_grid=2",
+    *TINY_MODEL,
     "data.val_fraction=0.25",
     "train.batch_size=4",
     "schedule.apn_init_steps=2",
@@ -36,7 +32,6 @@ TINY = [
     "schedule.attend_epochs=1",
     "optim.apn_lr=0.01",
     "train.deterministic=true",
-    "train.tensorboard=false",
 ]
 TIMING = ("time_s", "images_per_s")
 

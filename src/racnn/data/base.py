@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -156,23 +157,32 @@ class AnnotatedImageDataset(Dataset):
         """``(width, height)`` of image ``i`` in pixels, reading only the file header."""
         return image_size(self.samples[i].path)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        index = range(len(self.samples))[index]  # IndexError when out of range; negative indices allowed
+    def _load(self, path: Path) -> Image.Image:
+        """Decode one image as RGB (datasets that edit the pixels, e.g. crop a banner, override this)."""
+        return load_image(path)
+
+    def raw(self, index: int) -> tuple[Image.Image, Tensor | None, Tensor | None]:
+        """Image ``index`` before the transform, with its box (xyxy px, clipped to the image) and parts."""
         sample = self.samples[index]
-        image = load_image(sample.path)
+        image = self._load(sample.path)
         box = None
         if sample.box is not None:
             width, height = image.size
             box = sample.box.clone()
             box[0::2] = box[0::2].clamp(0, width)
             box[1::2] = box[1::2].clamp(0, height)
-        image_t, box_t, parts_t = self.transform(image, box, sample.parts)
+        return image, box, sample.parts
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = range(len(self.samples))[index]  # IndexError when out of range; negative indices allowed
+        image, box, parts = self.raw(index)
+        image_t, box_t, parts_t = self.transform(image, box, parts)
         return {
             "image": image_t,
-            "label": torch.tensor(sample.label, dtype=torch.int64),
+            "label": torch.tensor(self.samples[index].label, dtype=torch.int64),
             "box": box_t,
             "parts": parts_t,
-            "has_box": torch.tensor(sample.box is not None),
+            "has_box": torch.tensor(box is not None),
             "index": torch.tensor(index, dtype=torch.int64),
         }
 

@@ -173,24 +173,3 @@ class FGVCAircraft(AnnotatedImageDataset):
         """``(width, height)`` of image ``i`` after the banner crop, reading only the file header."""
         width, height = image_size(self.samples[i].path)
         return (width, max(height - BANNER_PX, 0)) if self.crop_banner else (width, height)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        """As :meth:`AnnotatedImageDataset.__getitem__`, on the banner-cropped image."""
-        index = range(len(self.samples))[index]
-        sample = self.samples[index]
-        image = self._load(sample.path)
-        box = None
-        if sample.box is not None:
-            width, height = image.size
-            box = sample.box.clone()
-            box[0::2] = box[0::2].clamp(0, width)
-            box[1::2] = box[1::2].clamp(0, height)
-        image_t, box_t, parts_t = self.transform(image, box, sample.parts)
-        return {
-            "image": image_t,
-            "label": torch.tensor(sample.label, dtype=torch.int64),
-            "box": box_t,
-            "parts": parts_t,
-            "has_box": torch.tensor(sample.box is not None),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }

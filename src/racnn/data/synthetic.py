@@ -127,20 +127,8 @@ class SyntheticBirds(AnnotatedImageDataset):
     def original_size(self, i: int) -> tuple[int, int]:
         return self.size, self.size
 
-    def load(self, i: int) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
-        """Image ``i`` with its object box (xyxy px) and head part ``[1, 3]`` (x, y, visible) in pixels."""
-        image, box, head = render(self.seed, self._index[i], self._official, self.samples[i].label, self.size)
+    def raw(self, index: int) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
+        """Image ``index`` with its object box (xyxy px) and head part ``[1, 3]`` (x, y, visible) in pixels."""
+        label = self.samples[index].label
+        image, box, head = render(self.seed, self._index[index], self._official, label, self.size)
         return image, torch.tensor(box), torch.tensor([[head[0], head[1], 1.0]])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = range(len(self.samples))[index]
-        image, box, parts = self.load(index)
-        image_t, box_t, parts_t = self.transform(image, box, parts)
-        return {
-            "image": image_t,
-            "label": torch.tensor(self.samples[index].label, dtype=torch.int64),
-            "box": box_t,
-            "parts": parts_t,
-            "has_box": torch.tensor(True),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
