@@ -42,7 +42,7 @@ data.name=cub data.val_fraction=0.1 data.num_workers=2 data.augment=true data.cr
 optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 optim.apn_lr=0.000003 optim.apn_optimizer=adam
 optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine optim.label_smoothing=0.1
 schedule.mode=alternate schedule.warmup_epochs=2 schedule.apn_init_response=cam
-schedule.apn_init_steps=0 schedule.apn_init_lr=0.00001 schedule.apn_init_side=0.6
+schedule.apn_init_steps=80 schedule.apn_init_lr=0.00001 schedule.apn_init_side=0.6
 schedule.classify_epochs=2 schedule.attend_epochs=1 schedule.rank_margin=0.05
 schedule.rank_detach_coarse=true schedule.converge_tol=0.0
 train.epochs=16 train.batch_size=16 train.seed=0 train.device=cpu train.channels_last=true
@@ -202,10 +202,8 @@ def _cell(v: Any, kind: str) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """One row per metric, one column per RA-CNN variant (the main one first)."""
     names = [result["main_variant"]] + [n for n in result["variants"] if n != result["main_variant"]]
-    head = "| metric | " + " | ".join(
-        f"crop_from={n}" + (" (main)" if i == 0 else "") for i, n in enumerate(names)
-    )
-    lines = [head + " |", "|---|" + "---:|" * len(names)]
+    head = " | ".join(f"crop_from={n}" + (" (main)" if i == 0 else "") for i, n in enumerate(names))
+    lines = [f"| metric | {head} |", "|---|" + "---:|" * len(names)]
     for key, label, kind in ROWS:
         cells = [_cell(result["variants"][n].get(key), kind) for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -217,9 +215,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 def markdown_report(result: dict[str, Any]) -> str:
     """The whole Markdown file: table, targets, command, commit, machine and wall time."""
     m = result.get("machine", {})
-    kind = (
-        "QUICK smoke run (shortened schedule), not the full benchmark" if result.get("quick") else "full run"
-    )
+    kind = "QUICK smoke run (shortened schedule), not the full run" if result.get("quick") else "full run"
     lines = [f"# RA-CNN accuracy benchmark on {result.get('dataset', '?')}", "", f"**{kind}.**", ""]
     lines += [markdown_table(result), "", "Targets (main variant):", ""]
     for name, t in result["targets"].items():

@@ -276,3 +276,15 @@ def test_build_model_config_is_kept():
     assert model.cfg == cfg and model.num_classes == 7 and model.input_size == 32
     assert dataclasses.asdict(model.cfg)["mask_k"] == 5.0
     assert model.heads[0].out_features == 7
+
+
+def test_detach_crops_keeps_each_apn_on_its_own_box() -> None:
+    """APN initialisation: a loss on the scale-2 box must not reach APN 1 (through the crop it zoomed)."""
+    model = _model(seed=5)
+    out = model(_images(2), detach_crops=True)
+    out.boxes[1].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.apns[0].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.apns[1].parameters())
+    model.zero_grad(set_to_none=True)
+    model(_images(2)).boxes[1].sum().backward()  # without it, APN 1 does get a gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.apns[0].parameters())

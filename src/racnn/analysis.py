@@ -202,7 +202,7 @@ def derivative_map_figure(
         sal = display_map(d.saliency).numpy()
         axes[i, 1].imshow(img, alpha=0.35)
         hm = axes[i, 1].imshow(sal, cmap="magma", alpha=0.75, vmin=float(sal.min()), vmax=0.0)
-        fig.colorbar(hm, ax=axes[i, 1], fraction=0.046, pad=0.02)
+        fig.colorbar(hm, ax=axes[i, 1], fraction=0.046, pad=0.02, format="%.0e")
         axes[i, 1].set_title("derivative map -||dL/dX||^2 (darker: matters more)", fontsize=8)
         axes[i, 2].imshow(denormalize(d.crop.cpu(), prep.mean, prep.std))
         axes[i, 2].set_title(describe_update(d).replace(", ", "\n"), fontsize=7)

@@ -55,7 +55,7 @@ class OptimConfig:
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.01  # classification heads and fusion
     backbone_lr_mult: float = 0.1  # backbones train at lr * this
-    apn_lr: float = 1e-3
+    apn_lr: float = 1e-5
     apn_optimizer: str = "adam"  # adam | sgd
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -70,7 +70,7 @@ class OptimConfig:
 class ScheduleConfig:
     mode: str = "alternate"  # alternate (paper) | joint (both losses every step)
     apn_init_steps: int = 50  # regression steps of each APN towards the strongest conv response
-    apn_init_lr: float = 1e-3  # Adam learning rate of that regression
+    apn_init_lr: float = 1e-5  # Adam learning rate of that regression
     apn_init_side: float = 0.5  # side of the square the APN is initialised to, fraction of the input side
     apn_init_response: str = (
         "sum"  # "sum": channel sum of the last conv layer (paper); "cam": class activation

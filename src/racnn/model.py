@@ -125,11 +125,18 @@ class RACNN(nn.Module):
         return feats(x)
 
     def forward_features(
-        self, images: torch.Tensor, *, detach_boxes: bool = False, return_maps: bool = False
+        self,
+        images: torch.Tensor,
+        *,
+        detach_boxes: bool = False,
+        detach_crops: bool = False,
+        return_maps: bool = False,
     ) -> RACNNFeatures:
         """Run the scales. ``images``: B x 3 x H x W, normalised; resized to the scale-1 input when H != S.
 
         ``detach_boxes`` cuts the gradient from the crops into the APNs (classification phase: APNs fixed).
+        ``detach_crops`` cuts only the crops' path: the returned boxes keep their gradient but nothing of
+        scale s+1 depends on APN s through autograd (APN initialisation: each APN learns its own target).
         """
         size = self.cfg.input_size
         x = images
@@ -150,6 +157,8 @@ class RACNN(nn.Module):
             else:
                 box = self.apns[s](fmap)
             boxes.append(box)
+            if detach_crops:
+                box = box.detach()
             if self.cfg.crop_from == "source":
                 absolute = box if absolute is None else compose_boxes(absolute, box)
                 x = crop_zoom(images, absolute, size, self.cfg.mask_k)  # real pixels of the source image
@@ -167,9 +176,16 @@ class RACNN(nn.Module):
         return logits
 
     def forward(
-        self, images: torch.Tensor, *, detach_boxes: bool = False, return_maps: bool = False
+        self,
+        images: torch.Tensor,
+        *,
+        detach_boxes: bool = False,
+        detach_crops: bool = False,
+        return_maps: bool = False,
     ) -> RACNNOutput:
-        feats = self.forward_features(images, detach_boxes=detach_boxes, return_maps=return_maps)
+        feats = self.forward_features(
+            images, detach_boxes=detach_boxes, detach_crops=detach_crops, return_maps=return_maps
+        )
         return RACNNOutput(self.forward_head(feats), feats.boxes, feats.crops, feats.maps)
 
 

@@ -230,7 +230,9 @@ class Trainer:
                 for batch in loader:
                     x, y = self._inputs(batch)
                     with self._autocast():
-                        out = forward(x, return_maps=True)
+                        # each APN regresses towards its own scale's target only: crops cut with detached
+                        # boxes, so scale 2's term cannot move APN 1
+                        out = forward(x, detach_crops=True, return_maps=True)
                     loss = sum(
                         box_regression_loss(
                             box.float(), peak_response_boxes(self._response(s, fmap, y), side)
