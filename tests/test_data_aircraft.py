@@ -162,3 +162,11 @@ def test_box_missing_for_an_image(fake_aircraft: Path) -> None:
     box_file.write_text("\n".join(box_file.read_text().splitlines()[1:]) + "\n")
     with pytest.raises(DatasetError, match=r"images_box\.txt: no box for image 0034301"):
         FGVCAircraft(fake_aircraft, "trainval")
+
+
+def test_levels_are_registered_dataset_names(fake_aircraft: Path) -> None:
+    """``data.name=fgvc_aircraft_family`` reaches the family level from the config and the CLI."""
+    family = build_dataset("fgvc_aircraft_family", fake_aircraft, "trainval")
+    variant = build_dataset("fgvc_aircraft", fake_aircraft, "trainval")
+    assert family.classes == FGVCAircraft(fake_aircraft, "trainval", level="family").classes
+    assert len(family.classes) < len(variant.classes)

@@ -128,7 +128,8 @@ def test_missing_and_broken_images(fake_cub: Path) -> None:
 
 
 def test_registry(fake_cub: Path, tmp_path: Path) -> None:
-    expected = ["cub", "fgvc_aircraft", "imagefolder", "stanford_cars", "stanford_dogs", "synthetic"]
+    expected = ["cub", "fgvc_aircraft", "fgvc_aircraft_family", "fgvc_aircraft_manufacturer", "imagefolder"]
+    expected += ["stanford_cars", "stanford_dogs", "synthetic"]
     assert list_datasets() == expected
     assert len(build_dataset("cub", fake_cub.parent, "test")) == 3
     with pytest.raises(DatasetError, match=rf"unknown dataset 'imagenet' \(known: {', '.join(expected)}\)"):

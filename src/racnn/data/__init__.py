@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from racnn.data.base import AnnotatedImageDataset, Sample
@@ -34,13 +36,15 @@ __all__ = [
     "load_image",
 ]
 
-DATASETS: dict[str, type[AnnotatedImageDataset]] = {
+DATASETS: dict[str, Callable[..., AnnotatedImageDataset]] = {
     "cub": CUB200,
     "imagefolder": ImageFolderDataset,
     "synthetic": SyntheticBirds,
     "stanford_dogs": StanfordDogs,
     "stanford_cars": StanfordCars,
-    "fgvc_aircraft": FGVCAircraft,
+    "fgvc_aircraft": FGVCAircraft,  # the 100 variants; the coarser levels of the same images:
+    "fgvc_aircraft_family": partial(FGVCAircraft, level="family"),
+    "fgvc_aircraft_manufacturer": partial(FGVCAircraft, level="manufacturer"),
 }
 # datasets drawn by code: no folder needed
 GENERATED = {"synthetic"}
