@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli_analyze import add_analyze
 from .cli_pictures import add_demo, add_plot, add_visualize
 
 EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
@@ -194,8 +195,6 @@ def cmd_export(a: argparse.Namespace) -> int:
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     return 0
 
-
-from .cli_analyze import add_analyze  # noqa: E402 (racnn analyze: derivative maps)
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo,
