@@ -169,3 +169,13 @@ def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
 def json_safe(d: dict[str, Any]) -> dict[str, Any]:
     """NaN (a metric that does not apply, e.g. no boxes in the data) -> None, so the JSON is standard."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def epoch_line(rec: dict[str, Any], fused: str) -> str:
+    """One metrics.jsonl record as the line printed after each epoch."""
+    parts = [f"epoch {rec['epoch']:>3} {rec['phase']:<8}", f"loss {rec['loss']:.4f}"]
+    for k in ("train_acc_s1", "val_acc_s1", "val_acc_s2", f"val_acc_{fused}", "val_box_side_s1"):
+        if k in rec:
+            parts.append(f"{k.replace('_acc', '')} {rec[k]:.3f}")
+    parts.append(f"{rec['images_per_s']:.1f} img/s")
+    return " | ".join(parts)

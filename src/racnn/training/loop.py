@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import backbone_preprocessing, check_weights
 from ..config import Config, save_config
-from ..evaluation import Accumulator, autocast_dtype, format_table, json_safe
+from ..evaluation import Accumulator, autocast_dtype, epoch_line, format_table, json_safe
 from ..losses import (
     box_regression_loss,
     classification_losses,
@@ -368,7 +368,7 @@ class Trainer:
                 if validating:
                     self.tb.attention(self.model, self._picture_data, self.classes, epoch, self.device)
             if self.progress:
-                tqdm.write(_epoch_line(rec, fused))
+                tqdm.write(epoch_line(rec, fused))
         if self.schedule.stopped:
             self._log({"event": "stopped", "reason": self.schedule.stopped, "epoch": self.schedule.epoch})
         return self.test()
@@ -390,12 +390,3 @@ class Trainer:
         if self.progress:
             tqdm.write(format_table(metrics, title=f"RA-CNN test ({len(test_set)} images)"))
         return metrics
-
-
-def _epoch_line(rec: dict[str, Any], fused: str) -> str:
-    parts = [f"epoch {rec['epoch']:>3} {rec['phase']:<8}", f"loss {rec['loss']:.4f}"]
-    for k in ("train_acc_s1", "val_acc_s1", "val_acc_s2", f"val_acc_{fused}", "val_box_side_s1"):
-        if k in rec:
-            parts.append(f"{k.replace('_acc', '')} {rec[k]:.3f}")
-    parts.append(f"{rec['images_per_s']:.1f} img/s")
-    return " | ".join(parts)
