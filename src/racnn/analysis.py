@@ -156,10 +156,9 @@ def derivative_map_figure(
 ) -> list[DerivativeMap]:
     """One row per image: the image with the box, an arrow for the (tx, ty) update and a +/- for tl; the
     derivative map as a heat map; the zoomed crop. ``images``: B x 3 x H x W normalised; ``boxes``: B x 3."""
-    from .visualization import _plt, denormalize
+    from .visualization import _plt, denormalize, draw_box
 
     plt = _plt()
-    from matplotlib.patches import Rectangle
 
     prep = model.preprocessing
     maps = [
@@ -173,16 +172,7 @@ def derivative_map_figure(
         cx, cy, half = d.box.tolist()
         u = d.update
         for ax in axes[i, :2]:
-            ax.add_patch(
-                Rectangle(
-                    ((cx - half) * w, (cy - half) * h),
-                    2 * half * w,
-                    2 * half * h,
-                    fill=False,
-                    lw=2,
-                    ec="#ffd400",
-                )
-            )
+            draw_box(ax, d.box, w, h, "#ffd400")
         axes[i, 0].imshow(img)
         vec = torch.tensor([u[0] * w, u[1] * h])
         if float(vec.norm()) > 0:  # direction only: a fixed length of a fifth of the image side

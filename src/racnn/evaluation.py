@@ -116,7 +116,7 @@ class Accumulator:
 
 
 @torch.no_grad()
-def evaluate(
+def accumulate(
     model: RACNN,
     loader: Iterable[dict[str, Any]],
     *,
@@ -126,22 +126,27 @@ def evaluate(
     head_parts: list[int] | None = None,
     desc: str = "eval",
     progress: bool = True,
-) -> dict[str, float]:
-    """Top-1 accuracy of every scale and fusion, scale-1 box IoU with the object box, scale-2 head hits, and
-    box side mean/std per scale (fractions of that scale's input side)."""
+) -> Accumulator:
+    """Run ``model`` (in eval mode, restored after) over ``loader`` and sum the evaluation counts."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
     acc = Accumulator()
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, non_blocking=True)  # B x 3 x S x S
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
             out = model(images)
         acc.update({k: v.float() for k, v in out.logits.items()}, out.boxes, batch, head_parts)
     model.train(was_training)
-    return acc.summary()
+    return acc
+
+
+def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], **kwargs: Any) -> dict[str, float]:
+    """Top-1 accuracy of every scale and fusion, scale-1 box IoU with the object box, scale-2 head hits, and
+    box side mean/std per scale (fractions of that scale's input side). Keywords as :func:`accumulate`."""
+    return accumulate(model, loader, **kwargs).summary()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -27,6 +27,24 @@ def _plt() -> Any:
     return plt
 
 
+def draw_box(ax: Any, box: torch.Tensor, width: int, height: int, colour: str, **kwargs: Any) -> None:
+    """Outline a ``(cx, cy, half)`` box (normalised) on an axis showing a ``width x height`` image."""
+    from matplotlib.patches import Rectangle
+
+    cx, cy, half = box.tolist()
+    ax.add_patch(
+        Rectangle(
+            ((cx - half) * width, (cy - half) * height),
+            2 * half * width,
+            2 * half * height,
+            fill=False,
+            lw=2,
+            ec=colour,
+            **kwargs,
+        )
+    )
+
+
 def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """3 x H x W normalised -> H x W x 3 array in [0, 1] for display."""
     m = torch.tensor(mean, dtype=x.dtype)[:, None, None]
@@ -48,7 +66,6 @@ def attention_figure(
     """One row per image: the image with every scale's box, the zoomed input of scales 2..N, and the top-k
     classes with probabilities per scale and fused. ``images``: B x 3 x S x S, normalised."""
     plt = _plt()
-    from matplotlib.patches import Rectangle
 
     model.eval()
     result = model(images)
@@ -70,18 +87,7 @@ def attention_figure(
         ax = axes[i, 0]
         ax.imshow(img)
         for s, b in enumerate(boxes):
-            cx, cy, half = b[i].tolist()
-            ax.add_patch(
-                Rectangle(
-                    ((cx - half) * w, (cy - half) * h),
-                    2 * half * w,
-                    2 * half * h,
-                    fill=False,
-                    lw=2,
-                    ec=SCALE_COLOURS[s % len(SCALE_COLOURS)],
-                    label=f"box of scale {s + 1}",
-                )
-            )
+            draw_box(ax, b[i], w, h, SCALE_COLOURS[s % len(SCALE_COLOURS)], label=f"box of scale {s + 1}")
         head = titles[i] if titles else ""
         if labels is not None:
             head = f"{head} truth: {classes[labels[i]]}".strip()

@@ -35,10 +35,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import Config
-from ..evaluation import Accumulator, autocast_dtype, evaluate
+from ..evaluation import Accumulator, accumulate, evaluate
 from ..model import RACNN
 from . import setup
 
@@ -237,7 +236,6 @@ def evaluate_split(
     return metrics
 
 
-@torch.no_grad()
 def evaluate_shard(
     model: RACNN,
     loader: Any,
@@ -252,17 +250,16 @@ def evaluate_shard(
 ) -> dict[str, float]:
     """:func:`racnn.evaluation.evaluate` over this rank's shard, merged over ranks (no collectives inside the
     model: it runs in eval mode, where synchronised BatchNorm uses its running statistics)."""
-    was_training = model.training
-    model.eval()
-    acc = Accumulator()
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = batch["image"].to(device, non_blocking=True)  # b x 3 x S x S
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
-            out = model(images)
-        acc.update({k: v.float() for k, v in out.logits.items()}, out.boxes, batch, head_parts)
-    model.train(was_training)
+    acc = accumulate(
+        model,
+        loader,
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        head_parts=head_parts,
+        desc=desc,
+        progress=progress,
+    )
     return broadcast_object(gather_accumulator(acc, env).summary(), env)
 
 
