@@ -111,9 +111,8 @@ def test_sigkill_or_ctrl_c_then_resume_ends_like_an_uninterrupted_run(fake_cub: 
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     # a loader worker cut off mid-transfer may write a traceback of its own to the same pipe, even in the
     # middle of a line: the message is searched for anywhere in stderr
-    expected = (
-        r"racnn train: interrupted; \S+ holds the run after epoch \d+; "
-        + re.escape(f"continue with: racnn train --out {tmp_path / 'c'} --resume")
+    expected = r"racnn train: interrupted; \S+ holds the run after epoch \d+; " + re.escape(
+        f"continue with: racnn train --out {tmp_path / 'c'} --resume"
     )
     assert re.search(expected, stopped.stderr), stopped.stderr[-3000:]
     done = subprocess.run(

@@ -13,7 +13,16 @@ from racnn.losses import ranking_loss, true_class_prob
 from racnn.model import build_model
 from racnn.training.checkpoint import load_checkpoint
 from racnn.training.loop import Trainer
-from racnn.training.schedule import ATTEND, CLASSIFY, JOINT, PhaseSchedule, peak_response_boxes, set_phase
+from racnn.training.schedule import (
+    ATTEND,
+    CLASSIFY,
+    JOINT,
+    PhaseSchedule,
+    class_activation,
+    peak_response_boxes,
+    region_response_boxes,
+    set_phase,
+)
 
 
 def tiny_config(root: Path, **extra: object) -> Config:
@@ -124,6 +133,29 @@ def test_peak_response_box_is_centred_on_the_peak_and_inside() -> None:
     assert torch.allclose(box[1], torch.tensor([0.25, 0.25, 0.25]))
 
 
+def test_region_response_box_is_sized_to_the_hot_cells() -> None:
+    fmap = torch.zeros(3, 2, 8, 8)
+    fmap[0, :, 2:4, 4:8] = 5.0  # hot rows 2-3, columns 4-7: 2 x 4 cells, area 8/64
+    fmap[0, :, 6, 0] = 1.0  # below the threshold: ignored
+    fmap[1, :, 3, 3] = 1.0  # one hot cell: side 1/8, clamped up to min_side
+    box = region_response_boxes(fmap, 0.5, min_side=0.25, max_side=0.9)
+    # (the 3x3 binomial smoothing may add a ring of cells at exactly half the peak, hence the tolerances)
+    assert torch.allclose(box[0, :2], torch.tensor([6 / 8, 3 / 8]), atol=1 / 16)
+    assert 0.25 <= float(box[0, 2] * 2) <= 0.6
+    assert torch.allclose(box[1], torch.tensor([3.5 / 8, 3.5 / 8, 0.1875]))  # the cell and its ring: 3/8
+    one = region_response_boxes(fmap[1:2], 0.6, min_side=0.25, max_side=0.9)  # the cell alone: 1/8 -> 0.25
+    assert torch.allclose(one[0], torch.tensor([3.5 / 8, 3.5 / 8, 0.125]))
+    assert torch.allclose(
+        box[2], torch.tensor([0.5, 0.5, 0.45])
+    )  # flat: every cell hot, whole image, max_side
+    # the box stays inside the image and its side within the bounds
+    assert bool(((box[:, :2] - box[:, 2:]) >= -1e-6).all() and ((box[:, :2] + box[:, 2:]) <= 1 + 1e-6).all())
+    # a larger hot region gives a larger box: the side follows the response, unlike peak_response_boxes
+    big = torch.zeros(1, 1, 8, 8)
+    big[0, 0, 1:7, 1:7] = 1.0
+    assert float(region_response_boxes(big, 0.5, 0.25, 1.0)[0, 2]) > float(box[0, 2])
+
+
 def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         fake_cub,
@@ -138,6 +170,24 @@ def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path
         after = trainer.model.eval()(x).boxes[0][:, 2].mean() * 2
     assert abs(float(after) - 0.4) < abs(float(before) - 0.4)
     assert abs(float(after) - 0.4) < 0.1
+
+
+def test_apn_init_region_targets_reach_the_apns(fake_cub: Path, tmp_path: Path) -> None:
+    """``schedule.apn_init_box=region``: each APN is regressed on the region box of its own scale's CAM."""
+    keys = {
+        "schedule.apn_init_box": "region",
+        "schedule.apn_init_response": "cam",
+        "schedule.apn_init_threshold": 0.3,
+    }
+    trainer = Trainer(tiny_config(fake_cub, **keys), tmp_path / "run", progress=False)
+    fmap, y = torch.randn(2, trainer.model.backbones[1].channels, 5, 5), torch.tensor([0, 1])
+    m = trainer.cfg.model
+    want = region_response_boxes(
+        class_activation(fmap, trainer.model.heads[1], y), 0.3, m.box_min_side, m.box_max_side
+    )
+    assert torch.equal(trainer._init_target(1, fmap, y), want)
+    trainer.init_apns()  # runs end to end with these targets
+    assert trainer.apn_init_done
 
 
 def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_path: Path) -> None:

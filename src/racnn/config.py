@@ -71,7 +71,10 @@ class ScheduleConfig:
     mode: str = "alternate"  # alternate (paper) | joint (both losses every step)
     apn_init_steps: int = 50  # regression steps of each APN towards the strongest conv response
     apn_init_lr: float = 1e-5  # Adam learning rate of that regression
-    apn_init_side: float = 0.5  # side of the square the APN is initialised to, fraction of the input side
+    apn_init_box: str = "peak"  # "peak": square of apn_init_side on the strongest response (paper);
+    # "region": square sized to the cells above apn_init_threshold of the response (per-image side)
+    apn_init_side: float = 0.5  # side of the "peak" square, fraction of the input side
+    apn_init_threshold: float = 0.5  # "region": fraction of the (min, max) response range a cell must reach
     apn_init_response: str = (
         "sum"  # "sum": channel sum of the last conv layer (paper); "cam": class activation
     )
@@ -182,6 +185,7 @@ _CHOICES = {
     "optim.scheduler": ("cosine", "step", "none"),
     "schedule.mode": ("alternate", "joint"),
     "schedule.apn_init_response": ("sum", "cam"),
+    "schedule.apn_init_box": ("peak", "region"),
 }
 
 
@@ -210,6 +214,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (cfg.train.log_every >= 1 and cfg.train.eval_every >= 1, "train.log_every, eval_every must be >= 1"),
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
         (0.0 < cfg.schedule.apn_init_side <= 1.0, "schedule.apn_init_side must be in (0, 1]"),
+        (0.0 <= cfg.schedule.apn_init_threshold < 1.0, "schedule.apn_init_threshold must be in [0, 1)"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
     ]
     for ok, msg in checks:

@@ -43,6 +43,7 @@ from .schedule import (
     PhaseSchedule,
     class_activation,
     peak_response_boxes,
+    region_response_boxes,
     set_phase,
     trainable,
 )
@@ -217,7 +218,6 @@ class Trainer:
         if steps > 0 and self.cfg.model.num_scales > 1:
             set_phase(self.model, "apn_init")
             forward = self.forward_model()
-            side = self.cfg.schedule.apn_init_side
             opt = torch.optim.Adam(self.model.parameter_groups()["apn"], lr=self.cfg.schedule.apn_init_lr)
             done, epoch = 0, 0
             loss_sum = torch.zeros((), device=self.device)
@@ -234,9 +234,7 @@ class Trainer:
                         # boxes, so scale 2's term cannot move APN 1
                         out = forward(x, detach_crops=True, return_maps=True)
                     loss = sum(
-                        box_regression_loss(
-                            box.float(), peak_response_boxes(self._response(s, fmap, y), side)
-                        )
+                        box_regression_loss(box.float(), self._init_target(s, fmap, y))
                         for s, (box, fmap) in enumerate(zip(out.boxes, out.maps, strict=False))
                     )
                     opt.zero_grad(set_to_none=True)
@@ -258,12 +256,16 @@ class Trainer:
         self.apn_init_done = True
         self._save_last()
 
-    def _response(self, s: int, fmap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """What the APN of scale ``s`` is initialised towards: the last conv layer's response (B x C' x h x w)."""
-        fmap = fmap.detach().float()
-        if self.cfg.schedule.apn_init_response == "cam":
-            return class_activation(fmap, self.model.heads[s], target)
-        return fmap
+    def _init_target(self, s: int, fmap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The box (B x 3) the APN of scale ``s`` is initialised towards, from its last conv layer's
+        response (channel sum or the true class's activation map)."""
+        sch, fmap = self.cfg.schedule, fmap.detach().float()
+        if sch.apn_init_response == "cam":
+            fmap = class_activation(fmap, self.model.heads[s], target)
+        if sch.apn_init_box == "region":
+            m = self.cfg.model
+            return region_response_boxes(fmap, sch.apn_init_threshold, m.box_min_side, m.box_max_side)
+        return peak_response_boxes(fmap, sch.apn_init_side)
 
     def train_epoch(self, phase: str) -> dict[str, float]:
         cfg, model = self.cfg, self.model
