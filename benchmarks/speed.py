@@ -30,7 +30,7 @@ import torch
 
 from racnn.attention import crop_zoom, crop_zoom_gather, crop_zoom_reference
 from racnn.backbones import backbone_preprocessing
-from racnn.config import Config, apply_overrides
+from racnn.config import Config, load_config
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
 from racnn.model import RACNN, RACNNFeatures, build_model
 from racnn.training import setup
@@ -40,7 +40,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/cub200-sub
 CROPS = {"ours": crop_zoom, "gather": crop_zoom_gather, "reference": crop_zoom_reference}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_KEYS = (
-    "backbone scales input_size image_size crop_from batch_size device precision channels_last compile"
+    "config backbone scales input_size image_size crop_from batch_size device precision channels_last compile"
 )
 CONFIG_KEYS += " ckpt fused_optim set threads warmup iters"
 
@@ -48,11 +48,12 @@ CONFIG_KEYS += " ckpt fused_optim set threads warmup iters"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
     a = p.add_argument
-    a("--backbone", default="mobilenet_v2", help="backbone of every scale")
-    a("--scales", type=int, default=3)
-    a("--input-size", type=int, default=224, help="side of every scale's input (model.input_size)")
+    a("--config", default=None, help="YAML whose model and optim sections are the starting point (flags win)")
+    a("--backbone", default=None, help="backbone of every scale (default mobilenet_v2, or --config's)")
+    a("--scales", type=int, default=None, help="model.num_scales (default 3, or --config's)")
+    a("--input-size", type=int, default=None, help="every scale's input side (default 224, or --config's)")
     a("--image-size", type=int, default=None, help="side of the loader's image (default --input-size)")
-    a("--crop-from", choices=("previous", "source"), default="previous", help="model.crop_from")
+    a("--crop-from", choices=("previous", "source"), default=None, help="model.crop_from")
     a("--batch-size", type=int, default=16)
     a("--device", default="cpu", help="cpu | cuda | cuda:N")
     a("--precision", choices=tuple(AMP), default="fp32", help="autocast dtype (fp32: no autocast)")
@@ -76,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--json", default=None, help="write the results to this file")
     a("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.config:  # what the flags leave unset comes from the config's model section
+        m = load_config(args.config).model
+        start = {"backbone": m.backbone, "scales": m.num_scales, "input_size": m.input_size}
+        start["crop_from"] = m.crop_from
+    else:
+        start = {"backbone": "mobilenet_v2", "scales": 3, "input_size": 224, "crop_from": "previous"}
+    for k, v in start.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.quick:  # 1 thread unless told: robust on a shared machine (docs/performance.md)
         args.batch_size, args.input_size, args.warmup, args.iters = 4, 160, 1, 3
         args.crop_iters, args.loader_batches, args.phases, args.threads = 3, 4, "classify", args.threads or 1
@@ -145,7 +154,7 @@ class Bench:
         torch.manual_seed(0)
         self.args, self.device = args, device
         tiny_apn = ["model.apn_hidden=1", "model.apn_grid=1"] if limit_only else []  # never allocate it
-        self.cfg = cfg = apply_overrides(Config(), model_overrides(args) + tiny_apn)
+        self.cfg = cfg = load_config(args.config, model_overrides(args) + tiny_apn)
         self.n = cfg.model.num_scales
         self.model: RACNN = build_model(cfg.model, num_classes=200).to(device)
         if limit_only:  # the limit holds no APN

@@ -1,0 +1,48 @@
+"""benchmarks/speed.py runs end to end on a tiny model and writes the keys issue 4 names; ``--config`` fills
+what the flags leave unset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = _load()
+TINY = ["--backbone", "tiny", "--input-size", "32", "--batch-size", "2", "--warmup", "0", "--iters", "2"]
+TINY += ["--crop-shape", "2,48,24", "--crop-iters", "2", "--threads", "1"]
+
+
+def test_speed_benchmark_writes_the_headline_keys(tmp_path: Path) -> None:
+    out = tmp_path / "speed.json"
+    res = speed.main([*TINY, "--skip", "memory,loader", "--json", str(out)])
+    written = json.loads(out.read_text())
+    for key in ("train_ratio", "train_ratio_attend", "infer_ratio", "crop_speedup"):
+        assert isinstance(written[key], float) and written[key] > 0, key
+        assert written[key] == res[key]
+    assert written["memory_ratio"] is None and written["loader_over_train"] is None  # skipped, not invented
+    assert written["config"]["backbone"] == "tiny" and written["machine"]["threads"] == 1
+
+
+def test_config_fills_what_the_flags_leave_unset(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  backbone: tiny\n  num_scales: 2\n  apn_hidden: 8\n  input_size: 48\n")
+    args = speed.parse_args(["--config", str(cfg), "--input-size", "32"])
+    assert (args.backbone, args.scales, args.input_size, args.image_size) == ("tiny", 2, 32, 32)
+    bench = speed.Bench(args, speed.torch.device("cpu"))
+    assert bench.cfg.model.apn_hidden == 8 and bench.n == 2  # the config's own keys reach the model
+    plain = speed.parse_args([])
+    assert (plain.backbone, plain.scales, plain.input_size) == ("mobilenet_v2", 3, 224)
