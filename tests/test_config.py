@@ -228,6 +228,9 @@ def test_bad_choice_in_file(tmp_path):
         ("model.dropout=1.0", "dropout"),
         ("optim.label_smoothing=1.0", "label_smoothing"),
         ("schedule.apn_init_side=0", "apn_init_side"),
+        ("schedule.apn_init_threshold=1.0", "apn_init_threshold"),
+        ("schedule.apn_init_box=region,box", "apn_init_box"),
+        ("schedule.apn_init_box=", "apn_init_box"),
     ],
 )
 def test_range_checks(override, needle):

@@ -173,19 +173,20 @@ def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path
 
 
 def test_apn_init_region_targets_reach_the_apns(fake_cub: Path, tmp_path: Path) -> None:
-    """``schedule.apn_init_box=region``: each APN is regressed on the region box of its own scale's CAM."""
+    """``schedule.apn_init_box=peak,region``: APN 1 towards the peak square, APN 2 (and any further, the
+    last kind repeats) towards the region box of its own scale's CAM."""
     keys = {
-        "schedule.apn_init_box": "region",
+        "schedule.apn_init_box": "peak,region",
         "schedule.apn_init_response": "cam",
         "schedule.apn_init_threshold": 0.3,
     }
     trainer = Trainer(tiny_config(fake_cub, **keys), tmp_path / "run", progress=False)
     fmap, y = torch.randn(2, trainer.model.backbones[1].channels, 5, 5), torch.tensor([0, 1])
-    m = trainer.cfg.model
-    want = region_response_boxes(
-        class_activation(fmap, trainer.model.heads[1], y), 0.3, m.box_min_side, m.box_max_side
-    )
-    assert torch.equal(trainer._init_target(1, fmap, y), want)
+    m, cams = trainer.cfg.model, [class_activation(fmap, trainer.model.heads[s], y) for s in (0, 1)]
+    want_region = region_response_boxes(cams[1], 0.3, m.box_min_side, m.box_max_side)
+    assert torch.equal(trainer._init_target(1, fmap, y), want_region)
+    want_peak = peak_response_boxes(cams[0], trainer.cfg.schedule.apn_init_side)
+    assert torch.equal(trainer._init_target(0, fmap, y), want_peak)
     trainer.init_apns()  # runs end to end with these targets
     assert trainer.apn_init_done
 

@@ -72,7 +72,8 @@ class ScheduleConfig:
     apn_init_steps: int = 50  # regression steps of each APN towards the strongest conv response
     apn_init_lr: float = 1e-5  # Adam learning rate of that regression
     apn_init_box: str = "peak"  # "peak": square of apn_init_side on the strongest response (paper);
-    # "region": square sized to the cells above apn_init_threshold of the response (per-image side)
+    # "region": square sized to the cells above apn_init_threshold of the response (per-image side);
+    # or one per APN, comma-separated ("region,peak"), the last repeated
     apn_init_side: float = 0.5  # side of the "peak" square, fraction of the input side
     apn_init_threshold: float = 0.5  # "region": fraction of the (min, max) response range a cell must reach
     apn_init_response: str = (
@@ -185,7 +186,6 @@ _CHOICES = {
     "optim.scheduler": ("cosine", "step", "none"),
     "schedule.mode": ("alternate", "joint"),
     "schedule.apn_init_response": ("sum", "cam"),
-    "schedule.apn_init_box": ("peak", "region"),
 }
 
 
@@ -196,6 +196,12 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    boxes = cfg.schedule.apn_init_box.split(",")
+    if not all(b in ("peak", "region") for b in boxes):
+        raise ConfigError(
+            f"{source}: schedule.apn_init_box must be peak, region, or one per APN separated by commas "
+            f"(region,peak), got {cfg.schedule.apn_init_box!r}"
+        )
     m = cfg.model
     checks = [
         (m.num_scales >= 1, "model.num_scales must be >= 1"),

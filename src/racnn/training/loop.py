@@ -262,7 +262,8 @@ class Trainer:
         sch, fmap = self.cfg.schedule, fmap.detach().float()
         if sch.apn_init_response == "cam":
             fmap = class_activation(fmap, self.model.heads[s], target)
-        if sch.apn_init_box == "region":
+        kinds = sch.apn_init_box.split(",")
+        if kinds[min(s, len(kinds) - 1)] == "region":
             m = self.cfg.model
             return region_response_boxes(fmap, sch.apn_init_threshold, m.box_min_side, m.box_max_side)
         return peak_response_boxes(fmap, sch.apn_init_side)
