@@ -11,6 +11,7 @@ import torch
 from racnn.config import Config, ScheduleConfig, load_config
 from racnn.losses import ranking_loss, true_class_prob
 from racnn.model import build_model
+from racnn.training import setup
 from racnn.training.checkpoint import load_checkpoint
 from racnn.training.loop import Trainer
 from racnn.training.schedule import (
@@ -219,3 +220,22 @@ def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_pa
     a = load_checkpoint(tmp_path / "full" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizers_use_fused_adam_and_step_like_the_plain_one(name: str) -> None:
+    cfg = load_config(None, ["model.backbone=tiny", "model.pretrained=false", f"optim.name={name}"])
+    model = build_model(cfg.model, num_classes=3)
+    cls_opt, apn_opt = setup.make_optimizers(model, cfg.optim)
+    assert apn_opt.defaults["fused"] is True
+    assert cls_opt.defaults.get("fused") is (True if name == "adamw" else None)
+    apn = model.parameter_groups()["apn"]
+    plain = [p.detach().clone().requires_grad_(True) for p in apn]
+    grads = [torch.randn_like(p) for p in apn]
+    ref = torch.optim.Adam(plain, lr=cfg.optim.apn_lr, foreach=False)
+    for _ in range(3):
+        for p, q, g in zip(apn, plain, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        apn_opt.step()
+        ref.step()
+    assert all(torch.allclose(p, q, atol=1e-7) for p, q in zip(apn, plain, strict=True))
