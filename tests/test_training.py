@@ -169,6 +169,16 @@ def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path
     trainer.init_apns()
     with torch.no_grad():
         after = trainer.model.eval()(x).boxes[0][:, 2].mean() * 2
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["phase"] == "apn_init" and 0.0 <= rec["apn_saturation_s1"] <= 1.0
+    with torch.no_grad():
+        for apn in trainer.model.apns:
+            apn.fc1.weight.zero_()
+            apn.fc1.bias.fill_(0.5)
+    assert set(trainer._apn_saturation(x).values()) == {0.0}  # tanh(0.5): unsaturated
+    with torch.no_grad():
+        trainer.model.apns[0].fc1.bias.fill_(-4.0)
+    assert trainer._apn_saturation(x) == {"apn_saturation_s1": 1.0, "apn_saturation_s2": 0.0}
     assert abs(float(after) - 0.4) < abs(float(before) - 0.4)
     assert abs(float(after) - 0.4) < 0.1
 
