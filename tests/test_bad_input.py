@@ -17,6 +17,7 @@ from conftest import TINY_MODEL
 from racnn.cli import main
 from racnn.config import load_config
 from racnn.data import CUB200, DatasetError, load_image
+from racnn.data import base as data_base
 from racnn.data.base import AnnotatedImageDataset, Sample, check_labels
 from racnn.model import build_model
 from racnn.training import setup
@@ -110,6 +111,23 @@ def test_skipping_replaces_in_training_and_drops_in_evaluation(fake_cub: Path) -
     trainval = setup.make_dataset(cfg, "trainval", prep, train=False)
     evaluation = setup.make_loader(trainval, cfg)
     assert sum(len(b["label"]) for b in evaluation) == 10 and evaluation.bad_images == 2
+
+
+def test_each_unreadable_image_is_reported_once_however_often_it_is_met(
+    fake_cub: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every validation builds a fresh loader (fresh workers): the warning must still come once per file."""
+    monkeypatch.setattr(data_base, "_reported", set())
+    bad = _break_images(fake_cub, ["img_101.jpg", "img_107.jpg"])
+    cfg = _cfg(fake_cub, "data.num_workers=1", "data.val_fraction=0", "data.skip_bad_images=true")
+    prep = build_model(cfg.model, num_classes=3).preprocessing
+    trainval = setup.make_dataset(cfg, "trainval", prep, train=False)
+    with caplog.at_level(logging.WARNING, logger="racnn.data"):
+        for _ in range(3):
+            loader = setup.make_loader(trainval, cfg)
+            assert sum(len(b["label"]) for b in loader) == 10 and loader.bad_images == 2
+    warned = [r.getMessage() for r in caplog.records if r.name == "racnn.data"]
+    assert len(warned) == 2 and all(any(str(p) in m for m in warned) for p in bad)
 
 
 def test_train_stops_on_a_bad_image_or_skips_and_counts_it(

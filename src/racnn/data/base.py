@@ -205,20 +205,40 @@ def check_labels(dataset: AnnotatedImageDataset) -> None:
             )
 
 
+@dataclass(frozen=True)
+class BadImage:
+    """What :class:`SkipBadImages` returns for an unreadable evaluation image: the error message."""
+
+    message: str
+
+
+def report_bad_images(messages: Sequence[str]) -> None:
+    """Warn (``racnn.data`` logger) about each unreadable image once per process, however many epochs,
+    evaluations and loader workers meet it."""
+    for m in messages:
+        for line in m.splitlines():
+            if line and line not in _reported:
+                _reported.add(line)
+                _log.warning("skipped unreadable image: %s", line)
+
+
+_reported: set[str] = set()
+
+
 class SkipBadImages(Dataset):
     """Wrap a dataset so that an unreadable image (a :class:`DatasetError` from loading it) does not stop the
     run; what ``data.skip_bad_images`` / ``--skip-bad-images`` turns on.
 
     ``replace=True`` (training): the item is replaced by the next readable one (index + 1, + 2, ... wrapping
     around), so batch shapes and step counts stay as planned (and equal across DDP ranks); ``item["bad"]``
-    (int64 scalar) counts the unreadable images passed over for it. ``replace=False`` (evaluation): the item is
-    ``None``, for the loader's collate to drop and count. Each unreadable file is reported once per process as
-    a warning of the ``racnn.data`` logger.
+    (int64 scalar) counts the unreadable images passed over for it and ``item["bad_messages"]`` (a string, one
+    line per image) says why. ``replace=False`` (evaluation): the item is a :class:`BadImage`, for the loader's
+    collate to drop and count. Reporting the messages (once per file) is the loader's business: it runs in
+    the main process, where a worker's "already reported" memory would not survive the worker.
     """
 
     def __init__(self, dataset: Dataset, *, replace: bool) -> None:
         self.dataset, self.replace = dataset, replace
-        self._reported: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -228,18 +248,17 @@ class SkipBadImages(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor] | None:
-        n = len(self)
+    def __getitem__(self, index: int) -> dict[str, Tensor | str] | BadImage:
+        n, messages = len(self), []
         for tried in range(n):
             try:
                 item = self.dataset[(index + tried) % n]
             except DatasetError as e:
-                if str(e) not in self._reported:
-                    self._reported.add(str(e))
-                    _log.warning("skipped unreadable image: %s", e)
                 if not self.replace:
-                    return None
+                    return BadImage(str(e))
+                messages.append(str(e))
                 continue
             item["bad"] = torch.tensor(tried, dtype=torch.int64)
+            item["bad_messages"] = "\n".join(messages)
             return item
         raise DatasetError(f"{getattr(self.dataset, 'root', 'dataset')}: none of its {n} images can be read")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from ..backbones import Preprocessing
 from ..config import Config, ConfigError, OptimConfig
 from ..data import DatasetError, build_dataset, build_transform
-from ..data.base import SkipBadImages, check_labels
+from ..data.base import BadImage, SkipBadImages, check_labels, report_bad_images
 from ..model import RACNN
 
 
@@ -170,6 +170,7 @@ class Loader(DataLoader):
             raise_if_interrupted()
             if "bad" in batch:
                 self.bad_images += int(batch["bad"].sum())
+                report_bad_images(batch.pop("bad_messages", []))
             if "image" in batch:  # else every image of an evaluation batch was unreadable
                 yield batch
 
@@ -219,11 +220,12 @@ def _last_line(e: Exception) -> str:
     return lines[-1][len(prefix) :] if lines[-1].startswith(prefix) else lines[-1]
 
 
-def _collate_skipping(items: list[dict[str, torch.Tensor] | None]) -> dict[str, Any]:
-    """Collate the readable items (``None``: skipped) and count the others in ``"bad"``."""
-    good = [it for it in items if it is not None]
+def _collate_skipping(items: list[dict[str, torch.Tensor] | BadImage]) -> dict[str, Any]:
+    """Collate the readable items, count the others in ``"bad"`` and keep their messages."""
+    good = [it for it in items if not isinstance(it, BadImage)]
     batch: dict[str, Any] = default_collate(good) if good else {}
     batch["bad"] = torch.tensor(len(items) - len(good), dtype=torch.int64)
+    batch["bad_messages"] = [it.message for it in items if isinstance(it, BadImage)]
     return batch
 
 
