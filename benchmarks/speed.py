@@ -59,10 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--precision", choices=tuple(AMP), default="fp32", help="autocast dtype (fp32: no autocast)")
     a("--channels-last", action="store_true", help="model and inputs in channels_last")
     a("--compile", action="store_true", help="torch.compile every backbone trunk (RA-CNN and limit)")
-    a("--checkpoint-activations", dest="ckpt", action="store_true", help="model.checkpoint_activations")
+    a(
+        "--checkpoint-activations",
+        dest="ckpt",
+        action="store_true",
+        default=None,
+        help="model.checkpoint_activations",
+    )
     a("--fused-optim", action="store_true", help="rebuild both optimisers with fused=True")
     a("--set", action="append", default=[], metavar="K=V", help="config override: model.apn_hidden=512")
-    a("--pretrained", action="store_true", help="ImageNet weights (TORCH_HOME); timing does not need them")
+    a(
+        "--pretrained",
+        action="store_true",
+        default=None,
+        help="ImageNet weights (TORCH_HOME); timing needs none",
+    )
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     a("--phases", default="classify,attend", help="training phases to time")
     a("--warmup", type=int, default=2)
@@ -80,9 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.config:  # what the flags leave unset comes from the config's model section
         m = load_config(args.config).model
         start = {"backbone": m.backbone, "scales": m.num_scales, "input_size": m.input_size}
-        start["crop_from"] = m.crop_from
+        start |= {"crop_from": m.crop_from, "pretrained": m.pretrained, "ckpt": m.checkpoint_activations}
     else:
         start = {"backbone": "mobilenet_v2", "scales": 3, "input_size": 224, "crop_from": "previous"}
+        start |= {"pretrained": False, "ckpt": False}
     for k, v in start.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.quick:  # 1 thread unless told: robust on a shared machine (docs/performance.md)

@@ -39,10 +39,13 @@ def test_speed_benchmark_writes_the_headline_keys(tmp_path: Path) -> None:
 
 def test_config_fills_what_the_flags_leave_unset(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  backbone: tiny\n  num_scales: 2\n  apn_hidden: 8\n  input_size: 48\n")
+    model = "model:\n  backbone: tiny\n  num_scales: 2\n  apn_hidden: 8\n  input_size: 48\n"
+    cfg.write_text(model + "  checkpoint_activations: true\n  pretrained: false\n")
     args = speed.parse_args(["--config", str(cfg), "--input-size", "32"])
     assert (args.backbone, args.scales, args.input_size, args.image_size) == ("tiny", 2, 32, 32)
+    assert args.ckpt is True and args.pretrained is False  # store_true flags left unset: the config's
     bench = speed.Bench(args, speed.torch.device("cpu"))
     assert bench.cfg.model.apn_hidden == 8 and bench.n == 2  # the config's own keys reach the model
     plain = speed.parse_args([])
     assert (plain.backbone, plain.scales, plain.input_size) == ("mobilenet_v2", 3, 224)
+    assert plain.ckpt is False and plain.pretrained is False

@@ -231,6 +231,7 @@ def test_bad_choice_in_file(tmp_path):
         ("schedule.apn_init_threshold=1.0", "apn_init_threshold"),
         ("schedule.apn_init_box=region,box", "apn_init_box"),
         ("schedule.apn_init_box=", "apn_init_box"),
+        ("schedule.apn_init_box=region,peak,peak", "apn_init_box"),  # 3 kinds for the 2 APNs of 3 scales
     ],
 )
 def test_range_checks(override, needle):
@@ -239,6 +240,11 @@ def test_range_checks(override, needle):
         overrides.append("model.box_max_side=0.5")
     with pytest.raises(ConfigError, match=needle):
         apply_overrides(Config(), overrides)
+
+
+def test_apn_init_box_list_is_moot_without_apn():
+    cfg = apply_overrides(Config(), ["model.num_scales=1", "schedule.apn_init_box=region,peak"])
+    assert cfg.schedule.apn_init_box == "region,peak"  # the accuracy benchmark's baseline: 1 scale, no APN
 
 
 def test_missing_file_names_the_path(tmp_path):

@@ -197,10 +197,11 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         if value not in choices:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
     boxes = cfg.schedule.apn_init_box.split(",")
-    if not all(b in ("peak", "region") for b in boxes):
+    too_many = cfg.model.num_scales > 1 and len(boxes) > cfg.model.num_scales - 1  # (1 scale: no APN, moot)
+    if not all(b in ("peak", "region") for b in boxes) or too_many:
         raise ConfigError(
-            f"{source}: schedule.apn_init_box must be peak, region, or one per APN separated by commas "
-            f"(region,peak), got {cfg.schedule.apn_init_box!r}"
+            f"{source}: schedule.apn_init_box must be peak, region, or at most one per APN (num_scales - 1) "
+            f"separated by commas without spaces (region,peak), got {cfg.schedule.apn_init_box!r}"
         )
     m = cfg.model
     checks = [

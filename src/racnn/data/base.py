@@ -214,7 +214,7 @@ class BadImage:
 
 def report_bad_images(messages: Sequence[str]) -> None:
     """Warn (``racnn.data`` logger) about each unreadable image once per process, however many epochs,
-    evaluations and loader workers meet it."""
+    evaluations and loader workers meet it (under torchrun: once per rank that meets it)."""
     for m in messages:
         for line in m.splitlines():
             if line and line not in _reported:

@@ -144,8 +144,8 @@ class Trainer:
             )
         try:
             self.model.load_state_dict(s["model"])
-            self.cls_opt.load_state_dict(s["optimizers"]["cls"])
-            self.apn_opt.load_state_dict(s["optimizers"]["apn"])
+            self.cls_opt.load_state_dict(setup.keep_fused(self.cls_opt, s["optimizers"]["cls"]))
+            self.apn_opt.load_state_dict(setup.keep_fused(self.apn_opt, s["optimizers"]["apn"]))
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             what = f"a {self.cfg.model.backbone} RA-CNN with {len(self.classes)} classes"
@@ -218,7 +218,8 @@ class Trainer:
         if steps > 0 and self.cfg.model.num_scales > 1:
             set_phase(self.model, "apn_init")
             forward = self.forward_model()
-            opt = torch.optim.Adam(self.model.parameter_groups()["apn"], lr=self.cfg.schedule.apn_init_lr)
+            apn = self.model.parameter_groups()["apn"]
+            opt = torch.optim.Adam(apn, lr=self.cfg.schedule.apn_init_lr, fused=setup.fused_ok(apn))
             done, epoch = 0, 0
             loss_sum = torch.zeros((), device=self.device)
             watch = self._watch("APN initialisation")

@@ -152,8 +152,9 @@ def peak_response_boxes(fmap: torch.Tensor, side: float) -> torch.Tensor:
 def region_response_boxes(
     fmap: torch.Tensor, threshold: float, min_side: float, max_side: float
 ) -> torch.Tensor:
-    """APN initialisation target sized to the response: the bounding box of the cells whose response is at
-    least ``threshold`` of the way from the image's minimum to its maximum (the CAM localisation rule of
+    """APN initialisation target sized to the response: the bounding box of the cells whose response
+    (smoothed as for :func:`peak_response_boxes`, so an isolated peak counts with its ring of neighbours) is
+    at least ``threshold`` of the way from the image's minimum to its maximum (the CAM localisation rule of
     Zhou et al. 2016), turned into the square of the same centre and area (side sqrt(w h)), side clamped to
     the APN's range [min_side, max_side], moved inside the image. Where the paper's fixed-side square keeps
     every box the same size, this one follows the object's extent. B x C x h x w -> B x 3."""

@@ -294,7 +294,7 @@ def make_optimizers(model: RACNN, o: OptimConfig) -> tuple[torch.optim.Optimizer
             cls_groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0
         )
     else:
-        fused = _fused_ok(groups["backbone"] + groups["head"])
+        fused = fused_ok(groups["backbone"] + groups["head"])
         cls_opt = torch.optim.AdamW(cls_groups, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     apn_params = [{"params": groups["apn"], "lr": o.apn_lr, "name": "apn"}]
     if o.apn_optimizer == "adam":
@@ -302,18 +302,26 @@ def make_optimizers(model: RACNN, o: OptimConfig) -> tuple[torch.optim.Optimizer
         # 64 M weights (MobileNetV2, apn_grid 7), where the for-loop Adam step took 0.67 s on a CPU core
         # and the fused one 0.08 s (docs/performance.md)
         apn_opt: torch.optim.Optimizer = torch.optim.Adam(
-            apn_params, lr=o.apn_lr, fused=_fused_ok(groups["apn"])
+            apn_params, lr=o.apn_lr, fused=fused_ok(groups["apn"])
         )
     else:
         apn_opt = torch.optim.SGD(apn_params, lr=o.apn_lr, momentum=o.momentum)
     return cls_opt, apn_opt
 
 
-def _fused_ok(params: list[torch.nn.Parameter]) -> bool | None:
+def fused_ok(params: list[torch.nn.Parameter]) -> bool | None:
     """``fused=True`` where torch has fused Adam kernels (floating-point parameters on CPU or CUDA), else
     torch's default."""
     ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return True if ok else None
+
+
+def keep_fused(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with each parameter group's ``fused`` flag set to ``opt``'s: ``load_state_dict`` takes the
+    saved groups' options, so a run resumed from a checkpoint of an unfused optimiser would silently run
+    unfused (or fused where this machine has no kernel)."""
+    groups = [{**g, "fused": opt.defaults.get("fused")} for g in state["param_groups"]]
+    return {**state, "param_groups": groups}
 
 
 def make_scheduler(
