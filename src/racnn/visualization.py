@@ -90,7 +90,7 @@ def attention_figure(
             draw_box(ax, b[i], w, h, SCALE_COLOURS[s % len(SCALE_COLOURS)], label=f"box of scale {s + 1}")
         head = titles[i] if titles else ""
         if labels is not None:
-            head = f"{head} truth: {classes[labels[i]]}".strip()
+            head = f"{head}\ntruth: {classes[labels[i]]}".strip()  # two lines: a long one overflows the image
         ax.set_title(head, fontsize=8)
         for s, crop in enumerate(result.crops):
             a = axes[i, s + 1]
