@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -24,6 +27,17 @@ SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared/weights"
 CLASS_IDS = (12, 3, 7)  # written in this order; labels follow sorted ids: 3 -> 0, 7 -> 1, 12 -> 2
 PART_NAMES = {1: "back", 2: "beak", 3: "left eye", 4: "right eye", 5: "tail"}
 PER_CLASS = 5  # images per class: 4 train + 1 test
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (a script, not a package) as the module ``bench_<name>``."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_fake_cub(root: Path) -> Path:

@@ -3,25 +3,12 @@ what the flags leave unset."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+from conftest import load_benchmark
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_speed", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-speed = _load()
+speed = load_benchmark("speed")
 TINY = ["--backbone", "tiny", "--input-size", "32", "--batch-size", "2", "--warmup", "0", "--iters", "2"]
 TINY += ["--crop-shape", "2,48,24", "--crop-iters", "2", "--threads", "1"]
 
