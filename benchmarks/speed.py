@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from speed_report import report, summary  # benchmarks/ is on sys.path when this script runs
 
 from racnn.attention import crop_zoom, crop_zoom_gather, crop_zoom_reference
 from racnn.backbones import backbone_preprocessing
-from racnn.config import Config, load_config
+from racnn.config import Config, ModelConfig, load_config
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
 from racnn.model import RACNN, RACNNFeatures, build_model
 from racnn.training import setup
@@ -43,6 +44,13 @@ CONFIG_KEYS = (
     "config backbone scales input_size image_size crop_from batch_size device precision channels_last compile"
 )
 CONFIG_KEYS += " ckpt fused_optim set threads warmup iters"
+FROM_MODEL = {
+    "backbone": "backbone",
+    "scales": "num_scales",
+    "input_size": "input_size",
+    "crop_from": "crop_from",
+}
+FROM_MODEL |= {"pretrained": "pretrained", "ckpt": "checkpoint_activations"}  # argument -> ModelConfig field
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,21 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--precision", choices=tuple(AMP), default="fp32", help="autocast dtype (fp32: no autocast)")
     a("--channels-last", action="store_true", help="model and inputs in channels_last")
     a("--compile", action="store_true", help="torch.compile every backbone trunk (RA-CNN and limit)")
-    a(
-        "--checkpoint-activations",
-        dest="ckpt",
-        action="store_true",
-        default=None,
-        help="model.checkpoint_activations",
-    )
+    a("--checkpoint-activations", dest="ckpt", action="store_true", default=None, help="(default: off)")
     a("--fused-optim", action="store_true", help="rebuild both optimisers with fused=True")
     a("--set", action="append", default=[], metavar="K=V", help="config override: model.apn_hidden=512")
-    a(
-        "--pretrained",
-        action="store_true",
-        default=None,
-        help="ImageNet weights (TORCH_HOME); timing needs none",
-    )
+    a("--pretrained", action="store_true", default=None, help="ImageNet weights (TORCH_HOME; default: off)")
     a("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     a("--phases", default="classify,attend", help="training phases to time")
     a("--warmup", type=int, default=2)
@@ -88,15 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--json", default=None, help="write the results to this file")
     a("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.config:  # what the flags leave unset comes from the config's model section
-        m = load_config(args.config).model
-        start = {"backbone": m.backbone, "scales": m.num_scales, "input_size": m.input_size}
-        start |= {"crop_from": m.crop_from, "pretrained": m.pretrained, "ckpt": m.checkpoint_activations}
-    else:
-        start = {"backbone": "mobilenet_v2", "scales": 3, "input_size": 224, "crop_from": "previous"}
-        start |= {"pretrained": False, "ckpt": False}
-    for k, v in start.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    # what the flags leave unset comes from the config's model section, else from these defaults
+    m = load_config(args.config).model if args.config else ModelConfig(pretrained=False)
+    for arg, key in FROM_MODEL.items():
+        setattr(args, arg, getattr(m, key) if getattr(args, arg) is None else getattr(args, arg))
     if args.quick:  # 1 thread unless told: robust on a shared machine (docs/performance.md)
         args.batch_size, args.input_size, args.warmup, args.iters = 4, 160, 1, 3
         args.crop_iters, args.loader_batches, args.phases, args.threads = 3, 4, "classify", args.threads or 1
@@ -154,8 +146,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
     """The model options as config overrides, then the user's ``--set``."""
-    m = {"backbone": args.backbone, "num_scales": args.scales, "input_size": args.input_size}
-    m |= {"crop_from": args.crop_from, "pretrained": args.pretrained, "checkpoint_activations": args.ckpt}
+    m = {key: getattr(args, arg) for arg, key in FROM_MODEL.items()}
     return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in m.items()] + args.set
 
 
@@ -336,47 +327,6 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
         seen += len(next(batches)["label"])
     dt = time.perf_counter() - t0
     return {"images_per_s": seen / dt, "images": seen, "workers": args.workers, "dataset_size": len(data)}
-
-
-# ----------------------------------------------------------------------------------------------- report
-
-
-def summary(res: dict[str, Any]) -> dict[str, float | None]:
-    """The headline figures (``None`` where a section did not run); ``train_ratio`` and ``memory_ratio`` are
-    the classification phase's, ``*_attend`` the attention phase's."""
-    train, mem, crop = res.get("train", {}), res.get("memory", {}), res.get("crop", {})
-    rates = [v["racnn_img_s"] for k, v in train.items() if k != "samples_s"]
-    phases = ((CLASSIFY, ""), (ATTEND, "_attend"))
-    head = {f"train_ratio{x}": train.get(ph, {}).get("ratio") for ph, x in phases}
-    head |= {"infer_ratio": res.get("infer", {}).get("ratio"), "crop_speedup": crop.get("speedup")}
-    head |= {"crop_speedup_image_grad": crop.get("speedup_image_grad")}
-    head |= {f"memory_ratio{x}": mem.get(ph, {}).get("ratio") for ph, x in phases}
-    rate = max(rates) if rates else None  # the faster phase: the higher consumption
-    loader = res.get("loader", {}).get("images_per_s")
-    ratio = loader / rate if rate and loader else None
-    return head | {"train_images_per_s": rate, "loader_images_per_s": loader, "loader_over_train": ratio}
-
-
-def report(res: dict[str, Any]) -> None:
-    """Print the figures as a table."""
-    print(f"config: {res['config']}\nmachine: {res['machine']}\n{'':<36}{'RA-CNN':>12}{'limit':>12}  ratio")
-    rows = [(f"train step ({k})", v) for k, v in res.get("train", {}).items() if k != "samples_s"]
-    for name, r in rows + ([("inference", res["infer"])] if "infer" in res else []):
-        print(f"  {name:<34}{r['racnn_s'] * 1e3:>9.1f} ms{r['limit_s'] * 1e3:>9.1f} ms  {r['ratio']:.3f}")
-    m = res.get("crop", {}).get("median_s", {})
-    for case, label in (("box", "box grad"), ("img", "box+image grad")) if m else ():
-        ours, ref = m[f"ours_{case}"], m[f"reference_{case}"]
-        print(f"  crop-zoom, {label:<23}{ours * 1e3:>9.1f} ms{ref * 1e3:>9.1f} ms  ref/ours {ref / ours:.1f}")
-    if m:
-        g, f = m["gather_box"] * 1e3, m["ours_nograd"] * 1e3
-        print(f"  crop-zoom: previous (gather) {g:.1f} ms; ours forward only, no grad {f:.1f} ms")
-    for ph, r in res.get("memory", {}).items():
-        gib = [r[v]["peak_bytes"] / 2**30 for v in ("racnn", "limit")]
-        print(f"  peak memory ({ph}): {gib[0]:.2f} GiB vs limit {gib[1]:.2f} GiB, ratio {r['ratio']:.3f}")
-    if "loader" in res:
-        print(f"  loader: {res['loader']['images_per_s']:.1f} img/s with {res['loader']['workers']} workers")
-    items = res["summary"].items()
-    print("summary:", ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in items))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

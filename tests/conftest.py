@@ -32,6 +32,8 @@ PER_CLASS = 5  # images per class: 4 train + 1 test
 def load_benchmark(name: str) -> ModuleType:
     """Import ``benchmarks/<name>.py`` (a script, not a package) as the module ``bench_<name>``."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as when the script runs: its sibling modules import
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -19,6 +19,7 @@ from racnn.training.schedule import (
     CLASSIFY,
     JOINT,
     PhaseSchedule,
+    apn_saturation,
     class_activation,
     peak_response_boxes,
     region_response_boxes,
@@ -175,10 +176,10 @@ def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path
         for apn in trainer.model.apns:
             apn.fc1.weight.zero_()
             apn.fc1.bias.fill_(0.5)
-    assert set(trainer._apn_saturation(x).values()) == {0.0}  # tanh(0.5): unsaturated
+    assert set(apn_saturation(trainer.model, x).values()) == {0.0}  # tanh(0.5): unsaturated
     with torch.no_grad():
         trainer.model.apns[0].fc1.bias.fill_(-4.0)
-    assert trainer._apn_saturation(x) == {"apn_saturation_s1": 1.0, "apn_saturation_s2": 0.0}
+    assert apn_saturation(trainer.model, x) == {"apn_saturation_s1": 1.0, "apn_saturation_s2": 0.0}
     assert abs(float(after) - 0.4) < abs(float(before) - 0.4)
     assert abs(float(after) - 0.4) < 0.1
 

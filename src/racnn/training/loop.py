@@ -41,6 +41,7 @@ from .schedule import (
     JOINT,
     WARMUP,
     PhaseSchedule,
+    apn_saturation,
     class_activation,
     peak_response_boxes,
     region_response_boxes,
@@ -254,27 +255,9 @@ class Trainer:
             bar.close()
             mean = float(distributed.all_reduce_sum(loss_sum, self.dist)) / (done * self.dist.world_size)
             rec = {"phase": "apn_init", "epoch": 0, "steps": done, "loss": mean}
-            self._log(rec | self._apn_saturation(x))
+            self._log(rec | apn_saturation(self.model, x))
         self.apn_init_done = True
         self._save_last()
-
-    @torch.no_grad()
-    def _apn_saturation(self, x: torch.Tensor) -> dict[str, float]:
-        """Share of each APN's tanh units past |3| (gradient under 1 % of its peak) on the batch ``x``: near 1
-        means the initialisation learning rate was too high and every image gets the same box."""
-        pre: dict[int, torch.Tensor] = {}
-        hooks = [
-            apn.fc1.register_forward_hook(lambda _m, _i, o, s=s: pre.__setitem__(s, o))
-            for s, apn in enumerate(self.model.apns)
-        ]
-        try:
-            self.model(x)  # float32: under autocast a frozen-weight fast path skips fc1's hook
-        finally:
-            for h in hooks:
-                h.remove()
-        return {
-            f"apn_saturation_s{s + 1}": float((v.float().abs() > 3).float().mean()) for s, v in pre.items()
-        }
 
     def _init_target(self, s: int, fmap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The box (B x 3) the APN of scale ``s`` is initialised towards, from its last conv layer's

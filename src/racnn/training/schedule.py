@@ -173,3 +173,20 @@ def region_response_boxes(
     x1 = (torch.where(cols, ar_w, -1).amax(1).float() + 1) / w
     side = ((x1 - x0) * (y1 - y0)).sqrt().clamp(min_side, max_side)
     return _square_inside((x0 + x1) / 2, (y0 + y1) / 2, side)
+
+
+@torch.no_grad()
+def apn_saturation(model: RACNN, x: torch.Tensor) -> dict[str, float]:
+    """Share of each APN's tanh units past |3| (gradient under 1 % of its peak) on the batch ``x``: near 1
+    means the initialisation learning rate was too high and every image gets the same box."""
+    pre: dict[int, torch.Tensor] = {}
+    hooks = [
+        apn.fc1.register_forward_hook(lambda _m, _i, o, s=s: pre.__setitem__(s, o))
+        for s, apn in enumerate(model.apns)
+    ]
+    try:
+        model(x)  # float32: under autocast a frozen-weight fast path skips fc1's hook
+    finally:
+        for h in hooks:
+            h.remove()
+    return {f"apn_saturation_s{s + 1}": float((v.float().abs() > 3).float().mean()) for s, v in pre.items()}
