@@ -39,7 +39,7 @@ model.backbone=mobilenet_v2 model.pretrained=true model.num_scales=3 model.input
 model.mask_k=10.0 model.box_min_side=0.25 model.box_max_side=1.0 model.apn_grid=4 model.apn_hidden=256
 model.dropout=0.2
 data.name=cub data.val_fraction=0.1 data.num_workers=2 data.augment=true data.crop_scale_min=0.6
-optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 optim.apn_lr=0.000003 optim.apn_optimizer=adam
+optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 optim.apn_lr=0.000001 optim.apn_optimizer=adam
 optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine optim.label_smoothing=0.1
 schedule.mode=alternate schedule.warmup_epochs=2 schedule.apn_init_response=cam
 schedule.apn_init_steps=80 schedule.apn_init_lr=0.00001 schedule.apn_init_side=0.6
