@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_machine import cpu_name  # benchmarks/ is on sys.path when this script runs
 
 from racnn.config import Config, apply_overrides
 from racnn.evaluation import json_safe
@@ -91,12 +91,7 @@ def baseline_config(cfg: Config) -> Config:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch versions and threads, and the load average (the machine may be shared)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     import torchvision
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

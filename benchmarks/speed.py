@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speed_report import report, summary  # benchmarks/ is on sys.path when this script runs
+from bench_machine import cpu_name
+from speed_report import report, summary  # (benchmarks/ is on sys.path when a script here runs)
 
 from racnn.attention import crop_zoom, crop_zoom_gather, crop_zoom_reference
 from racnn.backbones import backbone_preprocessing
@@ -134,13 +134,9 @@ def _pair(racnn: list[float], limit: list[float], batch: int) -> dict[str, float
 
 def machine(device: torch.device) -> dict[str, Any]:
     """CPU model (``lscpu``), cores, torch version and threads, GPU name when on CUDA."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration):
-        pass
-    info = dict(cpu=cpu, cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads())
+    info = dict(
+        cpu=cpu_name(), cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads()
+    )
     return info | ({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})
 
 
