@@ -42,6 +42,19 @@ def load_benchmark(name: str) -> ModuleType:
     return module
 
 
+def interrupt_epoch(trainer: object, call: int) -> None:
+    """Make ``trainer.train_epoch`` raise ``KeyboardInterrupt`` (Ctrl-C) on its ``call``-th call."""
+    real, calls = trainer.train_epoch, {"n": 0}  # type: ignore[attr-defined]
+
+    def train_epoch(phase: str) -> dict[str, float]:
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(phase)
+
+    trainer.train_epoch = train_epoch  # type: ignore[attr-defined]
+
+
 def write_fake_cub(root: Path) -> Path:
     """Write a 3-class, 15-image CUB_200_2011 tree under ``root``; return the CUB_200_2011 folder."""
     cub = root / "CUB_200_2011"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, interrupt_epoch
 from racnn.cli import main
 from racnn.config import Config, load_config
 from racnn.training import loop
@@ -131,15 +131,7 @@ def test_resume_drops_log_lines_of_an_epoch_missing_from_last_pt(fake_cub: Path,
     cfg = _config(fake_cub)
     Trainer(cfg, tmp_path / "full", progress=False).fit()
     run = Trainer(cfg, tmp_path / "run", progress=False)
-    real, calls = run.train_epoch, {"n": 0}
-
-    def stop_in_third_epoch(phase: str) -> dict[str, float]:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(phase)
-
-    run.train_epoch = stop_in_third_epoch  # type: ignore[method-assign]
+    interrupt_epoch(run, 3)
     with pytest.raises(KeyboardInterrupt):
         run.fit()
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:

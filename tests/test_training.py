@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupt_epoch
 from racnn.config import Config, ScheduleConfig, load_config
 from racnn.losses import ranking_loss, true_class_prob
 from racnn.model import build_model
@@ -213,16 +214,7 @@ def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_pa
 
     # the same run, stopped after its second epoch, then resumed from last.pt
     stopped = Trainer(cfg, tmp_path / "stopped", progress=False)
-    calls = {"n": 0}
-    real = stopped.train_epoch
-
-    def stop_after_two(phase: str) -> dict[str, float]:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(phase)
-
-    stopped.train_epoch = stop_after_two  # type: ignore[method-assign]
+    interrupt_epoch(stopped, 3)  # stopped after its second epoch
     with pytest.raises(KeyboardInterrupt):
         stopped.fit()
     assert load_checkpoint(tmp_path / "stopped" / "last.pt")["progress"]["schedule"]["epoch"] == 2
