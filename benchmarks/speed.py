@@ -41,13 +41,14 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/cub200-sub
 CROPS = {"ours": crop_zoom, "gather": crop_zoom_gather, "reference": crop_zoom_reference}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_KEYS = (
-    "config backbone scales input_size image_size crop_from batch_size device precision channels_last compile"
+    "config backbone scales input_size zoom_size image_size crop_from batch_size device precision channels_last compile"
 )
 CONFIG_KEYS += " ckpt fused_optim set threads warmup iters"
 FROM_MODEL = {
     "backbone": "backbone",
     "scales": "num_scales",
     "input_size": "input_size",
+    "zoom_size": "zoom_size",
     "crop_from": "crop_from",
 }
 FROM_MODEL |= {"pretrained": "pretrained", "ckpt": "checkpoint_activations"}  # argument -> ModelConfig field
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--config", default=None, help="YAML whose model and optim sections are the starting point (flags win)")
     a("--backbone", default=None, help="backbone of every scale (default mobilenet_v2, or --config's)")
     a("--scales", type=int, default=None, help="model.num_scales (default 3, or --config's)")
-    a("--input-size", type=int, default=None, help="every scale's input side (default 224, or --config's)")
+    a("--input-size", type=int, default=None, help="scale 1's input side (default 224, or --config's)")
+    a("--zoom-size", type=int, default=None, help="input side of scales 2..N (default: --input-size)")
     a("--image-size", type=int, default=None, help="side of the loader's image (default --input-size)")
     a("--crop-from", choices=("previous", "source"), default=None, help="model.crop_from")
     a("--batch-size", type=int, default=16)
@@ -143,7 +145,11 @@ def machine(device: torch.device) -> dict[str, Any]:
 def model_overrides(args: argparse.Namespace) -> list[str]:
     """The model options as config overrides, then the user's ``--set``."""
     m = {key: getattr(args, arg) for arg, key in FROM_MODEL.items()}
-    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in m.items()] + args.set
+
+    def text(v: object) -> str:  # as YAML reads it back
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [f"model.{k}={text(v)}" for k, v in m.items()] + args.set
 
 
 class Bench:
@@ -169,7 +175,7 @@ class Bench:
         self.cls_opt, self.apn_opt = opts
         b = args.batch_size
         self.images = self._input(b, args.image_size)
-        self.ready = [self._input(b, cfg.model.input_size) for _ in range(self.n)]  # the limit's inputs
+        self.ready = [self._input(b, side) for side in self.model.scale_sizes]  # the limit's inputs
         self.labels = torch.randint(0, 200, (b,), device=device)
 
     def _input(self, b: int, size: int) -> torch.Tensor:

@@ -36,3 +36,14 @@ def test_config_fills_what_the_flags_leave_unset(tmp_path: Path) -> None:
     plain = speed.parse_args([])
     assert (plain.backbone, plain.scales, plain.input_size) == ("mobilenet_v2", 3, 224)
     assert plain.ckpt is False and plain.pretrained is False
+
+
+def test_zoom_size_reaches_the_model_and_the_limit() -> None:
+    """``--zoom-size``: the paper's 448 then 224; the limit's ready inputs take every scale's own side."""
+    args = speed.parse_args([*TINY, "--input-size", "48", "--zoom-size", "32", "--scales", "3"])
+    bench = speed.Bench(args, speed.torch.device("cpu"))
+    assert bench.cfg.model.zoom_size == 32 and bench.model.scale_sizes == [48, 32, 32]
+    assert [x.shape[-1] for x in bench.ready] == [48, 32, 32]
+    assert speed.Bench(speed.parse_args(TINY), speed.torch.device("cpu")).cfg.model.zoom_size is None
+    bench.racnn_step("attend")  # runs end to end
+    bench.limit_step("classify")

@@ -220,6 +220,30 @@ def test_input_of_another_size_is_resized():
     torch.testing.assert_close(out.crops[0], ref.crops[0], atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("crop_from", ["previous", "source"])
+def test_zoom_size_gives_the_finer_scales_their_own_input_side(crop_from):
+    """Paper Sec. 4.2: scale 1 at 448 px, attended regions zoomed to 224 px (here 48 then 32)."""
+    model = _model(input_size=48, zoom_size=32, crop_from=crop_from)
+    assert model.scale_sizes == [48, 32, 32]
+    model.eval()
+    images = _images(2, 48)
+    with torch.no_grad():
+        out = model(images)
+    assert all(c.shape == (2, 3, 32, 32) for c in out.crops)
+    k = model.cfg.mask_k
+    torch.testing.assert_close(out.crops[0], crop_zoom(images, out.boxes[0], 32, k))
+    second = crop_zoom(out.crops[0], out.boxes[1], 32, k)
+    if crop_from == "source":
+        second = crop_zoom(images, compose_boxes(out.boxes[0], out.boxes[1]), 32, k)
+    torch.testing.assert_close(out.crops[1], second)
+    # every parameter still learns, and the gradient reaches the APNs through the smaller crops
+    model.train()
+    _full_loss(model, model(images), torch.tensor([1, 3])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert _model(input_size=48).scale_sizes == [48, 48, 48]  # default: one side for every scale
+
+
 # ------------------------------------------------------------------------------------------ checkpointing
 
 

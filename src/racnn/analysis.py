@@ -121,7 +121,7 @@ def model_derivative_map(
         with torch.no_grad():
             box = model(image[None].float()).boxes[0][0].float()
     source, loss_fn = scale2_loss(model, image, target, kind=kind)
-    return derivative_map(source, box, loss_fn, out_size=model.cfg.input_size, k=model.cfg.mask_k)
+    return derivative_map(source, box, loss_fn, out_size=model.scale_sizes[1], k=model.cfg.mask_k)
 
 
 def describe_update(d: DerivativeMap) -> str:

@@ -26,7 +26,8 @@ class ModelConfig:
     pretrained: bool = True  # ImageNet weights via torchvision (offline through TORCH_HOME) or weights_file
     weights_file: str | None = None  # local state_dict for the backbone, overrides the torchvision weights
     num_scales: int = 3
-    input_size: int = 224  # side of every scale's (square) input, pixels
+    input_size: int = 224  # side of scale 1's (square) input, pixels
+    zoom_size: int | None = None  # side of the inputs of scales 2..N (None: input_size); paper: 448 then 224
     crop_from: str = "previous"  # "previous": zoom the previous scale (paper); "source": crop the data image
     mask_k: float = 10.0  # steepness of the boxcar's logistic h(x)=1/(1+exp(-k x)), x in source pixels
     box_min_side: float = 0.25  # lower bound on the box side, fraction of the input side
@@ -207,6 +208,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
     checks = [
         (m.num_scales >= 1, "model.num_scales must be >= 1"),
         (m.input_size >= 16, "model.input_size must be >= 16"),
+        (m.zoom_size is None or m.zoom_size >= 16, "model.zoom_size must be >= 16 (or null)"),
         (0.0 < m.box_min_side <= m.box_max_side <= 1.0, "need 0 < model.box_min_side <= box_max_side <= 1"),
         (m.mask_k > 0, "model.mask_k must be > 0"),
         (m.apn_grid >= 1 and m.apn_hidden >= 1, "model.apn_grid and apn_hidden must be >= 1"),

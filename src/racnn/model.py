@@ -101,7 +101,15 @@ class RACNN(nn.Module):
 
     @property
     def input_size(self) -> int:
+        """Side of scale 1's input (the loader's image is resized to it when it differs)."""
         return self.cfg.input_size
+
+    @property
+    def scale_sizes(self) -> list[int]:
+        """Input side of every scale: ``input_size``, then ``zoom_size`` (default ``input_size``) for the
+        zoomed scales (paper Sec. 4.2: 448 px at scale 1, attended regions zoomed to 224 px)."""
+        zoom = self.cfg.zoom_size or self.cfg.input_size
+        return [self.cfg.input_size] + [zoom] * (self.cfg.num_scales - 1)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``backbone`` / ``head`` (per-scale and fusion FCs) / ``apn``: the parts the phases train or freeze."""
@@ -138,7 +146,8 @@ class RACNN(nn.Module):
         ``detach_crops`` cuts only the crops' path: the returned boxes keep their gradient but nothing of
         scale s+1 depends on APN s through autograd (APN initialisation: each APN learns its own target).
         """
-        size = self.cfg.input_size
+        sizes = self.scale_sizes
+        size = sizes[0]
         x = images
         if images.shape[-2:] != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
@@ -159,6 +168,7 @@ class RACNN(nn.Module):
             boxes.append(box)
             if detach_crops:
                 box = box.detach()
+            size = sizes[s + 1]  # side of the next scale's input
             if self.cfg.crop_from == "source":
                 absolute = box if absolute is None else compose_boxes(absolute, box)
                 x = crop_zoom(images, absolute, size, self.cfg.mask_k)  # real pixels of the source image
