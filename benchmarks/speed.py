@@ -40,10 +40,8 @@ from racnn.training.schedule import ATTEND, CLASSIFY, set_phase
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/cub200-subset/CUB_200_2011"
 CROPS = {"ours": crop_zoom, "gather": crop_zoom_gather, "reference": crop_zoom_reference}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONFIG_KEYS = (
-    "config backbone scales input_size zoom_size image_size crop_from batch_size device precision channels_last compile"
-)
-CONFIG_KEYS += " ckpt fused_optim set threads warmup iters"
+CONFIG_KEYS = "config backbone scales input_size zoom_size image_size crop_from batch_size device precision"
+CONFIG_KEYS += " channels_last compile ckpt fused_optim set threads warmup iters"
 FROM_MODEL = {
     "backbone": "backbone",
     "scales": "num_scales",

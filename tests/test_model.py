@@ -220,7 +220,6 @@ def test_input_of_another_size_is_resized():
     torch.testing.assert_close(out.crops[0], ref.crops[0], atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("crop_from", ["previous", "source"])
 def test_zoom_size_gives_the_finer_scales_their_own_input_side(crop_from):
     """Paper Sec. 4.2: scale 1 at 448 px, attended regions zoomed to 224 px (here 48 then 32)."""
