@@ -29,7 +29,7 @@ import torch
 from bench_machine import cpu_name
 from speed_report import report, summary  # (benchmarks/ is on sys.path when a script here runs)
 
-from racnn.attention import crop_zoom, crop_zoom_gather, crop_zoom_reference
+from racnn.attention import crop_zoom, crop_zoom_compiled, crop_zoom_gather, crop_zoom_reference
 from racnn.backbones import backbone_preprocessing
 from racnn.config import Config, ModelConfig, load_config
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
@@ -41,7 +41,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/cub200-sub
 CROPS = {"ours": crop_zoom, "gather": crop_zoom_gather, "reference": crop_zoom_reference}
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_KEYS = "config backbone scales input_size zoom_size image_size crop_from batch_size device precision"
-CONFIG_KEYS += " channels_last compile ckpt fused_optim set threads warmup iters"
+CONFIG_KEYS += " channels_last compile ckpt compile_crop fused_optim set threads warmup iters"
 FROM_MODEL = {
     "backbone": "backbone",
     "scales": "num_scales",
@@ -49,7 +49,7 @@ FROM_MODEL = {
     "zoom_size": "zoom_size",
     "crop_from": "crop_from",
 }
-FROM_MODEL |= {"pretrained": "pretrained", "ckpt": "checkpoint_activations"}  # argument -> ModelConfig field
+FROM_MODEL |= {"pretrained": "pretrained", "ckpt": "checkpoint_activations", "compile_crop": "compile_crop"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--channels-last", action="store_true", help="model and inputs in channels_last")
     a("--compile", action="store_true", help="torch.compile every backbone trunk (RA-CNN and limit)")
     a("--checkpoint-activations", dest="ckpt", action="store_true", default=None, help="(default: off)")
+    a(
+        "--compile-crop",
+        action="store_true",
+        default=None,
+        help="model.compile_crop; crop section: time it too",
+    )
     a("--fused-optim", action="store_true", help="rebuild both optimisers with fused=True")
     a("--set", action="append", default=[], metavar="K=V", help="config override: model.apn_hidden=512")
     a("--pretrained", action="store_true", default=None, help="ImageNet weights (TORCH_HOME; default: off)")
@@ -266,12 +272,18 @@ def bench_crop(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         with torch.no_grad():
             crop_zoom(image, box, o)
 
-    fns = {f"{name}_box": run(fn, False) for name, fn in CROPS.items()}
+    crops = CROPS | ({"compiled": crop_zoom_compiled} if args.compile_crop else {})
+    fns = {f"{name}_box": run(fn, False) for name, fn in crops.items()}
     fns |= {"ours_img": run(crop_zoom, True), "reference_img": run(crop_zoom_reference, True)}
+    if args.compile_crop:
+        fns["compiled_img"] = run(crop_zoom_compiled, True)
     t = interleave(fns | {"ours_nograd": forward_only}, 1 if args.quick else 2, args.crop_iters, device)
     m = {k: median(v) for k, v in t.items()}
     r = {"speedup": m["reference_box"] / m["ours_box"], "speedup_previous": m["gather_box"] / m["ours_box"]}
     r["speedup_image_grad"] = m["reference_img"] / m["ours_img"]
+    if args.compile_crop:
+        r["speedup_compiled"] = m["reference_box"] / m["compiled_box"]
+        r["speedup_compiled_image_grad"] = m["reference_img"] / m["compiled_img"]
     return r | {"median_s": m, "shape": [b, 3, s, s, o]}
 
 

@@ -16,6 +16,7 @@ def summary(res: dict[str, Any]) -> dict[str, float | None]:
     head = {f"train_ratio{x}": train.get(ph, {}).get("ratio") for ph, x in phases}
     head |= {"infer_ratio": res.get("infer", {}).get("ratio"), "crop_speedup": crop.get("speedup")}
     head |= {"crop_speedup_image_grad": crop.get("speedup_image_grad")}
+    head |= {"crop_speedup_compiled": crop.get("speedup_compiled")}  # None unless --compile-crop
     head |= {f"memory_ratio{x}": mem.get(ph, {}).get("ratio") for ph, x in phases}
     rate = max(rates) if rates else None  # the faster phase: the higher consumption
     loader = res.get("loader", {}).get("images_per_s")
@@ -31,8 +32,15 @@ def report(res: dict[str, Any]) -> None:
         print(f"  {name:<34}{r['racnn_s'] * 1e3:>9.1f} ms{r['limit_s'] * 1e3:>9.1f} ms  {r['ratio']:.3f}")
     m = res.get("crop", {}).get("median_s", {})
     for case, label in (("box", "box grad"), ("img", "box+image grad")) if m else ():
-        ours, ref = m[f"ours_{case}"], m[f"reference_{case}"]
-        print(f"  crop-zoom, {label:<23}{ours * 1e3:>9.1f} ms{ref * 1e3:>9.1f} ms  ref/ours {ref / ours:.1f}")
+        for kind in ("ours", "compiled") if f"compiled_{case}" in m else ("ours",):
+            ours, ref, name = (
+                m[f"{kind}_{case}"],
+                m[f"reference_{case}"],
+                f"{label}{', compiled' * (kind != 'ours')}",
+            )
+            print(
+                f"  crop-zoom, {name:<23}{ours * 1e3:>9.2f} ms{ref * 1e3:>9.2f} ms  ref/ours {ref / ours:.1f}"
+            )
     if m:
         g, f = m["gather_box"] * 1e3, m["ours_nograd"] * 1e3
         print(f"  crop-zoom: previous (gather) {g:.1f} ms; ours forward only, no grad {f:.1f} ms")

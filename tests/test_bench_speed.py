@@ -47,3 +47,9 @@ def test_zoom_size_reaches_the_model_and_the_limit() -> None:
     assert speed.Bench(speed.parse_args(TINY), speed.torch.device("cpu")).cfg.model.zoom_size is None
     bench.racnn_step("attend")  # runs end to end
     bench.limit_step("classify")
+
+
+def test_compile_crop_reaches_the_model() -> None:
+    args = speed.parse_args([*TINY, "--compile-crop"])
+    assert speed.Bench(args, speed.torch.device("cpu")).cfg.model.compile_crop is True
+    assert speed.parse_args(TINY).compile_crop is False

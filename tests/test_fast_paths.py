@@ -11,10 +11,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from racnn.attention import APN, box_from_unit, crop_zoom, crop_zoom_gather, crop_zoom_reference
+import racnn.model as model_module
+from racnn.attention import (
+    APN,
+    box_from_unit,
+    crop_zoom,
+    crop_zoom_compiled,
+    crop_zoom_gather,
+    crop_zoom_reference,
+)
 from racnn.config import ModelConfig
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
 from racnn.model import build_model
@@ -85,6 +95,32 @@ def test_crop_zoom_448_to_224_equals_reference():
     image = torch.rand(2, 3, 448, 448, generator=gen, dtype=torch.float64)
     boxes = torch.tensor([[0.5, 0.5, 0.3], [0.31, 0.62, 0.27]], dtype=torch.float64)
     _compare(crop_zoom, image, boxes, 224, 10.0, image_grad=True)
+
+
+@pytest.mark.slow
+def test_compiled_crop_equals_reference_and_the_model_uses_it(monkeypatch):
+    """``model.compile_crop``: ``torch.compile`` of the same function, so the same values and gradients (box
+    and image) as the literal reference, in float64 on random and special boxes; the model routes through it."""
+    gen = torch.Generator().manual_seed(5)
+    image = torch.rand(8, 3, 16, 16, generator=gen, dtype=torch.float64)
+    boxes = _boxes(8, gen)
+    _compare(crop_zoom_compiled, image, boxes[:8], 8, 10.0, image_grad=True)
+    _compare(crop_zoom_compiled, image, boxes[8:], 8, 10.0, image_grad=False)
+    cfg = ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=8)
+    torch.manual_seed(0)
+    eager = build_model(cfg, num_classes=3).eval()
+    fused = build_model(dataclasses.replace(cfg, compile_crop=True), num_classes=3).eval()
+    fused.load_state_dict(eager.state_dict())
+    calls = []
+    monkeypatch.setattr(
+        model_module, "crop_zoom_compiled", lambda *a: calls.append(1) or crop_zoom_compiled(*a)
+    )
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        a, b = eager(x), fused(x)
+    assert len(calls) == 2  # the two crops of the fused model, none of the eager one
+    for u, v in zip(a.crops, b.crops, strict=True):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 
 
 def test_crop_zoom_far_outside_box_is_finite():

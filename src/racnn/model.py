@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import APN, compose_boxes, crop_zoom
+from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled
 from .backbones import Backbone, Preprocessing, build_backbone
 from .config import ModelConfig
 
@@ -152,6 +152,7 @@ class RACNN(nn.Module):
         if images.shape[-2:] != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         absolute = None  # box of the current scale's input in `images` coordinates (crop_from="source")
+        crop = crop_zoom_compiled if self.cfg.compile_crop else crop_zoom
         pooled, boxes, crops, maps = [], [], [], []
         for s in range(self.cfg.num_scales):
             fmap = self._trunk(s, x)  # B x C x h x w
@@ -171,9 +172,9 @@ class RACNN(nn.Module):
             size = sizes[s + 1]  # side of the next scale's input
             if self.cfg.crop_from == "source":
                 absolute = box if absolute is None else compose_boxes(absolute, box)
-                x = crop_zoom(images, absolute, size, self.cfg.mask_k)  # real pixels of the source image
+                x = crop(images, absolute, size, self.cfg.mask_k)  # real pixels of the source image
             else:
-                x = crop_zoom(x, box, size, self.cfg.mask_k)  # B x 3 x S x S, zoom of the previous scale
+                x = crop(x, box, size, self.cfg.mask_k)  # B x 3 x S x S, zoom of the previous scale
             crops.append(x)
         return RACNNFeatures(pooled, boxes, crops, maps)
 
