@@ -28,9 +28,9 @@ from racnn.training.checkpoint import load_model, model_record, save_checkpoint 
 
 NAMES = ["logits_s1", "logits_s2", "logits_s3", "logits_s12", "logits_s123", "box_s1", "box_s2"]
 CLASSES = ["a", "b", "c", "d"]
-# ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=8), 4 classes
+# ModelConfig(backbone="tiny", pretrained=False, input_size=32, zoom_size=24, apn_grid=2, apn_hidden=8), 4 classes
 OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
-OVERRIDES += ["model.apn_hidden=8", "data.image_size=40"]
+OVERRIDES += ["model.apn_hidden=8", "data.image_size=40", "model.zoom_size=24"]  # scales 2, 3 at 24 px
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,27 @@ def test_export_restores_mode_and_reports_missing_packages(
 def test_cli_rejects_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["export", "--checkpoint", str(tmp_path / "x.pt"), "--format", "tflite", "--out", str(tmp_path)])
+
+
+def test_export_traces_the_eager_crop_of_a_compile_crop_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model.compile_crop`` is an execution option: a traced forward (ONNX export, torch.compile of the
+    whole model) runs the plain crop, whose graph the exporter can read."""
+    import racnn.model as model_module
+
+    def never(*args: object) -> torch.Tensor:
+        raise AssertionError("the compiled crop ran inside the export")
+
+    monkeypatch.setattr(model_module, "crop_zoom_compiled", never)
+    cfg = load_config(None, [*OVERRIDES, "model.compile_crop=true"])
+    model = build_model(cfg.model, num_classes=4)
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(2, 3, 40, 40)
+    got = session.run(None, {"images": images.numpy()})
+    monkeypatch.setattr(model_module, "crop_zoom_compiled", model_module.crop_zoom)  # eager, same values
+    with torch.no_grad():
+        want = RACNNOnnxWrapper(model.eval())(images)
+    for g, w in zip(got, want, strict=True):
+        assert np.abs(g - w.numpy()).max() < 1e-4

@@ -152,7 +152,9 @@ class RACNN(nn.Module):
         if images.shape[-2:] != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         absolute = None  # box of the current scale's input in `images` coordinates (crop_from="source")
-        crop = crop_zoom_compiled if self.cfg.compile_crop else crop_zoom
+        # the compiled crop, unless this forward is itself being traced (torch.compile of the model, ONNX export)
+        fused = self.cfg.compile_crop and not torch.compiler.is_compiling()
+        crop = crop_zoom_compiled if fused else crop_zoom
         pooled, boxes, crops, maps = [], [], [], []
         for s in range(self.cfg.num_scales):
             fmap = self._trunk(s, x)  # B x C x h x w
