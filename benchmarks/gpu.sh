@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/performance.md in one go (about 6 minutes on one H100, random-init VGG-19s: no
+# The GPU rows of docs/performance.md in one go (about 8 minutes on one H100, random-init VGG-19s: no
 # ImageNet weights are needed for timing). Each step writes its JSON as soon as it ends, so a run cut
 # short keeps what it finished. Run from the repository root:
 #
@@ -11,6 +11,7 @@
 #   3. the paper's configuration: 448 then 224 (--zoom-size), batch 16, bf16: images per second, memory
 #   4. three VGG-19s at 448 on every scale, batch 16: peak memory with and without activation checkpointing
 #   5. the shipped MobileNetV2 config at 224, batch 16, on the GPU
+#   6. the compiled crop (model.compile_crop): the crop alone, and in the step of step 2
 set -u -o pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -42,4 +43,8 @@ step memory_448_b16 $py "${speed[@]}" "${vgg[@]}" --batch-size 16 --skip train,i
     --json "$out/speed_gpu_vgg19_448_b16_memory.json"
 step mobilenet_v2_224_b16 $py "${speed[@]}" --config configs/cub_mobilenet_v2_cpu.yaml \
     --set model.pretrained=false --warmup 3 --iters 15 --skip memory,crop --json "$out/speed_gpu_mnv2_224_b16.json"
+step crop_compiled $py benchmarks/speed.py --device cuda --data '' --compile-crop \
+    --skip train,infer,memory,loader --crop-iters 25 --json "$out/speed_gpu_crop_compiled.json"
+step ratios_vgg19_448_b8_compiled_crop $py "${speed[@]}" "${vgg[@]}" --batch-size 8 --compile-crop \
+    --warmup 3 --iters 15 --skip crop,memory --json "$out/speed_gpu_vgg19_448_b8_compiled_crop.json"
 exit $status

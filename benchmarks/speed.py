@@ -97,6 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         setattr(args, arg, getattr(m, key) if getattr(args, arg) is None else getattr(args, arg))
     if args.quick:  # 1 thread unless told: robust on a shared machine (docs/performance.md)
         args.batch_size, args.input_size, args.warmup, args.iters = 4, 160, 1, 3
+        args.zoom_size = None  # every scale at 160
         args.crop_iters, args.loader_batches, args.phases, args.threads = 3, 4, "classify", args.threads or 1
     args.image_size = args.image_size or args.input_size
     return args

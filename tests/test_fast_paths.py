@@ -98,27 +98,53 @@ def test_crop_zoom_448_to_224_equals_reference():
 
 
 @pytest.mark.slow
-def test_compiled_crop_equals_reference_and_the_model_uses_it(monkeypatch):
-    """``model.compile_crop``: ``torch.compile`` of the same function, so the same values and gradients (box
-    and image) as the literal reference, in float64 on random and special boxes; the model routes through it."""
+def test_compiled_crop_equals_reference_and_compiles_the_batch_axis_once():
+    """``crop_zoom_compiled`` (``model.compile_crop``) is ``torch.compile`` of the same function: the same
+    values and gradients (box and image) as the literal reference, in float64, on random and special boxes.
+    A new batch size (a last partial batch, evaluation) reuses the graph instead of compiling another."""
+    import torch._dynamo
+
     gen = torch.Generator().manual_seed(5)
     image = torch.rand(8, 3, 16, 16, generator=gen, dtype=torch.float64)
     boxes = _boxes(8, gen)
     _compare(crop_zoom_compiled, image, boxes[:8], 8, 10.0, image_grad=True)
     _compare(crop_zoom_compiled, image, boxes[8:], 8, 10.0, image_grad=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _compare(crop_zoom_compiled, image[:5], boxes[:5], 8, 10.0, image_grad=True)
+        _compare(crop_zoom_compiled, image[:3], boxes[8:11], 8, 10.0, image_grad=False)
+
+
+def _compile_crop_models(device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     cfg = ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=8)
     torch.manual_seed(0)
-    eager = build_model(cfg, num_classes=3).eval()
-    fused = build_model(dataclasses.replace(cfg, compile_crop=True), num_classes=3).eval()
+    eager = build_model(cfg, num_classes=3).to(device).eval()
+    fused = build_model(dataclasses.replace(cfg, compile_crop=True), num_classes=3).to(device).eval()
     fused.load_state_dict(eager.state_dict())
+    return eager, fused
+
+
+def test_compile_crop_model_runs_the_eager_crop_on_a_cpu(monkeypatch):
+    """On a CPU the compiled crop is slower and needs a C++ compiler: a model trained with ``compile_crop``
+    on a GPU and evaluated on a CPU runs the plain crop."""
+    monkeypatch.setattr(model_module, "crop_zoom_compiled", lambda *a: pytest.fail("compiled crop on a CPU"))
+    eager, fused = _compile_crop_models("cpu")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for u, v in zip(eager(x).crops, fused(x).crops, strict=True):
+            torch.testing.assert_close(u, v, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_crop_model_uses_the_compiled_crop_on_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(
         model_module, "crop_zoom_compiled", lambda *a: calls.append(1) or crop_zoom_compiled(*a)
     )
-    x = torch.randn(2, 3, 32, 32, generator=gen)
+    eager, fused = _compile_crop_models("cuda")
+    x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         a, b = eager(x), fused(x)
-    assert len(calls) == 2  # the two crops of the fused model, none of the eager one
+    assert len(calls) == 2  # the two crops of the compile_crop model, none of the eager one
     for u, v in zip(a.crops, b.crops, strict=True):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 

@@ -9,6 +9,7 @@ k = 10 the mask goes from 0.12 to 0.88 within 0.4 px of an edge, i.e. it is the 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -177,18 +178,27 @@ def crop_zoom(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0)
 
 
 @functools.cache
-def _compiled_crop_zoom():  # built on first use: importing torch._dynamo is not free
-    return torch.compile(crop_zoom, dynamic=False)
+def _compiled_crop_zoom() -> Callable[..., torch.Tensor]:  # built on first use: importing dynamo is not free
+    return torch.compile(crop_zoom)
 
 
 def crop_zoom_compiled(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
-    """:func:`crop_zoom` through ``torch.compile`` (``model.compile_crop``): same values and gradients.
+    """:func:`crop_zoom` through ``torch.compile`` (``model.compile_crop``, used on CUDA): same values and
+    gradients.
 
     Eager, the crop is about 140 small kernels forward and 180 backward (box arithmetic on B x out tensors
     around one ``grid_sample``); on a GPU that is bound by kernel launches, not by the 2.4 M output pixels
-    of a 16 x 448 -> 224 crop. Compiled, the elementwise work fuses into a few kernels. On a CPU eager is
-    as fast (docs/performance.md). The first call of each shape compiles (seconds to a minute).
+    of a 16 x 448 -> 224 crop. Compiled, the elementwise work fuses into a few kernels. On a CPU it is
+    slower than eager (docs/performance.md). The batch axis is compiled as dynamic from the first call, and
+    the box is promoted to float32 first, so a last partial batch, evaluation batches and autocast do not
+    each compile a new graph. Each image side and gradient mode compiles once (seconds).
     """
+    box = box.to(
+        torch.promote_types(box.dtype, torch.float32)
+    )  # as crop_zoom does: one graph, not one per dtype
+    if image.shape[0] > 1:  # size-1 axes are specialised by dynamo; marking one would be an error
+        torch._dynamo.maybe_mark_dynamic(image, 0)
+        torch._dynamo.maybe_mark_dynamic(box, 0)
     return _compiled_crop_zoom()(image, box, out, k)
 
 

@@ -152,8 +152,9 @@ class RACNN(nn.Module):
         if images.shape[-2:] != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         absolute = None  # box of the current scale's input in `images` coordinates (crop_from="source")
-        # the compiled crop, unless this forward is itself being traced (torch.compile of the model, ONNX export)
-        fused = self.cfg.compile_crop and not torch.compiler.is_compiling()
+        # the compiled crop on CUDA (on a CPU it is slower and needs a C++ compiler), unless this forward is
+        # itself being traced (torch.compile of the whole model, ONNX export)
+        fused = self.cfg.compile_crop and images.is_cuda and not torch.compiler.is_compiling()
         crop = crop_zoom_compiled if fused else crop_zoom
         pooled, boxes, crops, maps = [], [], [], []
         for s in range(self.cfg.num_scales):
