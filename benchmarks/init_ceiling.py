@@ -1,0 +1,75 @@
+"""How good are the APN initialisation's targets? (docs/results.md, experiment 9)
+
+For a checkpoint trained with the recipe of ``benchmarks/accuracy.py`` (``crop_from=source``,
+``apn_init_box=region,peak``), evaluates on a split, next to the APN's own boxes, the boxes the APN
+initialisation regresses towards: scale 1, the ``region`` box of the class activation map of scale 1;
+scale 2, a ``peak`` square on the activation map of the crop that box cuts. Prints the scale-1 IoU >= 0.5
+rate, the mean IoU, the head-in-scale-2-box rate and the box sides, with the true class's map (what the
+initialisation uses) and with the predicted class's.
+
+    python benchmarks/init_ceiling.py runs/bench_accuracy/racnn_source/best.pt --data DIR [--split val]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from racnn.attention import crop_zoom
+from racnn.evaluation import Accumulator
+from racnn.training import setup
+from racnn.training.checkpoint import load_model
+from racnn.training.schedule import class_activation, peak_response_boxes, region_response_boxes
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="CUB-layout folder")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    model, cfg, _ = load_model(args.checkpoint)
+    cfg.data.root, cfg.data.num_workers = args.data, 0
+    data = setup.make_dataset(cfg, args.split, model.preprocessing, train=False)
+    head = getattr(data, "head_parts", None)
+    sch, m, size = cfg.schedule, cfg.model, model.input_size
+    model.eval()
+    accs = {
+        "APN boxes": Accumulator(),
+        "targets, true class": Accumulator(),
+        "targets, predicted": Accumulator(),
+    }
+    for batch in torch.utils.data.DataLoader(data, batch_size=args.batch_size):
+        x, y = batch["image"], batch["label"]
+        out = model(x)
+        accs["APN boxes"].update(out.logits, out.boxes, batch, head)
+        x1 = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        f1 = model._trunk(0, x1)  # B x C x h x w, scale 1's last conv map
+        for name, true in (("targets, true class", True), ("targets, predicted", False)):
+            c1 = y if true else model.heads[0](f1.mean((2, 3))).argmax(1)
+            t1 = region_response_boxes(
+                class_activation(f1, model.heads[0], c1),
+                sch.apn_init_threshold,
+                m.box_min_side,
+                m.box_max_side,
+            )
+            source = x if m.crop_from == "source" else x1
+            f2 = model._trunk(1, crop_zoom(source, t1, model.scale_sizes[1], m.mask_k))
+            c2 = y if true else model.heads[1](f2.mean((2, 3))).argmax(1)
+            t2 = peak_response_boxes(class_activation(f2, model.heads[1], c2), sch.apn_init_side)
+            accs[name].update(out.logits, [t1, t2], batch, head)
+    res = {k: a.summary() for k, a in accs.items()}
+    for k, s in res.items():
+        print(
+            f"{k:<22} IoU>=0.5 {s['loc_acc_iou50']:.3f}  IoU {s['loc_iou_mean']:.3f}  head {s['head_hit_s2']:.3f}"
+            f"  sides {s['box_side_s1']:.3f}±{s['box_side_std_s1']:.3f} / {s['box_side_s2']:.3f}±{s['box_side_std_s2']:.3f}"
+        )
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""benchmarks/init_ceiling.py on a tiny model and the fake CUB tree: the APN row is the model's own
+evaluation, the target rows are the initialisation's boxes (scale-2 side = schedule.apn_init_side)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from conftest import load_benchmark
+from racnn.config import load_config
+from racnn.evaluation import evaluate
+from racnn.model import build_model
+from racnn.training import setup
+from racnn.training.checkpoint import model_record, save_checkpoint
+
+ceiling = load_benchmark("init_ceiling")
+KEYS = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
+KEYS += ["model.apn_hidden=8", "model.crop_from=source", "data.image_size=48", "schedule.apn_init_side=0.5"]
+
+
+def test_init_ceiling_rows(fake_cub: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, [*KEYS, f"data.root={fake_cub}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(model_record(model, cfg, ["a", "b", "c"]), ckpt)
+    res = ceiling.main([str(ckpt), "--data", str(fake_cub), "--split", "test"])
+    assert list(res) == ["APN boxes", "targets, true class", "targets, predicted"]
+    data = setup.make_dataset(cfg, "test", model.preprocessing, train=False)
+    own = evaluate(model.eval(), torch.utils.data.DataLoader(data, batch_size=16), head_parts=data.head_parts)
+    for key in ("loc_acc_iou50", "loc_iou_mean", "box_side_s1", "head_hit_s2"):
+        assert math.isclose(res["APN boxes"][key], own[key], abs_tol=1e-6), key
+    for row in ("targets, true class", "targets, predicted"):
+        assert math.isclose(res[row]["box_side_s2"], 0.5, abs_tol=1e-6)  # the peak square's side
+        assert 0.25 - 1e-6 <= res[row]["box_side_s1"] <= 1.0 + 1e-6  # the region box within the bounds
+        assert 0.0 <= res[row]["loc_iou_mean"] <= 1.0
