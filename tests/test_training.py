@@ -19,6 +19,7 @@ from racnn.training.schedule import (
     ATTEND,
     CLASSIFY,
     JOINT,
+    WARMUP,
     PhaseSchedule,
     apn_saturation,
     class_activation,
@@ -97,6 +98,25 @@ def test_a_phase_epoch_changes_only_its_part(fake_cub: Path, tmp_path: Path, pha
     else:
         assert _same(apn, _snapshot([m.apns]))
         assert not _same(classifier, _snapshot([m.backbones, m.heads, m.fusions]))
+
+
+@pytest.mark.parametrize("backbones", [True, False])
+def test_warmup_backbones_false_keeps_the_imagenet_backbones(
+    fake_cub: Path, tmp_path: Path, backbones: bool
+) -> None:
+    """``schedule.warmup_backbones=false``: a warm-up epoch trains heads and fusion, and the backbones keep
+    every tensor (BatchNorm statistics too); the default trains them as a classification epoch does."""
+    cfg = tiny_config(fake_cub, **{"schedule.warmup_epochs": 1, "schedule.warmup_backbones": backbones})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    m = trainer.model
+    bb, heads, apn = _snapshot([m.backbones]), _snapshot([m.heads, m.fusions]), _snapshot([m.apns])
+    trainer.schedule.start_epoch(WARMUP)
+    assert trainer.train_epoch(WARMUP)["steps"] > 0
+    assert _same(bb, _snapshot([m.backbones])) is not backbones
+    assert not _same(heads, _snapshot([m.heads, m.fusions])) and _same(apn, _snapshot([m.apns]))
+    trainer.schedule.start_epoch(CLASSIFY)  # the classification phase trains the backbones again
+    trainer.train_epoch(CLASSIFY)
+    assert not _same(bb, _snapshot([m.backbones]))
 
 
 def test_schedule_alternates_and_plans() -> None:

@@ -84,6 +84,7 @@ class ScheduleConfig:
     warmup_epochs: int = (
         0  # classification epochs before the APN initialisation (for backbones without ImageNet init)
     )
+    warmup_backbones: bool = True  # false: the warm-up trains heads and fusion only (ImageNet maps kept)
     classify_epochs: int = 2  # epochs per classification phase (APNs frozen)
     attend_epochs: int = 1  # epochs per attention phase (classifiers frozen)
     rank_margin: float = 0.05

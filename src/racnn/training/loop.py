@@ -273,7 +273,7 @@ class Trainer:
 
     def train_epoch(self, phase: str) -> dict[str, float]:
         cfg, model = self.cfg, self.model
-        set_phase(model, phase)
+        set_phase(model, phase, backbones=phase != WARMUP or cfg.schedule.warmup_backbones)
         forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
         params = trainable(list(model.parameters()))
         n_scales = cfg.model.num_scales

@@ -95,20 +95,25 @@ class PhaseSchedule:
                 setattr(self, k, v)
 
 
-def set_phase(model: RACNN, phase: str) -> None:
+def set_phase(model: RACNN, phase: str, *, backbones: bool = True) -> None:
     """Freeze what the phase keeps fixed. Frozen parts also go to eval mode, so BatchNorm statistics and
-    dropout stay put: in the attention phase no classifier tensor (parameter or buffer) changes."""
+    dropout stay put: in the attention phase no classifier tensor (parameter or buffer) changes.
+    ``backbones=False`` also keeps the backbones fixed in a classifier phase (a heads-only warm-up)."""
     groups = model.parameter_groups()
     train_cls = phase in (CLASSIFY, JOINT, WARMUP)
     train_apn = phase in (ATTEND, JOINT, "apn_init")
-    for p in groups["backbone"] + groups["head"]:
+    for p in groups["backbone"]:
+        p.requires_grad_(train_cls and backbones)
+    for p in groups["head"]:
         p.requires_grad_(train_cls)
     for p in groups["apn"]:
         p.requires_grad_(train_apn)
     model.train()
     if not train_cls:
-        for m in (model.backbones, model.heads, model.fusions, model.dropout):
+        for m in (model.heads, model.fusions, model.dropout):
             m.eval()
+    if not (train_cls and backbones):
+        model.backbones.eval()
     if not train_apn:
         model.apns.eval()
 
