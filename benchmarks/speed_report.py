@@ -39,7 +39,7 @@ def report(res: dict[str, Any]) -> None:
                 f"{label}{', compiled' * (kind != 'ours')}",
             )
             print(
-                f"  crop-zoom, {name:<23}{ours * 1e3:>9.2f} ms{ref * 1e3:>9.2f} ms  ref/ours {ref / ours:.1f}"
+                f"  crop-zoom, {name:<24}{ours * 1e3:>8.2f} ms{ref * 1e3:>9.2f} ms  ref/ours {ref / ours:.1f}"
             )
     if m:
         g, f = m["gather_box"] * 1e3, m["ours_nograd"] * 1e3

@@ -193,13 +193,12 @@ def crop_zoom_compiled(image: torch.Tensor, box: torch.Tensor, out: int, k: floa
     the box is promoted to float32 first, so a last partial batch, evaluation batches and autocast do not
     each compile a new graph. Each image side and gradient mode compiles once (seconds).
     """
-    box = box.to(
-        torch.promote_types(box.dtype, torch.float32)
-    )  # as crop_zoom does: one graph, not one per dtype
+    compiled = _compiled_crop_zoom()  # (imports torch._dynamo)
+    box = box.to(torch.promote_types(box.dtype, torch.float32))  # as crop_zoom does; one graph for all dtypes
     if image.shape[0] > 1:  # size-1 axes are specialised by dynamo; marking one would be an error
         torch._dynamo.maybe_mark_dynamic(image, 0)
         torch._dynamo.maybe_mark_dynamic(box, 0)
-    return _compiled_crop_zoom()(image, box, out, k)
+    return compiled(image, box, out, k)
 
 
 def crop_zoom_gather(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
