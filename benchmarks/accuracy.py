@@ -41,8 +41,7 @@ model.dropout=0.2
 data.name=cub data.val_fraction=0.1 data.num_workers=2 data.augment=true data.crop_scale_min=0.6
 optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 optim.apn_lr=0.000001 optim.apn_optimizer=adam
 optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine optim.label_smoothing=0.1
-schedule.mode=alternate schedule.warmup_epochs=2 schedule.warmup_backbones=false
-schedule.apn_init_response=cam
+schedule.mode=alternate schedule.warmup_epochs=2 schedule.apn_init_response=cam
 schedule.apn_init_steps=80 schedule.apn_init_lr=0.00001 schedule.apn_init_side=0.6
 schedule.apn_init_box=region,peak schedule.apn_init_threshold=0.5
 schedule.classify_epochs=2 schedule.attend_epochs=1 schedule.rank_margin=0.05
