@@ -1,11 +1,11 @@
 """How good are the APN initialisation's targets? (docs/results.md, experiment 9)
 
-For a checkpoint trained with the recipe of ``benchmarks/accuracy.py`` (``crop_from=source``,
-``apn_init_box=region,peak``), evaluates on a split, next to the APN's own boxes, the boxes the APN
-initialisation regresses towards: scale 1, the ``region`` box of the class activation map of scale 1;
-scale 2, a ``peak`` square on the activation map of the crop that box cuts. Prints the scale-1 IoU >= 0.5
-rate, the mean IoU, the head-in-scale-2-box rate and the box sides, with the true class's map (what the
-initialisation uses) and with the predicted class's.
+For a checkpoint, evaluates on a split, next to the APN's own boxes, the boxes the APN initialisation
+regresses towards (``racnn.training.schedule.apn_init_target``; with the recipe of
+``benchmarks/accuracy.py``: scale 1, the ``region`` box of scale 1's class activation map; scale 2, a
+``peak`` square on the map of the crop that box cuts). Prints the scale-1 IoU >= 0.5 rate, the mean IoU,
+the head-in-scale-2-box rate and the box sides, with the true class's map (what the initialisation uses)
+and with the predicted class's.
 
     python benchmarks/init_ceiling.py runs/bench_accuracy/racnn_source/best.pt --data DIR [--split val]
 """
@@ -21,7 +21,7 @@ from racnn.attention import crop_zoom
 from racnn.evaluation import Accumulator
 from racnn.training import setup
 from racnn.training.checkpoint import load_model
-from racnn.training.schedule import class_activation, peak_response_boxes, region_response_boxes
+from racnn.training.schedule import apn_init_target
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     cfg.data.root, cfg.data.num_workers = args.data, 0
     data = setup.make_dataset(cfg, args.split, model.preprocessing, train=False)
     head = getattr(data, "head_parts", None)
-    sch, m, size = cfg.schedule, cfg.model, model.input_size
+    size = model.input_size
     model.eval()
     accs = {
         "APN boxes": Accumulator(),
@@ -51,17 +51,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         f1 = model._trunk(0, x1)  # B x C x h x w, scale 1's last conv map
         for name, true in (("targets, true class", True), ("targets, predicted", False)):
             c1 = y if true else model.heads[0](f1.mean((2, 3))).argmax(1)
-            t1 = region_response_boxes(
-                class_activation(f1, model.heads[0], c1),
-                sch.apn_init_threshold,
-                m.box_min_side,
-                m.box_max_side,
-            )
-            source = x if m.crop_from == "source" else x1
-            f2 = model._trunk(1, crop_zoom(source, t1, model.scale_sizes[1], m.mask_k))
+            t1 = apn_init_target(model, cfg, 0, f1, c1)
+            source = x if cfg.model.crop_from == "source" else x1
+            f2 = model._trunk(1, crop_zoom(source, t1, model.scale_sizes[1], cfg.model.mask_k))
             c2 = y if true else model.heads[1](f2.mean((2, 3))).argmax(1)
-            t2 = peak_response_boxes(class_activation(f2, model.heads[1], c2), sch.apn_init_side)
-            accs[name].update(out.logits, [t1, t2], batch, head)
+            accs[name].update(out.logits, [t1, apn_init_target(model, cfg, 1, f2, c2)], batch, head)
     res = {k: a.summary() for k, a in accs.items()}
     for k, s in res.items():
         print(

@@ -18,6 +18,7 @@ from racnn.training.checkpoint import model_record, save_checkpoint
 ceiling = load_benchmark("init_ceiling")
 KEYS = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
 KEYS += ["model.apn_hidden=8", "model.crop_from=source", "data.image_size=48", "schedule.apn_init_side=0.5"]
+KEYS += ["schedule.apn_init_box=region,peak", "schedule.apn_init_response=cam"]  # as the recipe
 
 
 def test_init_ceiling_rows(fake_cub: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from racnn.training.schedule import (
     JOINT,
     WARMUP,
     PhaseSchedule,
+    apn_init_target,
     apn_saturation,
     class_activation,
     peak_response_boxes,
@@ -217,9 +218,9 @@ def test_apn_init_region_targets_reach_the_apns(fake_cub: Path, tmp_path: Path) 
     fmap, y = torch.randn(2, trainer.model.backbones[1].channels, 5, 5), torch.tensor([0, 1])
     m, cams = trainer.cfg.model, [class_activation(fmap, trainer.model.heads[s], y) for s in (0, 1)]
     want_region = region_response_boxes(cams[1], 0.3, m.box_min_side, m.box_max_side)
-    assert torch.equal(trainer._init_target(1, fmap, y), want_region)
+    assert torch.equal(apn_init_target(trainer.model, trainer.cfg, 1, fmap, y), want_region)
     want_peak = peak_response_boxes(cams[0], trainer.cfg.schedule.apn_init_side)
-    assert torch.equal(trainer._init_target(0, fmap, y), want_peak)
+    assert torch.equal(apn_init_target(trainer.model, trainer.cfg, 0, fmap, y), want_peak)
     trainer.init_apns()  # runs end to end with these targets
     assert trainer.apn_init_done
 

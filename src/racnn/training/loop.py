@@ -41,10 +41,8 @@ from .schedule import (
     JOINT,
     WARMUP,
     PhaseSchedule,
+    apn_init_target,
     apn_saturation,
-    class_activation,
-    peak_response_boxes,
-    region_response_boxes,
     set_phase,
     trainable,
 )
@@ -236,7 +234,7 @@ class Trainer:
                         # boxes, so scale 2's term cannot move APN 1
                         out = forward(x, detach_crops=True, return_maps=True)
                     loss = sum(
-                        box_regression_loss(box.float(), self._init_target(s, fmap, y))
+                        box_regression_loss(box.float(), apn_init_target(self.model, self.cfg, s, fmap, y))
                         for s, (box, fmap) in enumerate(zip(out.boxes, out.maps, strict=False))
                     )
                     opt.zero_grad(set_to_none=True)
@@ -258,18 +256,6 @@ class Trainer:
             self._log(rec | apn_saturation(self.model, x))
         self.apn_init_done = True
         self._save_last()
-
-    def _init_target(self, s: int, fmap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The box (B x 3) the APN of scale ``s`` is initialised towards, from its last conv layer's
-        response (channel sum or the true class's activation map)."""
-        sch, fmap = self.cfg.schedule, fmap.detach().float()
-        if sch.apn_init_response == "cam":
-            fmap = class_activation(fmap, self.model.heads[s], target)
-        kinds = sch.apn_init_box.split(",")
-        if kinds[min(s, len(kinds) - 1)] == "region":
-            m = self.cfg.model
-            return region_response_boxes(fmap, sch.apn_init_threshold, m.box_min_side, m.box_max_side)
-        return peak_response_boxes(fmap, sch.apn_init_side)
 
     def train_epoch(self, phase: str) -> dict[str, float]:
         cfg, model = self.cfg, self.model

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ScheduleConfig
+from ..config import Config, ScheduleConfig
 from ..model import RACNN
 
 CLASSIFY, ATTEND, JOINT, WARMUP = "classify", "attend", "joint", "warmup"
@@ -181,6 +181,21 @@ def region_response_boxes(
 
 
 @torch.no_grad()
+def apn_init_target(
+    model: RACNN, cfg: Config, s: int, fmap: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """The box (B x 3) the APN of scale ``s`` is initialised towards (Sec. 3.4), from that scale's last conv
+    map ``fmap`` (B x C x h x w): its channel sum or the activation map of class ``target`` (B), then the
+    ``peak`` square or the ``region`` box that ``schedule.apn_init_box`` names for this APN."""
+    sch, m, fmap = cfg.schedule, cfg.model, fmap.detach().float()
+    if sch.apn_init_response == "cam":
+        fmap = class_activation(fmap, model.heads[s], target)
+    kinds = sch.apn_init_box.split(",")
+    if kinds[min(s, len(kinds) - 1)] == "region":
+        return region_response_boxes(fmap, sch.apn_init_threshold, m.box_min_side, m.box_max_side)
+    return peak_response_boxes(fmap, sch.apn_init_side)
+
+
 def apn_saturation(model: RACNN, x: torch.Tensor) -> dict[str, float]:
     """Share of each APN's tanh units past |3| (gradient under 1 % of its peak) on the batch ``x``: near 1
     means the initialisation learning rate was too high and every image gets the same box."""
