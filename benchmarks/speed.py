@@ -273,11 +273,9 @@ def bench_crop(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         with torch.no_grad():
             crop_zoom(image, box, o)
 
-    crops = CROPS | ({"compiled": crop_zoom_compiled} if args.compile_crop else {})
-    fns = {f"{name}_box": run(fn, False) for name, fn in crops.items()}
-    fns |= {"ours_img": run(crop_zoom, True), "reference_img": run(crop_zoom_reference, True)}
-    if args.compile_crop:
-        fns["compiled_img"] = run(crop_zoom_compiled, True)
+    ours = {"ours": crop_zoom} | ({"compiled": crop_zoom_compiled} if args.compile_crop else {})
+    fns = {f"{name}_box": run(fn, False) for name, fn in (CROPS | ours).items()}
+    fns |= {f"{name}_img": run(fn, True) for name, fn in (ours | {"reference": crop_zoom_reference}).items()}
     t = interleave(fns | {"ours_nograd": forward_only}, 1 if args.quick else 2, args.crop_iters, device)
     m = {k: median(v) for k, v in t.items()}
     r = {"speedup": m["reference_box"] / m["ours_box"], "speedup_previous": m["gather_box"] / m["ours_box"]}

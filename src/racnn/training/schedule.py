@@ -196,6 +196,7 @@ def apn_init_target(
     return peak_response_boxes(fmap, sch.apn_init_side)
 
 
+@torch.no_grad()  # a measurement: no graph through three backbones
 def apn_saturation(model: RACNN, x: torch.Tensor) -> dict[str, float]:
     """Share of each APN's tanh units past |3| (gradient under 1 % of its peak) on the batch ``x``: near 1
     means the initialisation learning rate was too high and every image gets the same box."""
