@@ -30,10 +30,10 @@ def report(res: dict[str, Any]) -> None:
     rows = [(f"train step ({k})", v) for k, v in res.get("train", {}).items() if k != "samples_s"]
     for name, r in rows + ([("inference", res["infer"])] if "infer" in res else []):
         print(f"  {name:<34}{r['racnn_s'] * 1e3:>9.1f} ms{r['limit_s'] * 1e3:>9.1f} ms  {r['ratio']:.3f}")
-    m = res.get("crop", {}).get("median_s", {})
+    m, impl = res.get("crop", {}).get("median_s", {}), res.get("crop", {}).get("compiled_impl", "compiled")
     for case, label in (("box", "box grad"), ("img", "box+image grad")) if m else ():
         ref = m[f"reference_{case}"]
-        for kind, name in (("ours", label), ("compiled", f"{label}, compiled")):
+        for kind, name in (("ours", label), ("compiled", f"{label}, {impl}")):
             if f"{kind}_{case}" in m:
                 t = m[f"{kind}_{case}"]
                 print(

@@ -1,7 +1,8 @@
 """Correctness of every fast path (speed is the benchmark's business, see benchmarks/speed.py):
 
 * ``crop_zoom`` (one ``grid_sample`` on the raw image with the mask folded into shifted sample positions and
-  gains) and ``crop_zoom_gather`` equal the literal ``crop_zoom_reference`` in values and in the gradients
+  gains), ``crop_zoom_gather`` and the C++ kernel ``crop_zoom_cpp`` (``model.compile_crop`` on a CPU) equal
+  the literal ``crop_zoom_reference`` in values and in the gradients
   with respect to the box and the image (float64, tight tolerance), including the cases where the folding
   could go wrong: border boxes, samples clamped at the border, pixel-aligned samples, near-hard masks;
 * its no-grad, channels_last and low-precision paths;
@@ -12,6 +13,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ import torch
 import racnn.model as model_module
 from racnn.attention import (
     APN,
+    _sample_positions,
     box_from_unit,
     crop_zoom,
     crop_zoom_compiled,
@@ -26,11 +30,15 @@ from racnn.attention import (
     crop_zoom_reference,
 )
 from racnn.config import ModelConfig
+from racnn.crop_cpp import CropKernelUnavailable, crop_zoom_cpp
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
 from racnn.model import build_model
 
-FAST = [crop_zoom, crop_zoom_gather]
-FAST_IDS = ["grid_sample", "gather"]
+# the C++ kernel is built on first use (about 30 s, once per machine); a machine without a compiler skips it
+needs_cxx = pytest.mark.skipif(shutil.which("c++") is None, reason="the C++ crop kernel needs a C++ compiler")
+CPP = pytest.param(crop_zoom_cpp, marks=needs_cxx, id="cpp")
+FAST = [pytest.param(crop_zoom, id="grid_sample"), pytest.param(crop_zoom_gather, id="gather"), CPP]
+OURS = [pytest.param(crop_zoom, id="grid_sample"), CPP]  # the crops a model runs
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -77,7 +85,7 @@ def _compare(fn, image: torch.Tensor, boxes: torch.Tensor, out: int, k: float, i
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("fn", FAST, ids=FAST_IDS)
+@pytest.mark.parametrize("fn", FAST)
 @pytest.mark.parametrize(("shape", "out"), [((8, 3, 16, 16), 8), ((8, 2, 12, 19), 5), ((8, 1, 9, 7), 23)])
 @pytest.mark.parametrize("k", [10.0, 0.7, 200.0])
 @pytest.mark.parametrize("image_grad", [False, True], ids=["box_grad", "box_and_image_grad"])
@@ -89,12 +97,19 @@ def test_fast_crop_equals_reference(fn, shape, out, k, image_grad):
     _compare(fn, image, boxes[shape[0] :], out, k, image_grad)
 
 
-def test_crop_zoom_448_to_224_equals_reference():
-    """The benchmark's geometry (448 -> 224, zoom factor 2 and below) on a 2-image batch."""
+@pytest.mark.parametrize("fn", OURS)
+def test_crop_zoom_448_to_224_equals_reference(fn):
+    """The benchmark's geometry (448 -> 224, zoom factor 2 and below) on a 3-image batch. No sample lies on a
+    pixel centre: there the bilinear interpolant has a kink, and which one-sided slope a formulation returns
+    depends on the last bit of its coordinate arithmetic (the pixel-aligned case is in ``_boxes``, on small
+    images where every formulation computes the coordinate exactly)."""
     gen = torch.Generator().manual_seed(0)
-    image = torch.rand(2, 3, 448, 448, generator=gen, dtype=torch.float64)
-    boxes = torch.tensor([[0.5, 0.5, 0.3], [0.31, 0.62, 0.27]], dtype=torch.float64)
-    _compare(crop_zoom, image, boxes, 224, 10.0, image_grad=True)
+    image = torch.rand(3, 3, 448, 448, generator=gen, dtype=torch.float64)
+    boxes = torch.tensor([[0.5, 0.5, 0.3], [0.313, 0.617, 0.27], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    xs, ys = _sample_positions(boxes, 224)
+    pos = torch.cat([xs, ys]) * 448 - 0.5  # continuous pixel index of every sample
+    assert ((pos - pos.round()).abs() > 1e-6).all()
+    _compare(fn, image, boxes, 224, 10.0, image_grad=True)
 
 
 @pytest.mark.slow
@@ -123,14 +138,43 @@ def _compile_crop_models(device: str) -> tuple[torch.nn.Module, torch.nn.Module]
     return eager, fused
 
 
-def test_compile_crop_model_runs_the_eager_crop_on_a_cpu(monkeypatch):
-    """On a CPU the compiled crop is slower and needs a C++ compiler: a model trained with ``compile_crop``
-    on a GPU and evaluated on a CPU runs the plain crop."""
-    monkeypatch.setattr(model_module, "crop_zoom_compiled", lambda *a: pytest.fail("compiled crop on a CPU"))
+@needs_cxx
+def test_compile_crop_model_runs_the_cpp_kernel_on_a_cpu(monkeypatch):
+    """On a CPU ``compile_crop`` crops with the C++ kernel, never with ``torch.compile`` (slower there):
+    same crops as the plain model, and the attention gradient still reaches the APN."""
+    calls = []
+    monkeypatch.setattr(model_module, "crop_zoom_compiled", lambda *a: pytest.fail("torch.compile on a CPU"))
+    monkeypatch.setattr(model_module, "crop_zoom_cpp", lambda *a: calls.append(1) or crop_zoom_cpp(*a))
     eager, fused = _compile_crop_models("cpu")
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
+    with torch.no_grad():  # float32: the scale-3 crop inherits the rounding of scale 2's input and box
         for u, v in zip(eager(x).crops, fused(x).crops, strict=True):
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 2  # the two crops of the compile_crop model, none of the plain one
+    fused.train()
+    fused(x).logits["s3"].sum().backward()
+    assert fused.apns[0].fc2.weight.grad.abs().sum() > 0
+
+
+def test_compile_crop_model_falls_back_to_the_plain_crop_without_a_compiler(monkeypatch):
+    """A machine that cannot build the kernel warns once and runs the plain crop (same values)."""
+
+    def unavailable() -> None:
+        raise CropKernelUnavailable("crop_zoom.cpp: cannot build the C++ crop kernel (no compiler)")
+
+    monkeypatch.setattr(model_module, "load_crop_kernel", unavailable)
+    monkeypatch.setattr(model_module, "_CPU_KERNEL_FAILED", [])
+    monkeypatch.setattr(model_module, "crop_zoom_cpp", lambda *a: pytest.fail("the kernel is unavailable"))
+    eager, fused = _compile_crop_models("cpu")
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="cannot build the C\\+\\+ crop kernel.*falls back"), torch.no_grad():
+        first = fused(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once, not on every batch
+        with torch.no_grad():
+            fused(x)
+    with torch.no_grad():
+        for u, v in zip(eager(x).crops, first.crops, strict=True):
             torch.testing.assert_close(u, v, atol=0, rtol=0)
 
 
@@ -149,32 +193,35 @@ def test_compile_crop_model_uses_the_compiled_crop_on_cuda(monkeypatch):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 
 
-def test_crop_zoom_far_outside_box_is_finite():
+@pytest.mark.parametrize("fn", OURS)
+def test_crop_zoom_far_outside_box_is_finite(fn):
     """Both tap weights underflow to 0 (near-hard mask, box off the image): output and gradient stay 0."""
     image = torch.rand(2, 3, 16, 16, dtype=torch.float64)
     box = torch.tensor([[1.6, 1.6, 0.1], [-0.6, 0.5, 0.1]], dtype=torch.float64, requires_grad=True)
-    y = crop_zoom(image, box, 4, 200.0)
+    y = fn(image, box, 4, 200.0)
     (g,) = torch.autograd.grad(y.sum(), box)
     assert torch.equal(y, torch.zeros_like(y)) and torch.isfinite(g).all()
     torch.testing.assert_close(y, crop_zoom_reference(image, box, 4, 200.0), atol=1e-12, rtol=0)
 
 
-def test_crop_zoom_no_grad_path_equals_grad_path():
+@pytest.mark.parametrize("fn", OURS)
+def test_crop_zoom_no_grad_path_equals_grad_path(fn):
     gen = torch.Generator().manual_seed(1)
     image = torch.rand(4, 3, 20, 20, generator=gen)
     boxes = box_from_unit(torch.rand(4, 3, generator=gen), 0.25, 1.0)
-    with_grad = crop_zoom(image, boxes.requires_grad_(True), 11)
+    with_grad = fn(image, boxes.requires_grad_(True), 11)
     with torch.no_grad():
-        without = crop_zoom(image, boxes, 11)
+        without = fn(image, boxes, 11)
     torch.testing.assert_close(without, with_grad.detach(), atol=0, rtol=0)
 
 
-def test_crop_zoom_channels_last_in_channels_last_out():
+@pytest.mark.parametrize("fn", OURS)
+def test_crop_zoom_channels_last_in_channels_last_out(fn):
     gen = torch.Generator().manual_seed(2)
     image = torch.rand(3, 3, 24, 20, generator=gen, dtype=torch.float64)
     boxes = box_from_unit(torch.rand(3, 3, generator=gen, dtype=torch.float64), 0.25, 1.0)
     cl = image.contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    y = crop_zoom(cl, boxes, 9)
+    y = fn(cl, boxes, 9)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, crop_zoom_reference(image, boxes, 9), atol=1e-12, rtol=0)
     (g,) = torch.autograd.grad(y.sum(), cl)
@@ -183,17 +230,16 @@ def test_crop_zoom_channels_last_in_channels_last_out():
     torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
 
 
-def test_crop_zoom_low_precision_box_is_computed_in_float32():
+@pytest.mark.parametrize("fn", OURS)
+def test_crop_zoom_low_precision_box_is_computed_in_float32(fn):
     """A bf16 box (APN under autocast) is placed with float32 arithmetic: no sub-pixel rounding at 448."""
     gen = torch.Generator().manual_seed(3)
     image = torch.rand(2, 3, 448, 448, generator=gen)
     box = torch.tensor([[0.517, 0.433, 0.301], [0.45, 0.55, 0.2]]).bfloat16()
-    torch.testing.assert_close(crop_zoom(image, box, 32), crop_zoom(image, box.float(), 32), atol=0, rtol=0)
-    y = crop_zoom(image.bfloat16(), box.float(), 32)  # bf16 image: sampled in float32, returned in bf16
+    torch.testing.assert_close(fn(image, box, 32), fn(image, box.float(), 32), atol=0, rtol=0)
+    y = fn(image.bfloat16(), box.float(), 32)  # bf16 image: sampled in float32, returned in bf16
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(
-        y.float(), crop_zoom(image.bfloat16().float(), box.float(), 32), atol=0.01, rtol=0
-    )
+    torch.testing.assert_close(y.float(), fn(image.bfloat16().float(), box.float(), 32), atol=0.01, rtol=0)
 
 
 def test_apn_pool_shortcut_is_exact():
@@ -334,3 +380,50 @@ def test_cuda_training_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ----------------------------------------------------------------------------------- the C++ crop kernel
+
+
+@needs_cxx
+def test_cpp_crop_gradcheck_and_thread_count_independence():
+    """Finite differences agree with the kernel's backward (box and image), and two threads (the kernel splits
+    the batch) give the same result as one."""
+    gen = torch.Generator().manual_seed(11)
+    image = torch.rand(3, 2, 10, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    boxes = box_from_unit(torch.rand(3, 3, generator=gen, dtype=torch.float64), 0.3, 1.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda b, i: crop_zoom_cpp(i, b, 7, 3.0), (boxes, image))
+    big = torch.rand(5, 3, 40, 40, generator=gen)
+    bx = box_from_unit(torch.rand(5, 3, generator=gen), 0.25, 1.0).requires_grad_()
+    upstream = torch.randn(5, 3, 19, 19, generator=gen)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            im = big.clone().requires_grad_()
+            y = crop_zoom_cpp(im, bx, 19)
+            results.append((y, *torch.autograd.grad((y * upstream).sum(), (bx, im))))
+        finally:
+            torch.set_num_threads(1)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@needs_cxx
+def test_cpp_crop_edge_cases():
+    """An expanded (non-contiguous) upstream gradient, an empty batch, a 1-pixel output, a NaN box (a diverged
+    APN: NaN out, no out-of-bounds read) and a CUDA tensor (refused with a clear error)."""
+    image = torch.rand(2, 3, 12, 12, dtype=torch.float64)
+    box = torch.tensor([[0.4, 0.5, 0.3], [0.6, 0.4, 0.25]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(crop_zoom_cpp(image, box, 6).sum(), box)  # sum(): a stride-0 gradient
+    (g_ref,) = torch.autograd.grad(crop_zoom_reference(image, box, 6).sum(), box)
+    torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-10)
+    assert crop_zoom_cpp(image[:0], box[:0], 6).shape == (0, 3, 6, 6)
+    torch.testing.assert_close(
+        crop_zoom_cpp(image, box, 1), crop_zoom_reference(image, box, 1), atol=1e-12, rtol=0
+    )
+    nan_box = torch.tensor([[float("nan"), 0.5, 0.3], [0.5, 0.5, 0.3]], dtype=torch.float64)
+    y = crop_zoom_cpp(image, nan_box, 6)
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+    with pytest.raises(ValueError, match="CPU tensors"):
+        crop_zoom_cpp(image.to("meta"), box.detach(), 6)

@@ -117,16 +117,17 @@ def test_export_traces_the_eager_crop_of_a_compile_crop_model(
     import racnn.model as model_module
 
     def never(*args: object) -> torch.Tensor:
-        raise AssertionError("the compiled crop ran inside the export")
+        raise AssertionError("the compiled crop or the C++ kernel ran inside the export")
 
-    monkeypatch.setattr(model_module, "crop_zoom_compiled", never)
+    monkeypatch.setattr(model_module, "crop_zoom_compiled", never)  # CUDA
+    monkeypatch.setattr(model_module, "crop_zoom_cpp", never)  # CPU
     cfg = load_config(None, [*OVERRIDES, "model.compile_crop=true"])
     model = build_model(cfg.model, num_classes=4)
     path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(2, 3, 40, 40)
     got = session.run(None, {"images": images.numpy()})
-    monkeypatch.setattr(model_module, "crop_zoom_compiled", model_module.crop_zoom)  # eager, same values
+    monkeypatch.setattr(model_module, "crop_zoom_cpp", model_module.crop_zoom)  # eager, same values
     with torch.no_grad():
         want = RACNNOnnxWrapper(model.eval())(images)
     for g, w in zip(got, want, strict=True):

@@ -129,6 +129,18 @@ def _axis_taps(
     return i0.long(), i1.long(), w0, w1
 
 
+def box_taps(
+    box: torch.Tensor, h: int, w: int, out: int, k: float
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The crop of ``box`` from an ``h x w`` image as separable masked taps: rows ``(r0, r1, wr0, wr1)`` and
+    columns ``(c0, c1, wc0, wc1)``, B x out each (:func:`_axis_taps`), so that
+    ``crop[b, :, y, x] = sum_ij wr_i[b, y] wc_j[b, x] image[b, :, r_i[b, y], c_j[b, x]]`` (Eqs. 3-6)."""
+    xs, ys = _sample_positions(box, out)  # B x out each, normalised
+    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * w, (box[:, 0] + box[:, 2])[:, None] * w  # B x 1, pixels
+    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * h, (box[:, 1] + box[:, 2])[:, None] * h
+    return _axis_taps(ys, h, y0, y1, k), _axis_taps(xs, w, x0, x1, k)
+
+
 def _folded_axis(
     pos: torch.Tensor, size: int, lo: torch.Tensor, hi: torch.Tensor, k: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +220,7 @@ def crop_zoom_gather(image: torch.Tensor, box: torch.Tensor, out: int, k: float 
     Each bilinear tap's weight is multiplied by the 1-D mask at that tap's pixel (``M`` is separable).
     """
     b, c, h, w = image.shape
-    xs, ys = _sample_positions(box, out)  # B x out each, normalised
-    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * w, (box[:, 0] + box[:, 2])[:, None] * w  # B x 1, pixels
-    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * h, (box[:, 1] + box[:, 2])[:, None] * h
-    r0, r1, wr0, wr1 = _axis_taps(ys, h, y0, y1, k)  # B x out
-    c0, c1, wc0, wc1 = _axis_taps(xs, w, x0, x1, k)  # B x out
+    (r0, r1, wr0, wr1), (c0, c1, wc0, wc1) = box_taps(box, h, w, out, k)  # B x out each
     wr0, wr1, wc0, wc1 = (t.to(image.dtype) for t in (wr0, wr1, wc0, wc1))
     # rows: B x C x out x W
     rows = (

@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled
 from .backbones import Backbone, Preprocessing, build_backbone
 from .config import ModelConfig
+from .crop_cpp import CropKernelUnavailable, crop_zoom_cpp, load_crop_kernel
 
 
 @contextlib.contextmanager
@@ -44,6 +46,33 @@ def _recompute_contexts(
     module: nn.Module,
 ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     return contextlib.nullcontext(), _frozen_bn_stats(module)
+
+
+# the build error, kept so that a model on a machine without a compiler warns once, not on every batch
+_CPU_KERNEL_FAILED: list[str] = []
+
+
+def _crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The crop-and-zoom this forward runs. ``compile_crop``: ``torch.compile`` of it on CUDA, the C++ kernel on a
+    CPU (:mod:`racnn.crop_cpp`; built on first use, the plain crop with one warning where it cannot be built).
+    A forward that is itself being traced (torch.compile of the whole model, ONNX export) runs the plain crop,
+    whose graph the tracer can read. All give the same values and gradients."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
+    if not compile_crop or torch.compiler.is_compiling() or exporting:
+        return crop_zoom
+    if images.is_cuda:
+        return crop_zoom_compiled
+    if images.device.type != "cpu" or _CPU_KERNEL_FAILED:
+        return crop_zoom
+    try:
+        load_crop_kernel()
+    except CropKernelUnavailable as e:
+        _CPU_KERNEL_FAILED.append(str(e))
+        warnings.warn(
+            f"{e}; model.compile_crop falls back to the plain crop (same values, slower)", stacklevel=3
+        )
+        return crop_zoom
+    return crop_zoom_cpp
 
 
 def scale_keys(num_scales: int) -> list[str]:
@@ -152,10 +181,7 @@ class RACNN(nn.Module):
         if images.shape[-2:] != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         absolute = None  # box of the current scale's input in `images` coordinates (crop_from="source")
-        # the compiled crop on CUDA (on a CPU it is slower and needs a C++ compiler), unless this forward is
-        # itself being traced (torch.compile of the whole model, ONNX export)
-        fused = self.cfg.compile_crop and images.is_cuda and not torch.compiler.is_compiling()
-        crop = crop_zoom_compiled if fused else crop_zoom
+        crop = _crop_function(self.cfg.compile_crop, images)
         pooled, boxes, crops, maps = [], [], [], []
         for s in range(self.cfg.num_scales):
             fmap = self._trunk(s, x)  # B x C x h x w

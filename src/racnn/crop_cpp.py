@@ -1,0 +1,100 @@
+"""The crop-and-zoom as one C++ kernel for CPU tensors (``model.compile_crop`` on a CPU).
+
+:func:`racnn.attention.crop_zoom` is a ``grid_sample`` plus a few whole-output passes for the gains and their
+gradients; on a CPU each pass is a sweep through memory. Here the same crop (Eqs. 3-6) is one pass forward and
+one backward (``csrc/crop_zoom.cpp``): the box arithmetic stays in PyTorch on B x out tensors
+(:func:`racnn.attention.box_taps`, so autograd carries the gradient from the tap weights to the box), and the
+kernel does the separable two-tap sampling over the B x C x out x out output and its backward. Same values and
+gradients as the literal reference (tests/test_crop_cpp.py).
+
+The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s; it needs a C++ compiler
+and ninja) and cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes
+load it in well under a second. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from .attention import box_taps
+
+SOURCE = Path(__file__).with_name("csrc") / "crop_zoom.cpp"
+CFLAGS = ["-O3", "-fopenmp-simd"]  # simd: the kernel's dot products vectorise without -ffast-math
+
+
+class CropKernelUnavailable(RuntimeError):
+    """The C++ crop kernel could not be built or loaded here (no compiler, no ninja, a failed build)."""
+
+
+@functools.cache
+def load_crop_kernel() -> ModuleType:
+    """Build (first use, ~30 s) or load (cached) the kernel; raises :class:`CropKernelUnavailable`."""
+    # the import logs a CUDA_HOME warning on machines without CUDA; it concerns CUDA builds, not this one
+    ext_log = logging.getLogger("torch.utils.cpp_extension")
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.verify_ninja_availability()
+        build_dir = Path(cpp_extension._get_build_directory("racnn_crop_zoom", verbose=False))
+        if not any(build_dir.glob("*.so")) and not any(build_dir.glob("*.pyd")):
+            print(f"racnn: building the C++ crop kernel in {build_dir} (once, about 30 s)", file=sys.stderr)
+        return cpp_extension.load(
+            name="racnn_crop_zoom", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False
+        )
+    except Exception as e:  # a missing compiler surfaces as RuntimeError, OSError or a subprocess error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CropKernelUnavailable(
+            f"{SOURCE}: cannot build the C++ crop kernel ({first}); it needs a C++ compiler and ninja "
+            "(pip install ninja)"
+        ) from e
+    finally:
+        ext_log.setLevel(level)
+
+
+class _SeparableTaps(torch.autograd.Function):
+    """``out[b, c, y, x] = sum_ij wy_i[b, y] wx_j[b, x] image[b, c, ry_i[b, y], cx_j[b, x]]`` with
+    ``ry_1 = min(ry_0 + 1, H - 1)`` (and so for columns); gradients for the weights and, when asked, the image.
+    Indices are int32, B x out; weights B x out in the image's dtype."""
+
+    @staticmethod
+    def forward(ctx, image, ry, wy0, wy1, cx, wx0, wx1):  # type: ignore[override]
+        ctx.save_for_backward(image, ry, wy0, wy1, cx, wx0, wx1)
+        return load_crop_kernel().forward(image, ry, wy0, wy1, cx, wx0, wx1)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        image, ry, wy0, wy1, cx, wx0, wx1 = ctx.saved_tensors
+        want_image = ctx.needs_input_grad[0]
+        gy0, gy1, gx0, gx1, gimg = load_crop_kernel().backward(
+            grad.contiguous(), image, ry, wy0, wy1, cx, wx0, wx1, want_image
+        )
+        return (gimg if want_image else None), None, gy0, gy1, None, gx0, gx1
+
+
+def crop_zoom_cpp(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
+    """:func:`racnn.attention.crop_zoom` through the C++ kernel: B x C x H x W CPU image, B x 3 box ->
+    B x C x out x out, same values and gradients (box and image). As there, the box arithmetic runs in at least
+    float32, a bf16/fp16 image is sampled in float32 and cast back, and channels_last in gives channels_last
+    out. Raises :class:`CropKernelUnavailable` when the kernel cannot be built, ``ValueError`` for a non-CPU
+    tensor."""
+    if image.device.type != "cpu" or box.device.type != "cpu":
+        raise ValueError(f"crop_zoom_cpp runs on CPU tensors, got {image.device} and {box.device}")
+    load_crop_kernel()  # fail here, before any autograd node exists
+    _, _, h, w = image.shape
+    dtype = torch.promote_types(image.dtype, torch.float32)
+    box = box.to(torch.promote_types(box.dtype, dtype))
+    (r0, _, wr0, wr1), (c0, _, wc0, wc1) = box_taps(box, h, w, out, k)  # B x out each
+    ry, cx = r0.to(torch.int32).contiguous(), c0.to(torch.int32).contiguous()
+    wy0, wy1, wx0, wx1 = (t.to(dtype).contiguous() for t in (wr0, wr1, wc0, wc1))
+    crop = _SeparableTaps.apply(image.to(dtype), ry, wy0, wy1, cx, wx0, wx1)  # B x C x out x out, contiguous
+    if image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous():
+        crop = crop.contiguous(memory_format=torch.channels_last)
+    return crop.to(image.dtype)
