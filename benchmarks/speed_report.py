@@ -37,11 +37,11 @@ def report(res: dict[str, Any]) -> None:
             if f"{kind}_{case}" in m:
                 t = m[f"{kind}_{case}"]
                 print(
-                    f"  crop-zoom, {name:<24}{t * 1e3:>8.2f} ms{ref * 1e3:>9.2f} ms  ref/ours {ref / t:.1f}"
+                    f"  {'crop, ' + name:<34}{t * 1e3:>9.2f} ms{ref * 1e3:>9.2f} ms  ref/ours {ref / t:.1f}"
                 )
     if m:
         g, f = m["gather_box"] * 1e3, m["ours_nograd"] * 1e3
-        print(f"  crop-zoom: previous (gather) {g:.1f} ms; ours forward only, no grad {f:.1f} ms")
+        print(f"  crop: previous (gather) {g:.1f} ms; ours forward only, no grad {f:.1f} ms")
     for ph, r in res.get("memory", {}).items():
         gib = [r[v]["peak_bytes"] / 2**30 for v in ("racnn", "limit")]
         print(f"  peak memory ({ph}): {gib[0]:.2f} GiB vs limit {gib[1]:.2f} GiB, ratio {r['ratio']:.3f}")

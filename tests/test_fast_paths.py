@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import warnings
 
 import pytest
 import torch
 
+import racnn.crop_cpp as crop_cpp_module
 import racnn.model as model_module
 from racnn.attention import (
     APN,
@@ -30,7 +32,7 @@ from racnn.attention import (
     crop_zoom_reference,
 )
 from racnn.config import ModelConfig
-from racnn.crop_cpp import CropKernelUnavailable, crop_zoom_cpp
+from racnn.crop_cpp import CropKernelUnavailable, crop_zoom_cpp, load_crop_kernel
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
 from racnn.model import build_model
 
@@ -427,3 +429,19 @@ def test_cpp_crop_edge_cases():
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
     with pytest.raises(ValueError, match="CPU tensors"):
         crop_zoom_cpp(image.to("meta"), box.detach(), 6)
+    # the raw kernel checks what it is given instead of reading out of bounds
+    kernel, w = load_crop_kernel(), torch.rand(2, 6, dtype=torch.float64)
+    rows, cols = torch.full((2, 6), 12, dtype=torch.int32), torch.zeros(2, 6, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside the image"):
+        kernel.forward(image, rows, w, w, cols, w, w)
+    with pytest.raises(RuntimeError, match="int32"):
+        kernel.forward(image, cols.long(), w, w, cols, w, w)
+
+
+def test_ninja_from_the_cpp_extra_is_found_without_an_activated_venv(monkeypatch, tmp_path):
+    """``racnn[cpp]`` installs ninja into the environment's bin folder; torch looks for it on PATH."""
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without ninja, as for `.venv/bin/python` unactivated
+    assert shutil.which("ninja") is None
+    crop_cpp_module._find_ninja()
+    assert shutil.which("ninja") is not None and os.environ["PATH"].startswith(ninja.BIN_DIR)

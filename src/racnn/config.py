@@ -36,7 +36,7 @@ class ModelConfig:
     apn_hidden: int = 1024  # released model: FC 1024, tanh, FC 3, sigmoid
     dropout: float = 0.0  # before every classification head
     checkpoint_activations: bool = False  # recompute backbone activations in backward (saves memory)
-    compile_crop: bool = False  # crop-and-zoom through torch.compile: a few fused kernels (fast on a GPU)
+    compile_crop: bool = False  # the crop as compiled code: torch.compile on CUDA, a C++ kernel on a CPU
 
 
 @dataclass

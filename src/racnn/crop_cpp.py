@@ -8,14 +8,17 @@ kernel does the separable two-tap sampling over the B x C x out x out output and
 gradients as the literal reference (tests/test_crop_cpp.py).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s; it needs a C++ compiler
-and ninja) and cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes
+and ninja, ``pip install 'racnn[cpp]'``) and cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes
 load it in well under a second. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +35,26 @@ class CropKernelUnavailable(RuntimeError):
     """The C++ crop kernel could not be built or loaded here (no compiler, no ninja, a failed build)."""
 
 
+def _find_ninja() -> None:
+    """torch runs ``ninja`` from PATH; ``pip install ninja`` (``racnn[cpp]``) puts it in the environment's bin
+    folder, which is not on PATH when a venv's python is run without activating the venv."""
+    if shutil.which("ninja") is None:
+        with contextlib.suppress(ImportError):
+            import ninja  # type: ignore[import-not-found]
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _announce_first_build(cpp_extension: ModuleType) -> None:
+    """A line on stderr before the 30 s first build, so that a training start does not look hung."""
+    try:  # a private helper of torch's; the message is a courtesy, never a failure
+        build_dir = Path(cpp_extension._get_build_directory("racnn_crop_zoom", verbose=False))
+    except Exception:
+        return
+    if not any(build_dir.glob("*.so")) and not any(build_dir.glob("*.pyd")):
+        print(f"racnn: building the C++ crop kernel in {build_dir} (once, about 30 s)", file=sys.stderr)
+
+
 @functools.cache
 def load_crop_kernel() -> ModuleType:
     """Build (first use, ~30 s) or load (cached) the kernel; raises :class:`CropKernelUnavailable`."""
@@ -42,10 +65,9 @@ def load_crop_kernel() -> ModuleType:
     try:
         from torch.utils import cpp_extension
 
+        _find_ninja()
         cpp_extension.verify_ninja_availability()
-        build_dir = Path(cpp_extension._get_build_directory("racnn_crop_zoom", verbose=False))
-        if not any(build_dir.glob("*.so")) and not any(build_dir.glob("*.pyd")):
-            print(f"racnn: building the C++ crop kernel in {build_dir} (once, about 30 s)", file=sys.stderr)
+        _announce_first_build(cpp_extension)
         return cpp_extension.load(
             name="racnn_crop_zoom", sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False
         )
@@ -53,7 +75,7 @@ def load_crop_kernel() -> ModuleType:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CropKernelUnavailable(
             f"{SOURCE}: cannot build the C++ crop kernel ({first}); it needs a C++ compiler and ninja "
-            "(pip install ninja)"
+            "(pip install 'racnn[cpp]')"
         ) from e
     finally:
         ext_log.setLevel(level)

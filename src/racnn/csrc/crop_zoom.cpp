@@ -1,4 +1,4 @@
-// Separable two-tap sampling for racnn's crop-and-zoom on the CPU (racnn.cpu_crop, model.compile_crop).
+// Separable two-tap sampling for racnn's crop-and-zoom on the CPU (racnn.crop_cpp, model.compile_crop).
 //
 //   out[b,c,y,x] = sum_{i,j in {0,1}} wy_i[b,y] * wx_j[b,x] * img[b,c, ry_i[b,y], cx_j[b,x]]
 //
@@ -7,8 +7,9 @@
 // are computed by autograd in Python. This file only does the heavy, memory-bound part: the taps over the
 // B x C x out x out output, and in the backward the tap weights' gradients (and the image's when it needs one).
 //
-// The box sample rows ry[b, :] never decrease, so each *source* row r is visited in one run of output rows. Its
-// two column taps are gathered once per run (q0[x] = img[r, cx_0[x]], q1[x] = img[r, cx_1[x]]), and everything
+// The sample rows ry[b, :] of a box never decrease, so each *source* row r is visited in one run of output rows
+// (were they to decrease, a row would be gathered again: slower, still exact). Its two column taps are gathered
+// once per run (q0[x] = img[r, cx_0[x]], q1[x] = img[r, cx_1[x]]), and everything
 // per output row is a contiguous, vectorisable loop over x. The backward accumulates, per source row, the
 // upstream gradient weighted by that row's tap weight (d[x]) and turns it into the column weights' gradients
 // when the run ends. No full-resolution tensor is made (except the image gradient, when asked for).
@@ -209,8 +210,31 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& img, const at::Te
 
 }  // namespace
 
+// The Python side (racnn/crop_cpp.py) builds these; a misuse is an error, not an out-of-bounds read.
+void check_inputs(const at::Tensor& img, const at::Tensor& ry, const at::Tensor& wy0, const at::Tensor& wy1,
+                  const at::Tensor& cx, const at::Tensor& wx0, const at::Tensor& wx1) {
+  TORCH_CHECK(img.device().is_cpu() && img.dim() == 4, "racnn crop kernel: image must be a 4-D CPU tensor");
+  TORCH_CHECK(img.size(2) > 0 && img.size(3) > 0, "racnn crop kernel: empty image");
+  const int64_t B = img.size(0);
+  for (const auto* t : {&ry, &cx}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->dim() == 2 && t->size(0) == B,
+                "racnn crop kernel: indices must be contiguous int32 B x out");
+  }
+  for (const auto* t : {&wy0, &wy1, &wx0, &wx1}) {
+    TORCH_CHECK(t->scalar_type() == img.scalar_type() && t->is_contiguous(),
+                "racnn crop kernel: weights must be contiguous, in the image's dtype");
+  }
+  TORCH_CHECK(wy0.sizes() == ry.sizes() && wy1.sizes() == ry.sizes() && wx0.sizes() == cx.sizes() &&
+                  wx1.sizes() == cx.sizes(),
+              "racnn crop kernel: weights and indices differ in shape");
+  TORCH_CHECK(B == 0 || (ry.min().item<int32_t>() >= 0 && ry.max().item<int32_t>() < img.size(2) &&
+                         cx.min().item<int32_t>() >= 0 && cx.max().item<int32_t>() < img.size(3)),
+              "racnn crop kernel: a tap index lies outside the image");
+}
+
 at::Tensor forward(const at::Tensor& img, const at::Tensor& ry, const at::Tensor& wy0, const at::Tensor& wy1,
                    const at::Tensor& cx, const at::Tensor& wx0, const at::Tensor& wx1) {
+  check_inputs(img, ry, wy0, wy1, cx, wx0, wx1);
   auto out = at::empty({img.size(0), img.size(1), ry.size(1), cx.size(1)}, img.options());
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "racnn_crop_forward",
                              [&] {
@@ -226,6 +250,11 @@ at::Tensor forward(const at::Tensor& img, const at::Tensor& ry, const at::Tensor
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& img, const at::Tensor& ry,
                                  const at::Tensor& wy0, const at::Tensor& wy1, const at::Tensor& cx,
                                  const at::Tensor& wx0, const at::Tensor& wx1, bool image_grad) {
+  check_inputs(img, ry, wy0, wy1, cx, wx0, wx1);
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == img.scalar_type() && grad.dim() == 4 &&
+                  grad.size(0) == img.size(0) && grad.size(1) == img.size(1) && grad.size(2) == ry.size(1) &&
+                  grad.size(3) == cx.size(1),
+              "racnn crop kernel: the output gradient must be contiguous B x C x out x out, in the image's dtype");
   auto gy0 = at::zeros_like(wy0), gy1 = at::zeros_like(wy1), gx0 = at::zeros_like(wx0), gx1 = at::zeros_like(wx1);
   at::Tensor gimg = image_grad ? at::zeros(img.sizes(), img.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(img.scalar_type(), "racnn_crop_backward", [&] {
