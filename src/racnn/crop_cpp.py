@@ -5,7 +5,8 @@ gradients; on a CPU each pass is a sweep through memory. Here the same crop (Eqs
 one backward (``csrc/crop_zoom.cpp``): the box arithmetic stays in PyTorch on B x out tensors
 (:func:`racnn.attention.box_taps`, so autograd carries the gradient from the tap weights to the box), and the
 kernel does the separable two-tap sampling over the B x C x out x out output and its backward. Same values and
-gradients as the literal reference (tests/test_crop_cpp.py).
+gradients as the literal reference (tests/test_fast_paths.py). First derivatives only: the backward is
+one kernel call, marked ``once_differentiable`` (a double backward raises instead of being silently wrong).
 
 The kernel is compiled on first use with ``torch.utils.cpp_extension`` (about 30 s; it needs a C++ compiler
 and ninja, ``pip install 'racnn[cpp]'``) and cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``); later processes
@@ -28,11 +29,15 @@ import torch
 from .attention import box_taps
 
 SOURCE = Path(__file__).with_name("csrc") / "crop_zoom.cpp"
-CFLAGS = ["-O3", "-fopenmp-simd"]  # simd: the kernel's dot products vectorise without -ffast-math
+# -fopenmp-simd: the kernel's dot products vectorise without -ffast-math (gcc and clang; MSVC has no such flag)
+CFLAGS = ["/O2"] if sys.platform == "win32" else ["-O3", "-fopenmp-simd"]
 
 
 class CropKernelUnavailable(RuntimeError):
     """The C++ crop kernel could not be built or loaded here (no compiler, no ninja, a failed build)."""
+
+
+_FAILED: list[CropKernelUnavailable] = []  # a failed build is not retried on every call
 
 
 def _find_ninja() -> None:
@@ -57,7 +62,10 @@ def _announce_first_build(cpp_extension: ModuleType) -> None:
 
 @functools.cache
 def load_crop_kernel() -> ModuleType:
-    """Build (first use, ~30 s) or load (cached) the kernel; raises :class:`CropKernelUnavailable`."""
+    """Build (first use, ~30 s) or load (cached) the kernel; raises :class:`CropKernelUnavailable`, at once
+    after a first failure in this process."""
+    if _FAILED:
+        raise _FAILED[0]
     # the import logs a CUDA_HOME warning on machines without CUDA; it concerns CUDA builds, not this one
     ext_log = logging.getLogger("torch.utils.cpp_extension")
     level = ext_log.level
@@ -73,10 +81,13 @@ def load_crop_kernel() -> ModuleType:
         )
     except Exception as e:  # a missing compiler surfaces as RuntimeError, OSError or a subprocess error
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CropKernelUnavailable(
+        error = CropKernelUnavailable(
             f"{SOURCE}: cannot build the C++ crop kernel ({first}); it needs a C++ compiler and ninja "
             "(pip install 'racnn[cpp]')"
-        ) from e
+        )
+        error.__cause__ = e
+        _FAILED.append(error)
+        raise error from e
     finally:
         ext_log.setLevel(level)
 
@@ -92,6 +103,7 @@ class _SeparableTaps(torch.autograd.Function):
         return load_crop_kernel().forward(image, ry, wy0, wy1, cx, wx0, wx1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         image, ry, wy0, wy1, cx, wx0, wx1 = ctx.saved_tensors
         want_image = ctx.needs_input_grad[0]

@@ -58,7 +58,7 @@ def _crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., to
     A forward that is itself being traced (torch.compile of the whole model, ONNX export) runs the plain crop,
     whose graph the tracer can read. All give the same values and gradients."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
-    if not compile_crop or torch.compiler.is_compiling() or exporting:
+    if not compile_crop or torch.compiler.is_compiling() or exporting or torch.jit.is_tracing():
         return crop_zoom
     if images.is_cuda:
         return crop_zoom_compiled

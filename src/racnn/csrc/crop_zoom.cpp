@@ -7,7 +7,7 @@
 // are computed by autograd in Python. This file only does the heavy, memory-bound part: the taps over the
 // B x C x out x out output, and in the backward the tap weights' gradients (and the image's when it needs one).
 //
-// The sample rows ry[b, :] of a box never decrease, so each *source* row r is visited in one run of output rows
+// The sample rows ry[b, :] of a box (half side > 0) never decrease, so each *source* row r is visited in one run of output rows
 // (were they to decrease, a row would be gathered again: slower, still exact). Its two column taps are gathered
 // once per run (q0[x] = img[r, cx_0[x]], q1[x] = img[r, cx_1[x]]), and everything
 // per output row is a contiguous, vectorisable loop over x. The backward accumulates, per source row, the
@@ -227,7 +227,7 @@ void check_inputs(const at::Tensor& img, const at::Tensor& ry, const at::Tensor&
   TORCH_CHECK(wy0.sizes() == ry.sizes() && wy1.sizes() == ry.sizes() && wx0.sizes() == cx.sizes() &&
                   wx1.sizes() == cx.sizes(),
               "racnn crop kernel: weights and indices differ in shape");
-  TORCH_CHECK(B == 0 || (ry.min().item<int32_t>() >= 0 && ry.max().item<int32_t>() < img.size(2) &&
+  TORCH_CHECK(ry.numel() == 0 || cx.numel() == 0 || (ry.min().item<int32_t>() >= 0 && ry.max().item<int32_t>() < img.size(2) &&
                          cx.min().item<int32_t>() >= 0 && cx.max().item<int32_t>() < img.size(3)),
               "racnn crop kernel: a tap index lies outside the image");
 }
