@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import racnn.crop_cpp as crop_cpp_module
 import racnn.model as model_module
@@ -154,21 +155,39 @@ def _compile_crop_models(device: str) -> tuple[torch.nn.Module, torch.nn.Module]
 
 
 @needs_cxx
-def test_compile_crop_model_runs_the_cpp_kernel_on_a_cpu(monkeypatch):
-    """On a CPU ``compile_crop`` crops with the C++ kernel, never with ``torch.compile`` (slower there):
-    same crops as the plain model, and the attention gradient still reaches the APN."""
+@pytest.mark.parametrize("crop_from", ["previous", "source"])
+def test_compile_crop_model_runs_the_cpp_kernel_on_a_cpu(monkeypatch, crop_from):
+    """On a CPU ``compile_crop`` crops with the C++ kernel, never with ``torch.compile`` (slower there). In
+    float64 the whole model then gives the same outputs and the same gradient for every parameter as the
+    plain model: backbones, heads, fusion and the APNs, which get theirs through the kernel's backward."""
     calls = []
     monkeypatch.setattr(model_module, "crop_zoom_compiled", lambda *a: pytest.fail("torch.compile on a CPU"))
     monkeypatch.setattr(model_module, "crop_zoom_cpp", lambda *a: calls.append(1) or crop_zoom_cpp(*a))
-    eager, fused = _compile_crop_models("cpu")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():  # float32: the scale-3 crop inherits the rounding of scale 2's input and box
-        for u, v in zip(eager(x).crops, fused(x).crops, strict=True):
-            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    cfg = ModelConfig(
+        backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=16, crop_from=crop_from
+    )
+    torch.manual_seed(0)
+    plain = build_model(cfg, num_classes=5).double().train()
+    fused = build_model(dataclasses.replace(cfg, compile_crop=True), num_classes=5).double().train()
+    fused.load_state_dict(plain.state_dict())
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3, 0, 4])
+    results = []
+    for model in (plain, fused):
+        out = model(x)
+        loss = sum(F.cross_entropy(v, y) for v in out.logits.values()) + sum(b.sum() for b in out.boxes)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((out, grads))
     assert len(calls) == 2  # the two crops of the compile_crop model, none of the plain one
-    fused.train()
-    fused(x).logits["s3"].sum().backward()
-    assert fused.apns[0].fc2.weight.grad.abs().sum() > 0
+    (out_a, grads_a), (out_b, grads_b) = results
+    for u, v in zip(
+        [*out_a.logits.values(), *out_a.crops], [*out_b.logits.values(), *out_b.crops], strict=True
+    ):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=1e-10)
+    assert grads_a.keys() == grads_b.keys() and all(g is not None for g in grads_b.values())
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, atol=1e-12, rtol=1e-9, msg=name)
+    assert grads_b["apns.0.fc2.weight"].abs().sum() > 0
 
 
 def test_compile_crop_model_falls_back_to_the_plain_crop_without_a_compiler(monkeypatch):
