@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny fake CUB-200-2011 tree and the location of the real subset in ../shared."""
+"""Shared fixtures: a tiny fake CUB-200-2011 tree, the location of the real subset in ../shared, and the
+crop-and-zoom comparison with the literal reference that the fast-path tests share."""
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -10,6 +12,8 @@ from types import ModuleType
 import pytest
 import torch
 from PIL import Image
+
+from racnn.attention import box_from_unit, crop_zoom_reference
 
 REAL_CUB = Path(__file__).resolve().parents[1].parent / "shared/datasets/cub200-subset/CUB_200_2011"
 # the tiny model every fast end-to-end test trains: 32 px inputs, a 16-unit APN on 2 x 2 features
@@ -105,3 +109,60 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ crop-and-zoom fast paths
+
+
+def _no_cpp_toolchain() -> bool:
+    """No C++ compiler or no ninja (racnn[cpp]): the kernel cannot be built here. A machine that has both
+    runs the kernel's tests, so a kernel that fails to build fails them instead of skipping."""
+    if shutil.which("c++") is None:
+        return True
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return shutil.which("ninja") is None
+    return False
+
+
+# the C++ kernel is built on first use (about 30 s, once per machine)
+NEEDS_CXX = pytest.mark.skipif(
+    _no_cpp_toolchain(), reason="the C++ crop kernel needs a C++ compiler and ninja"
+)
+
+
+def crop_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Random boxes, border boxes, a pixel-aligned box (samples on pixel centres: zero fractions) and a box
+    half outside the image (samples clamped to the border)."""
+    random = box_from_unit(torch.rand(n, 3, generator=gen, dtype=torch.float64), 0.1, 1.0)
+    special = torch.tensor(
+        [
+            [0.3, 0.5, 0.3],  # left edge
+            [0.71, 0.4, 0.29],  # right edge
+            [0.5, 0.22, 0.22],  # top edge
+            [0.45, 0.73, 0.27],  # bottom edge
+            [0.5, 0.5, 0.5],  # whole image
+            [0.2, 0.8, 0.2],  # bottom-left corner
+            [0.5, 0.375, 0.25],  # pixel-aligned on a 16 x 16 image with out = 8
+            [0.95, 0.05, 0.2],  # half outside (top-right)
+        ],
+        dtype=torch.float64,
+    )
+    return torch.cat([random, special])
+
+
+def compare_crop(fn, image: torch.Tensor, boxes: torch.Tensor, out: int, k: float, image_grad: bool) -> None:
+    """``fn`` equals ``crop_zoom_reference`` in float64: values, box gradient (and the image's), 1e-10."""
+    gen = torch.Generator().manual_seed(out)
+    results = []
+    for f in (fn, crop_zoom_reference):
+        im = image.clone().requires_grad_(image_grad)
+        bx = boxes.clone().requires_grad_(True)
+        y = f(im, bx, out, k)
+        upstream = torch.randn(y.shape, generator=gen.manual_seed(out), dtype=torch.float64)
+        grads = torch.autograd.grad((y * upstream).sum(), (bx, im) if image_grad else (bx,))
+        results.append((y, *grads))
+    for got, want in zip(results[0], results[1], strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)

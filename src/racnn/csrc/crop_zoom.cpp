@@ -97,6 +97,17 @@ struct Shapes {
   }
 };
 
+template <typename T>
+struct Taps {  // the raw pointers of the kernel's inputs: image, row taps, column taps
+  const T* I;
+  const int32_t *RY, *CX;
+  const T *WY0, *WY1, *WX0, *WX1;
+  Taps(const at::Tensor& img, const at::Tensor& ry, const at::Tensor& wy0, const at::Tensor& wy1,
+       const at::Tensor& cx, const at::Tensor& wx0, const at::Tensor& wx1)
+      : I(img.data_ptr<T>()), RY(ry.data_ptr<int32_t>()), CX(cx.data_ptr<int32_t>()), WY0(wy0.data_ptr<T>()),
+        WY1(wy1.data_ptr<T>()), WX0(wx0.data_ptr<T>()), WX1(wx1.data_ptr<T>()) {}
+};
+
 inline void second_tap(const int32_t* k0, int64_t n, int64_t W, std::vector<int32_t>& k1) {
   for (int64_t x = 0; x < n; ++x) k1[x] = static_cast<int32_t>(std::min<int64_t>(k0[x] + 1, W - 1));
 }
@@ -105,9 +116,9 @@ template <typename T, int NC>
 void forward_kernel(const at::Tensor& img, const at::Tensor& ry, const at::Tensor& wy0, const at::Tensor& wy1,
                     const at::Tensor& cx, const at::Tensor& wx0, const at::Tensor& wx1, at::Tensor& out) {
   const Shapes s(img, ry, cx);
-  const T* I = img.data_ptr<T>();
-  const int32_t *RY = ry.data_ptr<int32_t>(), *CX = cx.data_ptr<int32_t>();
-  const T *WY0 = wy0.data_ptr<T>(), *WY1 = wy1.data_ptr<T>(), *WX0 = wx0.data_ptr<T>(), *WX1 = wx1.data_ptr<T>();
+  const Taps<T> tp(img, ry, wy0, wy1, cx, wx0, wx1);
+  const T *I = tp.I, *WY0 = tp.WY0, *WY1 = tp.WY1, *WX0 = tp.WX0, *WX1 = tp.WX1;
+  const int32_t *RY = tp.RY, *CX = tp.CX;
   T* O = out.data_ptr<T>();
   at::parallel_for(0, s.B, 1, [&](int64_t lo, int64_t hi) {
     std::vector<int32_t> k1(s.OX);
@@ -138,9 +149,9 @@ void backward_kernel(const at::Tensor& grad, const at::Tensor& img, const at::Te
                      const at::Tensor& wy1, const at::Tensor& cx, const at::Tensor& wx0, const at::Tensor& wx1,
                      at::Tensor& gy0, at::Tensor& gy1, at::Tensor& gx0, at::Tensor& gx1, at::Tensor* gimg) {
   const Shapes s(img, ry, cx);
-  const T *I = img.data_ptr<T>(), *G = grad.data_ptr<T>();
-  const int32_t *RY = ry.data_ptr<int32_t>(), *CX = cx.data_ptr<int32_t>();
-  const T *WY0 = wy0.data_ptr<T>(), *WY1 = wy1.data_ptr<T>(), *WX0 = wx0.data_ptr<T>(), *WX1 = wx1.data_ptr<T>();
+  const Taps<T> tp(img, ry, wy0, wy1, cx, wx0, wx1);
+  const T *I = tp.I, *WY0 = tp.WY0, *WY1 = tp.WY1, *WX0 = tp.WX0, *WX1 = tp.WX1, *G = grad.data_ptr<T>();
+  const int32_t *RY = tp.RY, *CX = tp.CX;
   T *GY0 = gy0.data_ptr<T>(), *GY1 = gy1.data_ptr<T>(), *GX0 = gx0.data_ptr<T>(), *GX1 = gx1.data_ptr<T>();
   T* GI = gimg ? gimg->data_ptr<T>() : nullptr;  // contiguous B x C x H x W
   at::parallel_for(0, s.B, 1, [&](int64_t lo, int64_t hi) {
