@@ -234,14 +234,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DatasetError, CheckpointError, WeightsNotFoundError, FloatingPointError) as e:
-        print(f"racnn {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_who(args.command)}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"racnn {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_who(args.command)}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"racnn {args.command}: interrupted", file=sys.stderr)
+        print(f"{_who(args.command)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _who(command: str) -> str:
+    """``racnn COMMAND``, plus `` (rank r/N)`` under torchrun, so that the N error lines of a failed run say
+    which process wrote each (an error may be one rank's alone, e.g. an unreadable image in its shard)."""
+    from .training.distributed import env_from_os
+
+    try:
+        env = env_from_os()
+    except RuntimeError:  # malformed torchrun variables: the command reports them itself
+        return f"racnn {command}"
+    return f"racnn {command} (rank {env.rank}/{env.world_size})" if env.active else f"racnn {command}"
 
 
 if __name__ == "__main__":
