@@ -88,11 +88,13 @@ def test_compile_crop_model_runs_the_cpp_kernel_on_a_cpu(monkeypatch, crop_from)
 def test_compile_crop_model_falls_back_to_the_plain_crop_without_a_compiler(monkeypatch):
     """A machine that cannot build the kernel warns once and runs the plain crop (same values)."""
 
-    def unavailable() -> None:
-        raise CropKernelUnavailable("crop_zoom.cpp: cannot build the C++ crop kernel (no compiler)")
+    def unavailable() -> None:  # as load_crop_kernel fails: the error is remembered for the process
+        error = CropKernelUnavailable("crop_zoom.cpp: cannot build the C++ crop kernel (no compiler)")
+        crop_cpp_module._FAILED.append(error)
+        raise error
 
+    monkeypatch.setattr(crop_cpp_module, "_FAILED", [])
     monkeypatch.setattr(model_module, "load_crop_kernel", unavailable)
-    monkeypatch.setattr(model_module, "_CPU_KERNEL_FAILED", [])
     monkeypatch.setattr(model_module, "crop_zoom_cpp", lambda *a: pytest.fail("the kernel is unavailable"))
     eager, fused = _compile_crop_models("cpu")
     x = torch.randn(2, 3, 32, 32)

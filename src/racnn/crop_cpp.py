@@ -60,6 +60,11 @@ def _announce_first_build(cpp_extension: ModuleType) -> None:
         print(f"racnn: building the C++ crop kernel in {build_dir} (once, about 30 s)", file=sys.stderr)
 
 
+def build_failed() -> bool:
+    """Whether this process already failed to build the kernel (:func:`load_crop_kernel` then raises at once)."""
+    return bool(_FAILED)
+
+
 @functools.cache
 def load_crop_kernel() -> ModuleType:
     """Build (first use, ~30 s) or load (cached) the kernel; raises :class:`CropKernelUnavailable`, at once
@@ -85,7 +90,6 @@ def load_crop_kernel() -> ModuleType:
             f"{SOURCE}: cannot build the C++ crop kernel ({first}); it needs a C++ compiler and ninja "
             "(pip install 'racnn[cpp]')"
         )
-        error.__cause__ = e
         _FAILED.append(error)
         raise error from e
     finally:

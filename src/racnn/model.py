@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled
 from .backbones import Backbone, Preprocessing, build_backbone
 from .config import ModelConfig
-from .crop_cpp import CropKernelUnavailable, crop_zoom_cpp, load_crop_kernel
+from .crop_cpp import CropKernelUnavailable, build_failed, crop_zoom_cpp, load_crop_kernel
 
 
 @contextlib.contextmanager
@@ -48,10 +48,6 @@ def _recompute_contexts(
     return contextlib.nullcontext(), _frozen_bn_stats(module)
 
 
-# the build error, kept so that a model on a machine without a compiler warns once, not on every batch
-_CPU_KERNEL_FAILED: list[str] = []
-
-
 def _crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The crop-and-zoom this forward runs. ``compile_crop``: ``torch.compile`` of it on CUDA, the C++ kernel on a
     CPU (:mod:`racnn.crop_cpp`; built on first use, the plain crop with one warning where it cannot be built).
@@ -62,12 +58,11 @@ def _crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., to
         return crop_zoom
     if images.is_cuda:
         return crop_zoom_compiled
-    if images.device.type != "cpu" or _CPU_KERNEL_FAILED:
+    if images.device.type != "cpu" or build_failed():  # a failed build has warned once already
         return crop_zoom
     try:
         load_crop_kernel()
     except CropKernelUnavailable as e:
-        _CPU_KERNEL_FAILED.append(str(e))
         warnings.warn(
             f"{e}; model.compile_crop falls back to the plain crop (same values, slower)", stacklevel=3
         )
