@@ -259,7 +259,7 @@ def write_pictures(run_dir: Path, fig_dir: Path, stem: str, *, rows: int = 6, po
     sample of ``pool`` test images; titles give the scale-1 box IoU and the scale-2 head hit), and derivative
     maps (:mod:`racnn.analysis`) of two of them."""
     from racnn.analysis import derivative_map_figure
-    from racnn.attention import box_to_xyxy, compose_boxes
+    from racnn.attention import box_to_xyxy
     from racnn.evaluation import box_iou, head_hits
     from racnn.training import setup
     from racnn.training.checkpoint import load_model
@@ -272,10 +272,10 @@ def write_pictures(run_dir: Path, fig_dir: Path, stem: str, *, rows: int = 6, po
     x, y = torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
     outs = [model(x[i : i + 16]) for i in range(0, len(x), 16)]
     pred = torch.cat([o.logits[model.keys[-1]] for o in outs]).argmax(1)
-    b1, b2 = (torch.cat([o.boxes[s] for o in outs]) for s in (0, 1))
-    iou = box_iou(box_to_xyxy(b1), torch.stack([it["box"] for it in items]))
+    v2, v3 = (torch.cat([o.views[s] for o in outs]) for s in (0, 1))  # what scales 2 and 3 see
+    iou = box_iou(box_to_xyxy(v2), torch.stack([it["box"] for it in items]))
     parts = torch.stack([it["parts"] for it in items])
-    hit, has = head_hits(box_to_xyxy(compose_boxes(b1, b2)), parts, getattr(test, "head_parts", []))
+    hit, has = head_hits(box_to_xyxy(v3), parts, getattr(test, "head_parts", []))
     titles = [
         f"IoU {iou[i]:.2f} head {'n/a' if not has[i] else 'in' if hit[i] else 'OUT'}" for i in range(len(x))
     ]

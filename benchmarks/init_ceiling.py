@@ -1,7 +1,7 @@
 """How good are the APN initialisation's targets? (docs/results.md, experiment 9)
 
 For a checkpoint, evaluates on a split, next to the APN's own boxes, the boxes the APN initialisation
-regresses towards (``racnn.training.schedule.apn_init_target``; with the recipe of
+regresses towards (``racnn.training.apn_init.apn_init_target``; with the recipe of
 ``benchmarks/accuracy.py``: scale 1, the ``region`` box of scale 1's class activation map; scale 2, a
 ``peak`` square on the map of the crop that box cuts). Prints the scale-1 IoU >= 0.5 rate, the mean IoU,
 the head-in-scale-2-box rate and the box sides, with the true class's map (what the initialisation uses)
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from racnn.attention import crop_zoom
 from racnn.evaluation import Accumulator
 from racnn.training import setup
+from racnn.training.apn_init import apn_init_target
 from racnn.training.checkpoint import load_model
-from racnn.training.schedule import apn_init_target
 
 
 @torch.no_grad()

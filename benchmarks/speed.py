@@ -202,7 +202,7 @@ class Bench:
         set_phase(model, phase)
         with self.autocast():
             out = model(self.images, detach_boxes=phase == CLASSIFY)
-        cls = total_classification(classification_losses(out.logits, y), num_scales=n)
+        cls = total_classification(classification_losses(out.trained_logits, y), num_scales=n)
         probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n)]
         loss = cls if phase == CLASSIFY else ranking_loss(probs, self.cfg.schedule.rank_margin)
         opt = self.cls_opt if phase == CLASSIFY else self.apn_opt

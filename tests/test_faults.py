@@ -169,8 +169,8 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_state(
     fake_cub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # 9 training images, batch 4: 3 steps per epoch; epoch 2 is an attention phase (loss = L_rank), whose
-    # second step is the ranking loss's 5th call.
-    _nan_on_call(monkeypatch, "ranking_loss", 5)
+    # second step starts with p_t's 13th call (three scales a step): a NaN there reaches L_rank alone.
+    _nan_on_call(monkeypatch, "true_class_prob", 13)
     out = tmp_path / "run"
     args = ["train", "--data", str(fake_cub), "--out", str(out), "--no-progress", "--set", *TINY]
     assert main([*args, "data.num_workers=0", "train.epochs=3"]) == 2

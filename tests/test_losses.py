@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from racnn.losses import (
     box_regression_loss,
     classification_losses,
+    rank_ceiling,
+    ranking_hinges,
     ranking_loss,
     total_classification,
     true_class_prob,
@@ -46,6 +48,25 @@ def test_ranking_loss_zero_when_finer_scales_win_by_more_than_the_margin():
     assert float(ranking_loss(p, margin=0.05)) == 0.0
     # ... but not when the lead is smaller than the margin
     assert float(ranking_loss(p, margin=0.2)) > 0.0
+
+
+def test_quiet_ranking_hinge_stops_at_the_ceiling():
+    # both scales at the label-smoothing optimum p_t* = 1 - 0.1 + 0.1/25 = 0.904: the paper's hinge is active
+    # (0.904 - 0.89 + 0.05 > 0) on every image, the quiet one only where the finer scale is short of p_t* - m
+    ceiling = rank_ceiling(0.1, 25, 0.05)
+    assert math.isclose(ceiling, 1 - 0.1 + 0.1 / 25 - 0.05)
+    coarse, fine = _t(0.904, 0.904, 0.5), _t(0.89, 0.80, 0.52)
+    paper = ranking_hinges([coarse, fine], 0.05)[0]
+    quiet = ranking_hinges([coarse, fine], 0.05, ceiling=ceiling)[0]
+    assert (paper > 0).all()
+    torch.testing.assert_close(quiet, _t(0.0, ceiling - 0.80, 0.5 + 0.05 - 0.52))
+    # below the ceiling the quiet hinge is the paper's; the loss is the mean over images, summed over pairs
+    loss = ranking_loss([coarse, fine, fine], 0.05, ceiling=ceiling)
+    second = ranking_hinges([fine, fine], 0.05, ceiling=ceiling)[0]
+    torch.testing.assert_close(second, _t(0.0, 0.05, 0.05))  # 0.80 + 0.05 is under the ceiling
+    assert math.isclose(float(loss), float(quiet.mean() + second.mean()))
+    # no smoothing: the ceiling is 1 - margin
+    assert rank_ceiling(0.0, 25, 0.05) == 0.95
 
 
 def test_ranking_loss_gradient_signs():

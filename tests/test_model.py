@@ -37,7 +37,7 @@ def _images(b: int = 2, h: int = 32, w: int | None = None, seed: int = 1) -> tor
 def _full_loss(model, out, target, margin: float = 1.0) -> torch.Tensor:
     """All cross-entropies + ranking loss (margin 1: every pair active, so it reaches every scale)."""
     n = model.cfg.num_scales
-    cls = total_classification(classification_losses(out.logits, target), num_scales=n)
+    cls = total_classification(classification_losses(out.trained_logits, target), num_scales=n)
     probs = [true_class_prob(out.logits[f"s{i + 1}"], target) for i in range(n)]
     return cls + ranking_loss(probs, margin=margin)
 

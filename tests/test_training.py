@@ -10,9 +10,11 @@ import torch
 
 from conftest import interrupt_epoch
 from racnn.config import Config, ScheduleConfig, load_config
-from racnn.losses import ranking_loss, true_class_prob
+from racnn.localization import aolm_boxes, class_activation, peak_response_boxes, region_response_boxes
+from racnn.losses import box_regression_loss, ranking_loss, true_class_prob
 from racnn.model import build_model
 from racnn.training import setup
+from racnn.training.apn_init import apn_init_target, apn_saturation
 from racnn.training.checkpoint import load_checkpoint
 from racnn.training.loop import Trainer
 from racnn.training.schedule import (
@@ -21,11 +23,6 @@ from racnn.training.schedule import (
     JOINT,
     WARMUP,
     PhaseSchedule,
-    apn_init_target,
-    apn_saturation,
-    class_activation,
-    peak_response_boxes,
-    region_response_boxes,
     set_phase,
 )
 
@@ -101,6 +98,30 @@ def test_a_phase_epoch_changes_only_its_part(fake_cub: Path, tmp_path: Path, pha
         assert not _same(classifier, _snapshot([m.backbones, m.heads, m.fusions]))
 
 
+def test_attention_levers_enter_the_attention_phase_only(fake_cub: Path, tmp_path: Path) -> None:
+    """rank_quiet, the object prior and the soft box gradient: an attention epoch logs the share of active
+    hinges and the prior's loss, and still changes the APNs alone; the prior's gradient reaches only APN 1."""
+    keys = {"schedule.rank_quiet": "true", "schedule.prior_weight": 1.0, "model.mask_k_backward": 1.0}
+    trainer = Trainer(tiny_config(fake_cub, **keys), tmp_path / "run", progress=False)
+    m = trainer.model
+    classifier, apn = _snapshot([m.backbones, m.heads, m.fusions]), _snapshot([m.apns])
+    trainer.schedule.start_epoch(ATTEND)
+    rec = trainer.train_epoch(ATTEND)
+    assert 0.0 <= rec["rank_active"] <= 1.0 and rec["prior"] > 0
+    assert _same(classifier, _snapshot([m.backbones, m.heads, m.fusions]))
+    assert not _same(apn, _snapshot([m.apns]))
+    trainer.schedule.start_epoch(CLASSIFY)
+    assert "prior" not in trainer.train_epoch(CLASSIFY)  # the classifiers never see it
+    trainer.close()
+    # the prior alone: a gradient for APN 1, none for APN 2 (its box is not tied to the object)
+    set_phase(m, ATTEND)
+    m.zero_grad(set_to_none=True)
+    out = m(torch.randn(4, 3, 32, 32), return_maps=True)
+    box_regression_loss(out.boxes[0], aolm_boxes(out.maps[0], 0.25, 1.0)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.apns[0].parameters())
+    assert all(p.grad is None for p in m.apns[1].parameters())
+
+
 @pytest.mark.parametrize("backbones", [True, False])
 def test_warmup_backbones_false_keeps_the_imagenet_backbones(
     fake_cub: Path, tmp_path: Path, backbones: bool
@@ -146,38 +167,6 @@ def test_schedule_stops_when_both_phases_converge() -> None:
     restored = PhaseSchedule(ScheduleConfig(), epochs=100)
     restored.load_state_dict(s.state_dict())
     assert restored.state_dict() == s.state_dict()
-
-
-def test_peak_response_box_is_centred_on_the_peak_and_inside() -> None:
-    fmap = torch.zeros(2, 4, 8, 8)
-    fmap[0, :, 2, 5] = 10.0  # row 2 (y), column 5 (x)
-    fmap[1, :, 0, 0] = 10.0  # corner: the box is moved inside
-    box = peak_response_boxes(fmap, side=0.5)
-    assert torch.allclose(box[0], torch.tensor([5.5 / 8, 2.5 / 8, 0.25]))
-    assert torch.allclose(box[1], torch.tensor([0.25, 0.25, 0.25]))
-
-
-def test_region_response_box_is_sized_to_the_hot_cells() -> None:
-    fmap = torch.zeros(3, 2, 8, 8)
-    fmap[0, :, 2:4, 4:8] = 5.0  # hot rows 2-3, columns 4-7: 2 x 4 cells, area 8/64
-    fmap[0, :, 6, 0] = 1.0  # below the threshold: ignored
-    fmap[1, :, 3, 3] = 1.0  # one hot cell: side 1/8, clamped up to min_side
-    box = region_response_boxes(fmap, 0.5, min_side=0.25, max_side=0.9)
-    # (the response is smoothed by a 3x3 binomial kernel first: around a single cell, a ring reaches half)
-    # rows 2-3 and columns 4-7: centre (6/8, 3/8), side sqrt(2/8 * 4/8)
-    assert torch.allclose(box[0], torch.tensor([6 / 8, 3 / 8, (2 / 8 * 4 / 8) ** 0.5 / 2]))
-    assert torch.allclose(box[1], torch.tensor([3.5 / 8, 3.5 / 8, 0.1875]))  # the cell and its ring: 3/8
-    one = region_response_boxes(fmap[1:2], 0.6, min_side=0.25, max_side=0.9)  # the cell alone: 1/8 -> 0.25
-    assert torch.allclose(one[0], torch.tensor([3.5 / 8, 3.5 / 8, 0.125]))
-    assert torch.allclose(
-        box[2], torch.tensor([0.5, 0.5, 0.45])
-    )  # flat: every cell hot, whole image, max_side
-    # the box stays inside the image and its side within the bounds
-    assert bool(((box[:, :2] - box[:, 2:]) >= -1e-6).all() and ((box[:, :2] + box[:, 2:]) <= 1 + 1e-6).all())
-    # a larger hot region gives a larger box: the side follows the response, unlike peak_response_boxes
-    big = torch.zeros(1, 1, 8, 8)
-    big[0, 0, 1:7, 1:7] = 1.0
-    assert float(region_response_boxes(big, 0.5, 0.25, 1.0)[0, 2]) > float(box[0, 2])
 
 
 def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path) -> None:

@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+# kinds of fused output (model.fusion), implemented in racnn.fusion
+FUSIONS = ("concat", "mean_prob", "mean_logprob", "weighted")
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming the key and the problem."""
@@ -30,11 +33,17 @@ class ModelConfig:
     zoom_size: int | None = None  # side of the inputs of scales 2..N (None: input_size); paper: 448 then 224
     crop_from: str = "previous"  # "previous": zoom the previous scale (paper); "source": crop the data image
     mask_k: float = 10.0  # steepness of the boxcar's logistic h(x)=1/(1+exp(-k x)), x in source pixels
+    # the mask's steepness in the backward pass only (None: mask_k). A soft value (released code: 0.05) gives a
+    # box gradient from the pixels near each edge instead of the one pixel an edge crosses (racnn.attention)
+    mask_k_backward: float | None = None
     box_min_side: float = 0.25  # lower bound on the box side, fraction of the input side
     box_max_side: float = 1.0  # upper bound on the box side
     apn_grid: int = 7  # APN input: last conv features pooled to grid x grid, then flattened
     apn_hidden: int = 1024  # released model: FC 1024, tanh, FC 3, sigmoid
     dropout: float = 0.0  # before every classification head
+    # what the fused outputs (s12, s123) are: concat (the paper's FC on the concatenated features),
+    # mean_prob, mean_logprob, weighted (per-scale weights fitted on validation); see racnn.fusion
+    fusion: str = "concat"
     checkpoint_activations: bool = False  # recompute backbone activations in backward (saves memory)
     compile_crop: bool = False  # the crop as compiled code: torch.compile on CUDA, a C++ kernel on a CPU
 
@@ -91,7 +100,12 @@ class ScheduleConfig:
     rank_detach_coarse: bool = (
         True  # p_t(s) is a fixed reference in L_rank: only p_t(s+1) is pushed (see losses)
     )
+    # the hinge goes quiet once the finer scale is within the margin of the p_t that label smoothing aims for
+    rank_quiet: bool = False
     rank_weight: float = 1.0  # weight of the ranking loss (joint mode, attention phase)
+    # weight of the object prior in the attention phases: smooth-L1 of the scale-1 box to the AOLM box of
+    # scale 1's own conv map (racnn.localization.aolm_boxes); 0: the paper's ranking loss alone
+    prior_weight: float = 0.0
     fusion_weight: float = 1.0  # weight of the fusion cross-entropies
     converge_tol: float = 0.01  # relative loss improvement under which a phase counts as converged
     max_steps_per_epoch: int | None = None  # cap on iterations per epoch (smoke runs, benchmarks)
@@ -107,6 +121,10 @@ class TrainConfig:
     channels_last: bool = False
     deterministic: bool = False
     eval_every: int = 1  # validate every N epochs
+    # the model kept in best.pt and tested: "val", the epoch of the best validation accuracy of the last
+    # fused output; "last", the last epoch (no selection: a 75-image validation split is one image per 1.3
+    # points, and picking the best of 16 noisy epochs flatters it)
+    select: str = "val"
     log_every: int = 10  # iterations between progress-bar updates and non-finite loss checks
     tensorboard: bool = True  # scalars + attention pictures in OUT/tb/ when tensorboard is installed
 
@@ -184,10 +202,12 @@ def _merge(obj: Any, d: dict[str, Any], prefix: str, source: str) -> None:
 
 _CHOICES = {
     "model.crop_from": ("previous", "source"),
+    "model.fusion": FUSIONS,
     "optim.name": ("sgd", "adamw"),
     "optim.apn_optimizer": ("adam", "sgd"),
     "optim.scheduler": ("cosine", "step", "none"),
     "schedule.mode": ("alternate", "joint"),
+    "train.select": ("val", "last"),
     "schedule.apn_init_response": ("sum", "cam"),
 }
 
@@ -201,9 +221,9 @@ def validate(cfg: Config, *, source: str = "config") -> None:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
     boxes = cfg.schedule.apn_init_box.split(",")
     too_many = cfg.model.num_scales > 1 and len(boxes) > cfg.model.num_scales - 1  # (1 scale: no APN, moot)
-    if not all(b in ("peak", "region") for b in boxes) or too_many:
+    if not all(b in ("peak", "region", "aolm") for b in boxes) or too_many:
         raise ConfigError(
-            f"{source}: schedule.apn_init_box must be peak, region, or at most one per APN (num_scales - 1) "
+            f"{source}: schedule.apn_init_box must be peak, region, aolm, or at most one per APN (num_scales - 1) "
             f"separated by commas without spaces (region,peak), got {cfg.schedule.apn_init_box!r}"
         )
     m = cfg.model
@@ -213,6 +233,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (m.zoom_size is None or m.zoom_size >= 16, "model.zoom_size must be >= 16 (or null)"),
         (0.0 < m.box_min_side <= m.box_max_side <= 1.0, "need 0 < model.box_min_side <= box_max_side <= 1"),
         (m.mask_k > 0, "model.mask_k must be > 0"),
+        (m.mask_k_backward is None or m.mask_k_backward > 0, "model.mask_k_backward must be > 0 (or null)"),
         (m.apn_grid >= 1 and m.apn_hidden >= 1, "model.apn_grid and apn_hidden must be >= 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
@@ -227,6 +248,7 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (0.0 < cfg.schedule.apn_init_side <= 1.0, "schedule.apn_init_side must be in (0, 1]"),
         (0.0 <= cfg.schedule.apn_init_threshold < 1.0, "schedule.apn_init_threshold must be in [0, 1)"),
         (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
+        (cfg.schedule.prior_weight >= 0.0, "schedule.prior_weight must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:

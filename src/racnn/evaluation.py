@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .attention import box_to_xyxy, compose_boxes
+from .attention import box_to_xyxy, image_views
 from .model import RACNN
 
 TABLE_ROWS = [
@@ -27,6 +27,8 @@ TABLE_ROWS = [
     ("loc_acc_iou50", "scale-1 box IoU >= 0.5"),
     ("loc_centre_hit", "scale-1 box holds the object centre"),
     ("head_hit_s2", "scale-2 box holds the head"),
+    ("view_in_object_s2", "scale-2 view >= half on the object"),
+    ("view_in_object_s3", "scale-3 view >= half on the object"),
     ("box_side_s1", "box side, scale 1"),
     ("box_side_s2", "box side, scale 2"),
 ]
@@ -39,6 +41,14 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     inter = (rb - lt).clamp(min=0).prod(1)
     area = lambda x: (x[:, 2:] - x[:, :2]).clamp(min=0).prod(1)  # noqa: E731
     return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+
+
+def share_inside(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Share of each box of ``a`` whose area lies inside the matching box of ``b``: N x 4 xyxy each -> N."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    return inter / (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1).clamp(min=1e-12)
 
 
 def head_hits(
@@ -57,16 +67,21 @@ def head_hits(
 
 
 class Accumulator:
-    """Sums over batches; ``summary()`` turns them into the metrics dict."""
+    """Sums over batches; ``summary()`` turns them into the metrics dict. ``keep_scores``: also keep every
+    scale's log-probabilities and the labels (:meth:`scores`), for fusion weights fitted on this split."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_scores: bool = False) -> None:
         self.correct: dict[str, int] = defaultdict(int)
         self.n = 0
         self.ious: list[torch.Tensor] = []
         self.centre_hits: list[torch.Tensor] = []
         self.sides: dict[int, list[torch.Tensor]] = defaultdict(list)
+        self.in_object: dict[int, list[torch.Tensor]] = defaultdict(list)
         self.head_hit = 0
         self.head_n = 0
+        self.keep_scores = keep_scores
+        self.logprobs: list[torch.Tensor] = []  # per batch, N x B x K (keep_scores)
+        self.targets: list[torch.Tensor] = []  # per batch, B (keep_scores)
 
     def update(
         self,
@@ -74,27 +89,41 @@ class Accumulator:
         boxes: list[torch.Tensor],
         batch: dict[str, Any],
         head_parts: list[int] | None = None,
+        views: list[torch.Tensor] | None = None,
     ) -> None:
+        """Count one batch: ``logits`` by output key, the APN ``boxes`` (each relative to its scale's input)
+        and the ``views`` of scales 2..N relative to the image (derived from the boxes when not given)."""
         target = batch["label"].to(next(iter(logits.values())).device)
         self.n += target.numel()
         for k, v in logits.items():
             self.correct[k] += int((v.argmax(1) == target).sum())
+        if self.keep_scores:
+            scales = [logits[f"s{i}"] for i in range(1, len(logits) + 1) if f"s{i}" in logits]  # s1 .. sN
+            self.logprobs.append(torch.stack([z.float().log_softmax(1).cpu() for z in scales]))
+            self.targets.append(target.cpu())
         for s, box in enumerate(boxes):
             self.sides[s + 1].append((2 * box[:, 2]).float().cpu())
         if not boxes:
             return
-        b1 = boxes[0].float().cpu()
+        views = [v.float().cpu() for v in (views if views is not None else image_views(boxes))]
         has_box = batch["has_box"].bool().cpu()
         if has_box.any():
-            att, gt = box_to_xyxy(b1[has_box]), batch["box"][has_box].float()
+            att, gt = box_to_xyxy(views[0][has_box]), batch["box"][has_box].float()
             self.ious.append(box_iou(att, gt))
             centre = (gt[:, :2] + gt[:, 2:]) / 2  # the object's centre lies in the attention box
             self.centre_hits.append(((centre >= att[:, :2]) & (centre <= att[:, 2:])).all(1))
-        if head_parts and len(boxes) > 1 and batch["parts"].shape[1] > 0:
-            b2 = compose_boxes(b1, boxes[1].float().cpu())  # scale-2 box in image coordinates
-            hit, has = head_hits(box_to_xyxy(b2), batch["parts"].float(), head_parts)
+            for s, view in enumerate(views, start=2):  # the region scale s sees, at least half on the object
+                self.in_object[s].append(share_inside(box_to_xyxy(view[has_box]), gt) >= 0.5)
+        if head_parts and len(views) > 1 and batch["parts"].shape[1] > 0:
+            hit, has = head_hits(box_to_xyxy(views[1]), batch["parts"].float(), head_parts)
             self.head_hit += int(hit.sum())
             self.head_n += int(has.sum())
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every scale's log-probabilities (N x M x K) and the labels (M) of the images seen so far."""
+        if not self.logprobs:
+            return torch.zeros(0, 0, 0), torch.zeros(0, dtype=torch.long)
+        return torch.cat(self.logprobs, 1), torch.cat(self.targets)
 
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
@@ -107,6 +136,8 @@ class Accumulator:
         else:
             out["loc_iou_mean"] = out["loc_acc_iou50"] = out["loc_centre_hit"] = math.nan
         out["head_hit_s2"] = self.head_hit / self.head_n if self.head_n else math.nan
+        for s, hits in self.in_object.items():
+            out[f"view_in_object_s{s}"] = float(torch.cat(hits).float().mean())
         for s, sides in self.sides.items():
             side = torch.cat(sides)
             out[f"box_side_s{s}"] = float(side.mean())
@@ -126,26 +157,31 @@ def accumulate(
     head_parts: list[int] | None = None,
     desc: str = "eval",
     progress: bool = True,
+    keep_scores: bool = False,
 ) -> Accumulator:
-    """Run ``model`` (in eval mode, restored after) over ``loader`` and sum the evaluation counts."""
+    """Run ``model`` (in eval mode, restored after) over ``loader`` and sum the evaluation counts: every
+    output, every fusion kind (``acc_s123_<kind>``), the boxes."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    acc = Accumulator()
+    acc = Accumulator(keep_scores=keep_scores)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         images = batch["image"].to(device, non_blocking=True)  # B x 3 x S x S
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
             out = model(images)
-        acc.update({k: v.float() for k, v in out.logits.items()}, out.boxes, batch, head_parts)
+        logits = {k: v.float() for k, v in (out.logits | model.fusion_variants(out)).items()}
+        acc.update(logits, out.boxes, batch, head_parts, out.views)
     model.train(was_training)
     return acc
 
 
 def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], **kwargs: Any) -> dict[str, float]:
-    """Top-1 accuracy of every scale and fusion, scale-1 box IoU with the object box, scale-2 head hits, and
-    box side mean/std per scale (fractions of that scale's input side). Keywords as :func:`accumulate`."""
+    """Top-1 accuracy of every scale and fusion (the model's, and every kind as ``acc_s123_<kind>``), scale-1
+    box IoU with the object box, scale-2 head hits, the share of images whose scale-s view lies at least
+    half on the object, and box side mean/std per scale (fractions of that scale's input side). Keywords
+    as :func:`accumulate`."""
     return accumulate(model, loader, **kwargs).summary()
 
 

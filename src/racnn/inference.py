@@ -7,18 +7,10 @@ from typing import Any
 
 import torch
 
-from .attention import box_to_xyxy, compose_boxes
+from .attention import box_to_xyxy
 from .config import Config
 from .data import build_transform, load_image
 from .model import RACNN
-
-
-def absolute_boxes(boxes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-scale boxes (each relative to its own scale's input) -> boxes relative to the scale-1 image."""
-    out: list[torch.Tensor] = []
-    for box in boxes:
-        out.append(box if not out else compose_boxes(out[-1], box))
-    return out
 
 
 @torch.no_grad()
@@ -48,7 +40,7 @@ def predict_images(
             images.append(transform(img, None, None)[0])
         out = model(torch.stack(images).to(device))
         probs = {k: v.float().softmax(1).cpu() for k, v in out.logits.items()}
-        boxes = [b.float().cpu() for b in absolute_boxes(out.boxes)]
+        boxes = [b.float().cpu() for b in out.views]
         k = min(topk, len(classes))
         for i, (p, (w, h)) in enumerate(zip(chunk, sizes, strict=True)):
             top = {}

@@ -13,20 +13,51 @@ def true_class_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(dim=1).gather(1, target[:, None]).squeeze(1)
 
 
-def ranking_loss(
-    probs: list[torch.Tensor], margin: float = 0.05, *, detach_coarse: bool = False
-) -> torch.Tensor:
-    """Inter-scale pairwise ranking loss, Eq. 8, summed over adjacent scales and averaged over the batch:
-    ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each.
+def ranking_hinges(
+    probs: list[torch.Tensor],
+    margin: float = 0.05,
+    *,
+    detach_coarse: bool = False,
+    ceiling: float | None = None,
+) -> list[torch.Tensor]:
+    """Eq. 8 per adjacent pair of scales and image: ``max(0, p_t(s) - p_t(s+1) + margin)``, B each.
 
     ``detach_coarse`` makes ``p_t(s)`` a fixed reference: the gradient then only raises ``p_t(s+1)``, so the
     APN that feeds scale s is never rewarded for making scale s worse (its crop also feeds the pair (s, s+1)).
+    ``ceiling`` caps what the finer scale is asked for: ``max(0, min(p_t(s) + margin, ceiling) - p_t(s+1))``,
+    so the hinge goes quiet once the finer scale is as confident as its loss lets it be (with label smoothing
+    eps, the cross-entropy's optimum is ``p_t = 1 - eps + eps / K``; both scales sit near it on training
+    images, and the plain hinge then stays active on almost every image, pushing the APN by noise).
     """
-    total = probs[0].new_zeros(())
+    hinges = []
     for coarse, fine in itertools.pairwise(probs):
-        ref = coarse.detach() if detach_coarse else coarse
-        total = total + (ref - fine + margin).clamp(min=0).mean()
+        goal = (coarse.detach() if detach_coarse else coarse) + margin
+        if ceiling is not None:
+            goal = goal.clamp(max=ceiling)
+        hinges.append((goal - fine).clamp(min=0))
+    return hinges
+
+
+def ranking_loss(
+    probs: list[torch.Tensor],
+    margin: float = 0.05,
+    *,
+    detach_coarse: bool = False,
+    ceiling: float | None = None,
+) -> torch.Tensor:
+    """Inter-scale pairwise ranking loss, Eq. 8, summed over adjacent scales and averaged over the batch:
+    ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each. Keywords as
+    :func:`ranking_hinges`."""
+    total = probs[0].new_zeros(())
+    for hinge in ranking_hinges(probs, margin, detach_coarse=detach_coarse, ceiling=ceiling):
+        total = total + hinge.mean()
     return total
+
+
+def rank_ceiling(label_smoothing: float, num_classes: int, margin: float) -> float:
+    """``schedule.rank_quiet``'s cap on the finer scale's goal: within ``margin`` of the largest ``p_t`` the
+    smoothed cross-entropy aims for, ``1 - eps + eps / K``."""
+    return 1.0 - label_smoothing + label_smoothing / num_classes - margin
 
 
 def classification_losses(

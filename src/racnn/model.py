@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled
+from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled, soft_box_gradient
 from .backbones import Backbone, Preprocessing, build_backbone
 from .config import ModelConfig
 from .crop_cpp import CropKernelUnavailable, build_failed, crop_zoom_cpp, load_crop_kernel
+from .fusion import FUSIONS, fuse
 
 
 @contextlib.contextmanager
@@ -83,14 +84,26 @@ class RACNNFeatures:
     boxes: list[torch.Tensor]  # per scale but the last, B x 3 (cx, cy, half) relative to that scale's input
     crops: list[torch.Tensor]  # inputs of scales 2..N, B x 3 x S x S
     maps: list[torch.Tensor] = field(default_factory=list)  # last conv maps (only when return_maps=True)
+    # per scale 2..N, B x 3: the region that scale sees, relative to the model's input image (boxes[0], then
+    # boxes[1] composed into it, ...)
+    views: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
 class RACNNOutput:
-    logits: dict[str, torch.Tensor]  # "s1".."sN", "s12", "s123": B x K
+    logits: dict[str, torch.Tensor]  # "s1".."sN", then "s12", "s123" by model.fusion: B x K
     boxes: list[torch.Tensor]
     crops: list[torch.Tensor]
     maps: list[torch.Tensor] = field(default_factory=list)
+    views: list[torch.Tensor] = field(default_factory=list)  # as RACNNFeatures.views
+    # the paper's concat fusion heads, "s12", "s123": B x K (trained by the fusion cross-entropy whatever
+    # model.fusion is; the same tensors as logits' fused keys when model.fusion is "concat")
+    concat: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def trained_logits(self) -> dict[str, torch.Tensor]:
+        """What the classification loss trains: the per-scale logits and the concat fusion heads."""
+        return self.logits | self.concat
 
 
 class RACNN(nn.Module):
@@ -115,6 +128,11 @@ class RACNN(nn.Module):
         )
         # fusion over the first n scales, n = 2..N (paper Table 2: "scale 1+2", "scale 1+2+3")
         self.fusions = nn.ModuleList(nn.Linear(c * n, num_classes) for n in range(2, cfg.num_scales + 1))
+        if cfg.num_scales > 1:
+            # the "weighted" fusion's per-scale weights: row n - 2 holds those of the first n scales (fitted on
+            # validation predictions by the Trainer; until then 1/n, i.e. the mean of the log-probabilities)
+            self.register_buffer("fusion_weights", _uniform_fusion_weights(cfg.num_scales))
+            self.register_load_state_dict_pre_hook(_default_fusion_weights)
         self.dropout = nn.Dropout(cfg.dropout)
         self.keys = scale_keys(cfg.num_scales)
 
@@ -175,9 +193,10 @@ class RACNN(nn.Module):
         x = images
         if images.shape[-2:] != (size, size):
             x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        absolute = None  # box of the current scale's input in `images` coordinates (crop_from="source")
-        crop = _crop_function(self.cfg.compile_crop, images)
-        pooled, boxes, crops, maps = [], [], [], []
+        view = None  # the region of `images` that the current scale sees (None: all of it)
+        zoom = _crop_function(self.cfg.compile_crop, images)
+        crop = partial(soft_box_gradient, zoom, k=self.cfg.mask_k, k_grad=self.cfg.mask_k_backward)
+        pooled, boxes, crops, maps, views = [], [], [], [], []
         for s in range(self.cfg.num_scales):
             fmap = self._trunk(s, x)  # B x C x h x w
             pooled.append(fmap.mean(dim=(2, 3)))  # B x C
@@ -194,21 +213,45 @@ class RACNN(nn.Module):
             if detach_crops:
                 box = box.detach()
             size = sizes[s + 1]  # side of the next scale's input
-            if self.cfg.crop_from == "source":
-                absolute = box if absolute is None else compose_boxes(absolute, box)
-                x = crop(images, absolute, size, self.cfg.mask_k)  # real pixels of the source image
-            else:
-                x = crop(x, box, size, self.cfg.mask_k)  # B x 3 x S x S, zoom of the previous scale
+            view = box if view is None else compose_boxes(view, box)
+            views.append(view)
+            # B x 3 x S x S: "source" cuts the real pixels of the source image, "previous" (the paper) zooms the
+            # previous scale's input
+            x = crop(images, view, size) if self.cfg.crop_from == "source" else crop(x, box, size)
             crops.append(x)
-        return RACNNFeatures(pooled, boxes, crops, maps)
+        return RACNNFeatures(pooled, boxes, crops, maps, views)
 
-    def forward_head(self, feats: RACNNFeatures) -> dict[str, torch.Tensor]:
-        """Per-scale and fused logits, B x K each."""
+    def _heads(self, feats: RACNNFeatures) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-scale logits ``s1..sN`` and the concat heads' ``s12, s123, ...``, B x K each."""
         pooled = [self.dropout(p) for p in feats.pooled]
         logits = {f"s{i + 1}": head(p) for i, (head, p) in enumerate(zip(self.heads, pooled, strict=True))}
-        for n, fusion in enumerate(self.fusions, start=2):
-            logits[self.keys[self.cfg.num_scales + n - 2]] = fusion(torch.cat(pooled[:n], dim=1))
-        return logits
+        concat = {
+            self.keys[self.cfg.num_scales + n - 2]: fusion(torch.cat(pooled[:n], dim=1))
+            for n, fusion in enumerate(self.fusions, start=2)
+        }
+        return logits, concat
+
+    def _fused(self, kind: str, logits: dict[str, torch.Tensor], concat: dict[str, torch.Tensor]):
+        """``{"s12": ..., "s123": ...}`` by the fusion ``kind`` (:mod:`racnn.fusion`)."""
+        scales = [logits[f"s{i + 1}"] for i in range(self.cfg.num_scales)]
+        return {
+            key: fuse(kind, scales[:n], concat=concat[key], weights=self.fusion_weights[n - 2, :n])
+            for n, key in enumerate(self.keys[self.cfg.num_scales :], start=2)
+        }
+
+    def forward_head(self, feats: RACNNFeatures) -> dict[str, torch.Tensor]:
+        """Per-scale logits and the fused ones of ``model.fusion``, B x K each."""
+        logits, concat = self._heads(feats)
+        return logits | self._fused(self.cfg.fusion, logits, concat)
+
+    def fusion_variants(self, out: RACNNOutput) -> dict[str, torch.Tensor]:
+        """Every fusion kind of ``out``'s fused outputs, side by side: ``{"s123_concat": ..,
+        "s123_mean_prob": .., ...}`` (B x K each), for evaluations that compare them."""
+        return {
+            f"{key}_{kind}": value
+            for kind in FUSIONS
+            for key, value in self._fused(kind, out.logits, out.concat).items()
+        }
 
     def forward(
         self,
@@ -221,7 +264,24 @@ class RACNN(nn.Module):
         feats = self.forward_features(
             images, detach_boxes=detach_boxes, detach_crops=detach_crops, return_maps=return_maps
         )
-        return RACNNOutput(self.forward_head(feats), feats.boxes, feats.crops, feats.maps)
+        logits, concat = self._heads(feats)
+        logits |= self._fused(self.cfg.fusion, logits, concat)
+        return RACNNOutput(logits, feats.boxes, feats.crops, feats.maps, feats.views, concat)
+
+
+def _uniform_fusion_weights(num_scales: int) -> torch.Tensor:
+    """(N - 1) x N: row n - 2 holds 1/n for the first n scales, 0 after."""
+    w = torch.zeros(num_scales - 1, num_scales)
+    for n in range(2, num_scales + 1):
+        w[n - 2, :n] = 1.0 / n
+    return w
+
+
+def _default_fusion_weights(module: nn.Module, state: dict, prefix: str, *_: object) -> None:
+    """State dicts written before the ``weighted`` fusion existed load with its uniform weights."""
+    key = prefix + "fusion_weights"
+    if key not in state and any(k.startswith(prefix + "fusions.") for k in state):
+        state[key] = _uniform_fusion_weights(module.cfg.num_scales)
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int, pretrained: bool | None = None) -> RACNN:

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import absolute_boxes
 from .model import RACNN
 
 SCALE_COLOURS = ["#ffd400", "#00e5ff", "#ff3df5", "#7dff5c"]
@@ -70,7 +69,7 @@ def attention_figure(
     model.eval()
     result = model(images)
     probs = {k: v.float().softmax(1) for k, v in result.logits.items()}
-    boxes = [b.float() for b in absolute_boxes(result.boxes)]
+    boxes = [b.float() for b in result.views]
     prep = model.preprocessing
     n, scales = images.shape[0], model.cfg.num_scales
     cols = scales + 1  # image, crops of scales 2..N, text

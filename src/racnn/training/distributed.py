@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config
-from ..evaluation import Accumulator, accumulate, evaluate
+from ..evaluation import Accumulator, accumulate
+from ..fusion import fit_model_weights
 from ..model import RACNN
 from . import setup
 
@@ -166,11 +167,13 @@ def gather_accumulator(acc: Accumulator, env: DistEnv) -> Accumulator:
         "ious": acc.ious,
         "centre_hits": acc.centre_hits,
         "sides": dict(acc.sides),
+        "in_object": dict(acc.in_object),
         "head": (acc.head_hit, acc.head_n),
+        "scores": (acc.logprobs, acc.targets),
     }
     parts: list[Any] = [None] * env.world_size
     dist.all_gather_object(parts, part)
-    out = Accumulator()
+    out = Accumulator(keep_scores=acc.keep_scores)
     for p in parts:
         for k, c in p["correct"].items():
             out.correct[k] += c
@@ -179,6 +182,10 @@ def gather_accumulator(acc: Accumulator, env: DistEnv) -> Accumulator:
         out.centre_hits += p["centre_hits"]
         for s, sides in p["sides"].items():
             out.sides[s] += sides
+        for s, hits in p["in_object"].items():
+            out.in_object[s] += hits
+        out.logprobs += p["scores"][0]
+        out.targets += p["scores"][1]
         out.head_hit += p["head"][0]
         out.head_n += p["head"][1]
     return out
@@ -223,44 +230,32 @@ def evaluate_split(
     desc: str,
     progress: bool,
     channels_last: bool = False,
+    fit_fusion: bool = False,
 ) -> dict[str, float]:
-    """:func:`racnn.evaluation.evaluate` on ``dataset``; under DDP each rank evaluates a shard and the
-    accumulators are merged. With ``data.skip_bad_images`` the unreadable images are counted in
-    ``bad_images``."""
+    """:func:`racnn.evaluation.evaluate` on ``dataset``; under DDP each rank evaluates a shard (no collectives
+    inside the model: it runs in eval mode, where synchronised BatchNorm uses its running statistics) and the
+    accumulators are merged. ``fit_fusion``: fit the model's ``weighted`` fusion on these predictions
+    (:func:`racnn.fusion.fit_model_weights`; every rank fits the same merged scores alike). With
+    ``data.skip_bad_images`` the unreadable images are counted in ``bad_images``."""
     loader = setup.make_loader(dataset, cfg, world_size=env.world_size, rank=env.rank)
-    kw: dict[str, Any] = {"device": device, "amp": cfg.train.amp, "channels_last": channels_last}
-    kw |= {"head_parts": getattr(dataset, "head_parts", None), "desc": desc, "progress": progress}
-    metrics = evaluate_shard(model, loader, env, **kw) if env.active else evaluate(model, loader, **kw)
-    if cfg.data.skip_bad_images:
-        metrics["bad_images"] = int(all_reduce_sum(torch.tensor(loader.bad_images), env))
-    return metrics
-
-
-def evaluate_shard(
-    model: RACNN,
-    loader: Any,
-    env: DistEnv,
-    *,
-    device: torch.device,
-    amp: bool = False,
-    channels_last: bool = False,
-    head_parts: list[int] | None = None,
-    desc: str = "eval",
-    progress: bool = True,
-) -> dict[str, float]:
-    """:func:`racnn.evaluation.evaluate` over this rank's shard, merged over ranks (no collectives inside the
-    model: it runs in eval mode, where synchronised BatchNorm uses its running statistics)."""
     acc = accumulate(
         model,
         loader,
         device=device,
-        amp=amp,
+        amp=cfg.train.amp,
         channels_last=channels_last,
-        head_parts=head_parts,
+        head_parts=getattr(dataset, "head_parts", None),
         desc=desc,
         progress=progress,
+        keep_scores=fit_fusion,
     )
-    return broadcast_object(gather_accumulator(acc, env).summary(), env)
+    acc = gather_accumulator(acc, env)
+    metrics = acc.summary()
+    if fit_fusion:
+        metrics |= fit_model_weights(model, *acc.scores())
+    if cfg.data.skip_bad_images:
+        metrics["bad_images"] = int(all_reduce_sum(torch.tensor(loader.bad_images), env))
+    return broadcast_object(metrics, env)
 
 
 class _AllReduceSum(torch.autograd.Function):

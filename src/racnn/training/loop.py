@@ -25,15 +25,18 @@ from tqdm.auto import tqdm
 from ..backbones import backbone_preprocessing, check_weights
 from ..config import Config, save_config
 from ..evaluation import Accumulator, autocast_dtype, epoch_line, format_table, json_safe
+from ..localization import aolm_boxes
 from ..losses import (
     box_regression_loss,
     classification_losses,
-    ranking_loss,
+    rank_ceiling,
+    ranking_hinges,
     total_classification,
     true_class_prob,
 )
 from ..model import RACNN, build_model
 from . import distributed, setup
+from .apn_init import apn_init_target, apn_saturation
 from .checkpoint import TRAIN_FORMAT, CheckpointError, load_checkpoint, model_record, save_checkpoint
 from .schedule import (
     ATTEND,
@@ -41,8 +44,6 @@ from .schedule import (
     JOINT,
     WARMUP,
     PhaseSchedule,
-    apn_init_target,
-    apn_saturation,
     set_phase,
     trainable,
 )
@@ -262,7 +263,14 @@ class Trainer:
         set_phase(model, phase, backbones=phase != WARMUP or cfg.schedule.warmup_backbones)
         forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
         params = trainable(list(model.parameters()))
-        n_scales = cfg.model.num_scales
+        n_scales, sch = cfg.model.num_scales, cfg.schedule
+        box_min, box_max = cfg.model.box_min_side, cfg.model.box_max_side
+        prior = sch.prior_weight > 0 and phase in (ATTEND, JOINT) and n_scales > 1
+        ceiling = (
+            rank_ceiling(cfg.optim.label_smoothing, len(self.classes), sch.rank_margin)
+            if sch.rank_quiet
+            else None
+        )
         acc = Accumulator()
         sums: dict[str, torch.Tensor] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
@@ -273,17 +281,23 @@ class Trainer:
         for bar, batch in self._batches(loader, f"epoch {epoch}/{cfg.train.epochs} {phase}"):
             x, y = self._inputs(batch)
             with self._autocast():
-                out = forward(x, detach_boxes=phase in (CLASSIFY, WARMUP))
-            terms = classification_losses(out.logits, y, label_smoothing=cfg.optim.label_smoothing)
+                out = forward(x, detach_boxes=phase in (CLASSIFY, WARMUP), return_maps=prior)
+            terms = classification_losses(out.trained_logits, y, label_smoothing=cfg.optim.label_smoothing)
             cls = total_classification(terms, num_scales=n_scales, fusion_weight=cfg.schedule.fusion_weight)
             probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
-            rank = (
-                ranking_loss(probs, cfg.schedule.rank_margin, detach_coarse=cfg.schedule.rank_detach_coarse)
-                if n_scales > 1
-                else cls.new_zeros(())
+            hinges = ranking_hinges(
+                probs, sch.rank_margin, detach_coarse=sch.rank_detach_coarse, ceiling=ceiling
             )
+            rank = sum((h.mean() for h in hinges), cls.new_zeros(()))
+            extra = (
+                {"rank_active": sum((h > 0).float().mean() for h in hinges) / len(hinges)} if hinges else {}
+            )
+            if prior:  # the scale-1 box stays near the object that scale 1's own map shows
+                box_1 = out.boxes[0].float()
+                extra["prior"] = box_regression_loss(box_1, aolm_boxes(out.maps[0], box_min, box_max))
+                rank = rank + sch.prior_weight * extra["prior"]
             # warm-up and classification: L_cls only, APNs fixed; attention: L_rank only, classifiers fixed
-            loss = {ATTEND: rank, JOINT: cls + cfg.schedule.rank_weight * rank}.get(phase, cls)
+            loss = {ATTEND: rank, JOINT: cls + sch.rank_weight * rank}.get(phase, cls)
             opts = {ATTEND: [self.apn_opt], JOINT: [self.cls_opt, self.apn_opt]}.get(phase, [self.cls_opt])
             for o in opts:
                 o.zero_grad(set_to_none=True)
@@ -294,9 +308,14 @@ class Trainer:
                 for o in opts:
                     o.step()
             # running sums and the non-finite flag stay on the device (read every log_every steps on GPUs)
-            for k, v in {"loss": loss, "cls": cls, "rank": rank, **terms}.items():
+            for k, v in {"loss": loss, "cls": cls, "rank": rank, **extra, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
-            acc.update({k: v.detach() for k, v in out.logits.items()}, [b.detach() for b in out.boxes], batch)
+            acc.update(
+                {k: v.detach() for k, v in out.logits.items()},
+                [b.detach() for b in out.boxes],
+                batch,
+                views=[v.detach() for v in out.views],
+            )
             steps += 1
             seen += y.numel()
             watch.mark(loss, steps)
@@ -317,8 +336,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_set is None or len(self.val_set) == 0:
             return {}
+        # the weighted fusion is fitted on these held-out predictions (its figure here is cross-fitted)
         return self._evaluate(
-            self.model, self.val_set, "validate", channels_last=self.cfg.train.channels_last
+            self.model,
+            self.val_set,
+            "validate",
+            channels_last=self.cfg.train.channels_last,
+            fit_fusion=True,
         )
 
     def _picture_data(self) -> Any:
@@ -346,9 +370,10 @@ class Trainer:
             validating = epoch % self.cfg.train.eval_every == 0 or self.schedule.next_phase() is None
             val = self.validate() if validating else {}
             rec = {"epoch": epoch, "phase": phase, **rec, **{f"val_{k}": v for k, v in val.items()}}
-            # model selection on validation only; without a validation split, on training accuracy
+            # model selection on validation only; without a validation split, on training accuracy;
+            # train.select=last keeps every epoch over the one before
             score = val.get(f"acc_{fused}", -math.inf) if self.val_set else rec[f"train_acc_{fused}"]
-            if score > self.best:
+            if score > self.best or self.cfg.train.select == "last":
                 self.best, self.best_epoch = score, epoch
                 if self.main:
                     save_checkpoint(model_record(self.model, self.cfg, self.classes), self.out / "best.pt")
