@@ -1,12 +1,18 @@
-"""Accuracy benchmark on a CUB-layout dataset: does RA-CNN beat its own backbone, and do its attended scales
-beat the full image (paper Table 2)? See docs/results.md.
+"""Accuracy benchmark on a CUB-layout dataset: does RA-CNN's attention pay for its three backbones?
+See docs/results.md.
 
-Trains (a) the **baseline**, the same ImageNet backbone fine-tuned alone at the scale-1 input size (the
-RA-CNN config with ``model.num_scales=1``: same optimiser, augmentation and total epochs, plain
-cross-entropy), and (b) **RA-CNN** with the full alternating schedule, once per crop mode asked for
-(``previous``: zoom the previous scale as in the paper; ``source``: crop the higher-resolution copy of the
-image). Model selection uses the validation split carved from train; the test split is read once per run, at
-its end. Writes one table as JSON and Markdown, attention pictures and a derivative-map figure.
+One command trains, per seed (default 0, 1, 2):
+- the **baseline**: the same ImageNet backbone fine-tuned alone at the scale-1 input size (the RA-CNN config
+  with ``model.num_scales=1``: same optimiser, augmentation and epochs, plain cross-entropy);
+- **RA-CNN** with the recipe below (``RECIPE``), which reports every fusion kind of the same trained model.
+
+and then the **ensemble** of the baseline seeds (their probabilities averaged on each test image): the same
+parameters and FLOPs as RA-CNN's three scales, so RA-CNN must beat it for its attention to be what helps.
+Each training run is a ``racnn train`` process in ``--runs``; ``--jobs`` of them run at once, one torch
+thread each. A run already finished with the same config is reused, a killed one resumed: rerunning the
+command after an interruption only does what is left. Figures are seed means and standard deviations.
+Model selection: none (``train.select=last``, the last epoch of the fixed schedule); the test split is read
+once per run. Writes one JSON and one Markdown table, attention pictures and a derivative-map figure.
 """
 
 from __future__ import annotations
@@ -16,29 +22,31 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_machine import cpu_name  # benchmarks/ is on sys.path when this script runs
 
-from racnn.config import Config, apply_overrides
+from racnn.config import FUSIONS, Config, apply_overrides, load_config, save_config
 from racnn.evaluation import json_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path("../shared/datasets/cub200-subset/CUB_200_2011")
-CROP_MODES = ("previous", "source")
-MAIN_VARIANT = "source"  # declared before any run: the variant whose figures fill the top-level JSON keys
+SEEDS = (0, 1, 2)
 
 # The recipe. Every choice and its reason is in docs/results.md ("Recipe").
 RECIPE: list[str] = """
 model.backbone=mobilenet_v2 model.pretrained=true model.num_scales=3 model.input_size=224
-model.mask_k=10.0 model.box_min_side=0.25 model.box_max_side=1.0 model.apn_grid=4 model.apn_hidden=256
-model.dropout=0.2
-data.name=cub data.val_fraction=0.1 data.num_workers=2 data.augment=true data.crop_scale_min=0.6
+model.crop_from=source model.mask_k=10.0 model.box_min_side=0.25 model.box_max_side=1.0
+model.apn_grid=4 model.apn_hidden=256 model.dropout=0.2 model.fusion=concat
+data.name=cub data.image_size=448 data.val_fraction=0.1 data.num_workers=2 data.augment=true
+data.crop_scale_min=0.6
 optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 optim.apn_lr=0.000001 optim.apn_optimizer=adam
 optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine optim.label_smoothing=0.1
 schedule.mode=alternate schedule.warmup_epochs=2 schedule.apn_init_response=cam
@@ -46,38 +54,40 @@ schedule.apn_init_steps=80 schedule.apn_init_lr=0.00001 schedule.apn_init_side=0
 schedule.apn_init_box=region,peak schedule.apn_init_threshold=0.5
 schedule.classify_epochs=2 schedule.attend_epochs=1 schedule.rank_margin=0.05
 schedule.rank_detach_coarse=true schedule.converge_tol=0.0
-train.epochs=16 train.batch_size=16 train.seed=0 train.device=cpu train.channels_last=true
+train.epochs=16 train.batch_size=16 train.seed=0 train.device=cpu train.channels_last=true train.select=last
+train.tensorboard=false
 """.split()  # noqa: SIM905 (one line per section reads better)
 # --quick: the same recipe, shortened (warm-up, classify, attend, classify) to smoke-test the pipeline.
 QUICK: list[str] = ["train.epochs=4", "schedule.warmup_epochs=1", "schedule.classify_epochs=1"]
-# crop_from=source needs a loader image larger than the scale input: 448 px holds the CUB originals' detail
-IMAGE_SIZE = {"previous": 224, "source": 448}
 
+FUSED = [f"acc_s123_{kind}" for kind in FUSIONS] + [f"acc_s12_{kind}" for kind in FUSIONS]
 # (JSON key, label, kind): kind "pct" prints as a percentage, "num" as a number
 ROWS: list[tuple[str, str, str]] = [
     ("baseline", "baseline (backbone alone, scale-1 size)", "pct"),
+    ("ensemble3", "ensemble of 3 baselines (probabilities averaged)", "pct"),
     ("acc_s1", "RA-CNN scale 1", "pct"),
     ("acc_s2", "RA-CNN scale 2", "pct"),
     ("acc_s3", "RA-CNN scale 3", "pct"),
-    ("acc_s12", "RA-CNN fused 1+2", "pct"),
-    ("acc_s123", "RA-CNN fused 1+2+3", "pct"),
+    ("acc_s12", "RA-CNN fused 1+2 (the recipe's fusion)", "pct"),
+    ("acc_s123", "RA-CNN fused 1+2+3 (the recipe's fusion)", "pct"),
+    *[(f"acc_s123_{kind}", f"RA-CNN fused 1+2+3, {kind}", "pct") for kind in FUSIONS],
+    *[(f"acc_s12_{kind}", f"RA-CNN fused 1+2, {kind}", "pct") for kind in FUSIONS],
     ("loc_iou_mean", "scale-1 box IoU with the bird box (mean)", "pct"),
     ("loc_acc_iou50", "scale-1 box IoU >= 0.5", "pct"),
     ("head_hit_s2", "scale-2 box holds the visible head parts", "pct"),
+    ("view_in_object_s2", "scale-2 view (scale-1 box) at least half on the bird", "pct"),
+    ("view_in_object_s3", "scale-3 view (scale-2 box) at least half on the bird", "pct"),
     ("box_side_mean_s1", "box side, scale 1 (mean)", "num"),
     ("box_side_std_s1", "box side, scale 1 (std)", "num"),
     ("box_side_mean_s2", "box side, scale 2 (mean)", "num"),
     ("box_side_std_s2", "box side, scale 2 (std)", "num"),
 ]
-REQUIRED_KEYS = [k for k, _, _ in ROWS] + ["wall_time_s"]
+REQUIRED_KEYS = [k for k, _, _ in ROWS] + ["baseline_std", "acc_s123_std", "seeds", "fusion", "wall_time_s"]
 
 
-def racnn_config(
-    data: str | Path, crop_from: str, *, quick: bool = False, extra: list[str] | None = None
-) -> Config:
-    """The RA-CNN config of one crop mode: recipe, then --quick, then the user's overrides."""
-    keys = [*RECIPE, f"model.crop_from={crop_from}", f"data.image_size={IMAGE_SIZE[crop_from]}"]
-    keys += [*(QUICK if quick else []), *(extra or []), f"data.root={data}"]
+def racnn_config(data: str | Path, *, quick: bool = False, extra: list[str] | None = None) -> Config:
+    """RA-CNN's config: recipe, then --quick, then the user's overrides."""
+    keys = [*RECIPE, *(QUICK if quick else []), *(extra or []), f"data.root={data}"]
     return apply_overrides(Config(), keys)
 
 
@@ -89,13 +99,17 @@ def baseline_config(cfg: Config) -> Config:
     return apply_overrides(Config.from_dict(cfg.to_dict()), keys)
 
 
+def seeded(cfg: Config, seed: int) -> Config:
+    return apply_overrides(Config.from_dict(cfg.to_dict()), [f"train.seed={seed}"])
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch versions and threads, and the load average (the machine may be shared)."""
     cpu = cpu_name()
     import torchvision
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_avg_1m": load()}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": load()}
     return info | {"torch": torch.__version__, "torchvision": torchvision.__version__, "gpu": gpu}
 
 
@@ -120,30 +134,113 @@ def git_commit() -> str:
         return "unknown"
 
 
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_training(cfg: Config, out: Path, *, threads: int, progress: bool) -> dict[str, Any]:
+    """``racnn train`` of ``cfg`` into ``out`` as its own process (``threads`` torch threads), or the run that
+    is already there: finished with the same config, its metrics; killed, resumed. A folder holding a run of
+    another config is an error (the benchmark never replaces a run). Returns the test metrics and wall time."""
+    wanted = out.with_suffix(".yaml")  # next to the run folder: what this benchmark asks of it
+    save_config(cfg, wanted)
+    done = out / "metrics.json"
+    if (out / "config.yaml").is_file():
+        if load_config(out / "config.yaml").to_dict() != cfg.to_dict():
+            raise SystemExit(f"{out}: holds a run of another config; pass another --runs folder")
+        if done.is_file():
+            print(f"  {out.name}: finished before, reused", flush=True)
+            return json.loads(done.read_text())
+    resume = (out / "last.pt").is_file()
+    cmd = [sys.executable, "-m", "racnn", "train", "--out", str(out)]
+    cmd += ["--resume"] if resume else ["--config", str(wanted)]
+    cmd += [] if progress else ["--no-progress"]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    print(f"  {out.name}: {'resumed' if resume else 'started'}", flush=True)
+    with open(out.with_suffix(".log"), "a") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if code != 0 or not done.is_file():
+        raise SystemExit(f"{out}: racnn train exited with {code}; its output is in {out.with_suffix('.log')}")
+    metrics = json.loads(done.read_text())
+    metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    done.write_text(json.dumps(metrics, indent=2))
+    accs = {k: round(v, 4) for k, v in metrics.items() if k in ("acc_s1", "acc_s2", "acc_s3", "acc_s123")}
+    print(f"  {out.name}: {json.dumps(accs)} in {metrics['wall_time_s']:.0f} s", flush=True)
+    return metrics
+
+
+def run_all(jobs: list[tuple[str, Config]], runs: Path, *, workers: int, progress: bool) -> dict[str, Any]:
+    """Every ``(name, config)`` job in ``runs/name``, ``workers`` at a time (longest first: RA-CNN before the
+    baselines, so the cores stay busy to the end)."""
+    runs.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    order = sorted(jobs, key=lambda j: -j[1].model.num_scales)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {
+            name: pool.submit(run_training, cfg, runs / name, threads=threads, progress=progress)
+            for name, cfg in order
+        }
+        return {name: futures[name].result() for name, _ in jobs}
+
+
+@torch.no_grad()
+def ensemble_accuracy(run_dirs: list[Path], split: str = "test") -> float:
+    """Top-1 of the models in ``run_dirs`` (their ``best.pt``) with their softmax probabilities averaged, on
+    ``split`` of the dataset they were trained on."""
+    from racnn.evaluation import accumulate
+    from racnn.training import setup
+    from racnn.training.checkpoint import load_model
+
+    probs, target = [], None
+    for run in run_dirs:
+        model, cfg, _ = load_model(run / "best.pt")
+        data = setup.make_dataset(cfg, split, model.preprocessing, train=False)
+        acc = accumulate(model, setup.make_loader(data, cfg), keep_scores=True, progress=False)
+        logp, y = acc.scores()
+        if target is not None and not torch.equal(y, target):
+            raise ValueError(f"{run}: its {split} split differs from the other runs'")
+        probs.append(logp[0].exp())
+        target = y
+    assert target is not None
+    return float((torch.stack(probs).mean(0).argmax(1) == target).float().mean())
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
 def table_entry(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
-    """One RA-CNN run's test metrics renamed to the table's keys (``box_side_s1`` -> ``box_side_mean_s1``)."""
-    out = {"baseline": baseline.get("acc_s1") if baseline else None}
-    for key, _, _ in ROWS[1:]:
-        src = key.replace("box_side_mean_", "box_side_")
-        out[key] = metrics.get(src)
+    """One RA-CNN run's test metrics under the table's keys (``box_side_s1`` -> ``box_side_mean_s1``)."""
+    out: dict[str, Any] = {"baseline": baseline.get("acc_s1") if baseline else None}
+    for key, _, _ in ROWS:
+        if key not in ("baseline", "ensemble3"):
+            out[key] = metrics.get(key.replace("box_side_mean_", "box_side_"))
     out["loc_centre_hit"] = metrics.get("loc_centre_hit")
     return out
 
 
+def mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the measured values (None: not measured; one value: std 0)."""
+    xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def check_targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's targets on one table entry: ``{name: {"rule", "value", "met"}}``; a value that was not
+    """The issue's targets on the seed means: ``{name: {"rule", "value", "met"}}``; a value that was not
     measured (None) fails its target."""
 
     def get(k: str) -> float:
         v = r.get(k)
         return math.nan if v is None else float(v)
 
-    base, s1 = get("baseline"), get("acc_s1")
+    base, s1, fused = get("baseline"), get("acc_s1"), get("acc_s123")
     checks: dict[str, tuple[str, Any, bool]] = {
-        "fused_vs_baseline": (
-            "acc_s123 - baseline >= 0.05",
-            get("acc_s123") - base,
-            get("acc_s123") - base >= 0.05,
+        "fused_vs_baseline": ("acc_s123 - baseline >= 0.05", fused - base, fused - base >= 0.05),
+        "fused_vs_ensemble": (
+            "acc_s123 - ensemble3 >= 0.01",
+            fused - get("ensemble3"),
+            fused - get("ensemble3") >= 0.01,
         ),
         "scale2_vs_scale1": ("acc_s2 - acc_s1 > 0", get("acc_s2") - s1, get("acc_s2") - s1 > 0),
         "scale3_vs_scale1": ("acc_s3 - acc_s1 >= -0.01", get("acc_s3") - s1, get("acc_s3") - s1 >= -0.01),
@@ -166,25 +263,40 @@ def check_targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def build_result(
-    baseline: dict[str, Any],
-    variants: dict[str, dict[str, Any]],
+    baselines: dict[int, dict[str, Any]],
+    racnn: dict[int, dict[str, Any]],
     *,
-    main: str,
+    ensemble3: float | None,
+    fusion: str,
     wall_time_s: float,
     info: dict[str, Any],
 ) -> dict[str, Any]:
-    """The JSON document: the main variant's table entry at the top level (the required keys), every run's
-    figures under ``variants`` and ``baseline_run``, the targets, and ``info`` (machine, command, commit...)."""
-    entries = {name: table_entry(m, baseline) for name, m in variants.items()}
-    if main not in entries:
-        raise ValueError(f"main variant {main!r} was not run (ran: {', '.join(entries) or 'none'})")
-    result: dict[str, Any] = {**entries[main], "wall_time_s": round(wall_time_s, 1), "main_variant": main}
-    result["targets"] = check_targets(entries[main])
-    result["variants"] = {
-        name: {**entries[name], **{k: variants[name].get(k) for k in ("wall_time_s", "best_epoch")}}
-        for name in variants
+    """The JSON document: every table key as its seed mean at the top level, ``std`` and ``per_seed`` beside
+    it (``baseline_std`` and ``acc_s123_std`` at the top level too), the ensemble, the targets, and ``info``
+    (machine, command, commit...). ``baselines`` and ``racnn``: test metrics by seed."""
+    seeds = sorted(racnn)
+    if sorted(baselines) != seeds:
+        raise ValueError(f"baseline seeds {sorted(baselines)} differ from RA-CNN's {seeds}")
+    entries = {s: table_entry(racnn[s], baselines[s]) for s in seeds}
+    result: dict[str, Any] = {"seeds": seeds, "fusion": fusion, "ensemble3": ensemble3}
+    std: dict[str, float | None] = {}
+    for key, _, _ in ROWS:
+        if key == "ensemble3":
+            continue
+        result[key], std[key] = mean_std([entries[s][key] for s in seeds])
+    result["loc_centre_hit"] = mean_std([entries[s]["loc_centre_hit"] for s in seeds])[0]
+    result["baseline_std"], result["acc_s123_std"] = std["baseline"], std["acc_s123"]
+    result["std"] = std
+    result["per_seed"] = {
+        str(s): {
+            **entries[s],
+            "wall_time_s": racnn[s].get("wall_time_s"),
+            "baseline_wall_time_s": baselines[s].get("wall_time_s"),
+        }
+        for s in seeds
     }
-    result["baseline_run"] = {k: baseline.get(k) for k in ("acc_s1", "wall_time_s", "best_epoch")}
+    result["wall_time_s"] = round(wall_time_s, 1)
+    result["targets"] = check_targets(result)
     result.update(info)
     return json_safe(result)
 
@@ -195,16 +307,32 @@ def _cell(v: Any, kind: str) -> str:
     return f"{100 * v:.1f}%" if kind == "pct" else f"{v:.3f}"
 
 
+def _pm(mean: Any, std: Any, kind: str) -> str:
+    if mean is None:
+        return "n/a"
+    if std is None:
+        return _cell(mean, kind)
+    return f"{_cell(mean, kind)} ± {100 * std:.1f}" if kind == "pct" else f"{mean:.3f} ± {std:.3f}"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """One row per metric, one column per RA-CNN variant (the main one first)."""
-    names = [result["main_variant"]] + [n for n in result["variants"] if n != result["main_variant"]]
-    head = " | ".join(f"crop_from={n}" + (" (main)" if i == 0 else "") for i, n in enumerate(names))
-    lines = [f"| metric | {head} |", "|---|" + "---:|" * len(names)]
+    """One row per metric: the mean ± standard deviation over seeds, then each seed's figure."""
+    seeds = [str(s) for s in result["seeds"]]
+    head = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| metric | mean ± std ({len(seeds)} seeds) | {head} |", "|---|---:|" + "---:|" * len(seeds)]
     for key, label, kind in ROWS:
-        cells = [_cell(result["variants"][n].get(key), kind) for n in names]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    walls = [_cell(result["variants"][n].get("wall_time_s"), "num").split(".")[0] for n in names]
-    lines.append("| training + test wall time, s | " + " | ".join(walls) + " |")
+        if key == "ensemble3":
+            lines.append(f"| {label} | {_cell(result.get(key), kind)} |" + " |" * len(seeds))
+            continue
+        cells = [_cell(result["per_seed"][s].get(key), kind) for s in seeds]
+        recipe = " **(the recipe's)**" if key == f"acc_s123_{result['fusion']}" else ""
+        lines.append(
+            f"| {label}{recipe} | {_pm(result.get(key), result['std'].get(key), kind)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    walls = [_cell(result["per_seed"][s].get("wall_time_s"), "num").split(".")[0] for s in seeds]
+    lines.append("| RA-CNN training + test wall time, s | | " + " | ".join(walls) + " |")
     return "\n".join(lines)
 
 
@@ -213,17 +341,16 @@ def markdown_report(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     kind = "QUICK smoke run (shortened schedule), not the full run" if result.get("quick") else "full run"
     lines = [f"# RA-CNN accuracy benchmark on {result.get('dataset', '?')}", "", f"**{kind}.**", ""]
-    lines += [markdown_table(result), "", "Targets (main variant):", ""]
+    lines += [markdown_table(result), "", "Targets (seed means):", ""]
     for name, t in result["targets"].items():
         lines.append(f"- {'met' if t['met'] else 'NOT met'}: {name} ({t['rule']}; value {t['value']})")
-    base = result.get("baseline_run", {})
     lines += [
         "",
-        f"- baseline run: {_cell(base.get('wall_time_s'), 'num')} s, best epoch {base.get('best_epoch')}",
+        f"- the recipe's fusion: `{result.get('fusion')}`; seeds {result.get('seeds')}",
         f"- command: `{result.get('command', '?')}`",
         f"- commit: `{result.get('commit', '?')}`",
         f"- machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
-        f"{m.get('threads', '?')} threads, load average {m.get('load_avg_1m', '?')} at start "
+        f"{result.get('jobs', '?')} runs at a time, load average {m.get('load_avg_1m', '?')} at start "
         f"and {result.get('load_avg_1m_end', '?')} at the end (shared machine: timings are noisy)",
         f"- total wall time: {result['wall_time_s']:.0f} s",
         f"- images: {result.get('images', '?')}",
@@ -239,6 +366,9 @@ def write_results(result: dict[str, Any], results_dir: str | Path, name: str) ->
     js.write_text(json.dumps(result, indent=2) + "\n")
     md.write_text(markdown_report(result))
     return js, md
+
+
+# ------------------------------------------------------------------------------------------- pictures
 
 
 def shrink_png(path: Path, max_bytes: int = 300_000) -> Path:
@@ -297,40 +427,28 @@ def write_pictures(run_dir: Path, fig_dir: Path, stem: str, *, rows: int = 6, po
     return paths
 
 
-def train_and_test(cfg: Config, out_dir: Path, *, progress: bool) -> dict[str, Any]:
-    """One ``Trainer`` run (validation-based selection, test read once at the end), with its wall time."""
-    from racnn.training.loop import Trainer
-
-    t0 = time.perf_counter()
-    metrics = Trainer(cfg, out_dir, progress=progress).fit()
-    metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
-    print(
-        f"  {out_dir.name}: {json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith('acc')})}"
-        f" in {metrics['wall_time_s']:.0f} s",
-        flush=True,
-    )
-    return metrics
+# ------------------------------------------------------------------------------------------------ main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CUB-layout folder (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="shortened schedule (smoke run, < 15 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="shortened schedule (smoke run)")
     p.add_argument(
-        "--crop-from", choices=(*CROP_MODES, "both"), default="both", help="RA-CNN variants to run"
+        "--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds (default: %(default)s)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="training runs at a time, each with cores / jobs torch threads; 0: one per core when the "
+        "machine is idle (load < 0.5), else 1 (OpenMP threads stall when another process holds a core)",
     )
     p.add_argument("--runs", help="training output folders (default: runs/bench_accuracy[_quick])")
     p.add_argument("--results", default=str(ROOT / "benchmarks/results"), help="folder of the JSON/Markdown")
     p.add_argument("--name", help="result file stem (default: accuracy_cub or accuracy_cub_quick)")
     p.add_argument("--figures", default=str(ROOT / "docs/figures"), help="folder of the pictures ('' = none)")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads; 0: all cores when the machine is idle (load < 0.5), else 1 (OpenMP threads stall "
-        "when another process holds a core: 4x slower steps measured with 2 threads on 2 busy cores)",
-    )
-    p.add_argument("--progress", action="store_true", help="progress bars and per-epoch lines")
+    p.add_argument("--progress", action="store_true", help="progress bars in each run's log")
     p.add_argument("--pictures-only", action="store_true", help="only redraw the pictures from --runs")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     return p.parse_args(argv)
@@ -338,17 +456,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads or ((os.cpu_count() or 1) if not load() >= 0.5 else 1))
+    cores = os.cpu_count() or 1
+    jobs = args.jobs or (cores if not load() >= 0.5 else 1)
     os.environ.setdefault("TORCH_HOME", str((ROOT / "../shared/weights").resolve()))
+    torch.set_num_threads(max(1, cores // jobs))
     stem = args.name or ("accuracy_cub_quick" if args.quick else "accuracy_cub")
     runs = Path(args.runs or ROOT / ("runs/bench_accuracy_quick" if args.quick else "runs/bench_accuracy"))
-    modes = list(CROP_MODES) if args.crop_from == "both" else [args.crop_from]
-    main_variant = MAIN_VARIANT if MAIN_VARIANT in modes else modes[0]
+    cfg = racnn_config(args.data, quick=args.quick, extra=args.set)
+    first = f"racnn_seed{args.seeds[0]}"
     if args.pictures_only:
-        for path in write_pictures(runs / f"racnn_{main_variant}", Path(args.figures), stem):
+        for path in write_pictures(runs / first, Path(args.figures), stem):
             print(f"wrote {path}")
         return 0
-    cfgs = {m: racnn_config(args.data, m, quick=args.quick, extra=args.set) for m in modes}
     info: dict[str, Any] = {
         "quick": args.quick,
         "dataset": str(args.data),
@@ -357,26 +476,31 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "commit": git_commit(),
         "machine": machine_info(),
+        "jobs": jobs,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "recipe": cfgs[main_variant].to_dict(),
+        "recipe": cfg.to_dict(),
     }
     t0 = time.perf_counter()
-    print(f"baseline ({cfgs[main_variant].train.epochs} epochs, 1 scale)", flush=True)
-    baseline = train_and_test(baseline_config(cfgs[main_variant]), runs / "baseline", progress=args.progress)
-    variants = {}
-    for m in modes:
-        print(f"RA-CNN crop_from={m}", flush=True)
-        variants[m] = train_and_test(cfgs[m], runs / f"racnn_{m}", progress=args.progress)
-    info["images"] = _split_sizes(cfgs[main_variant])
+    todo = [(f"racnn_seed{s}", seeded(cfg, s)) for s in args.seeds]
+    todo += [(f"baseline_seed{s}", seeded(baseline_config(cfg), s)) for s in args.seeds]
+    print(f"{len(todo)} runs of {cfg.train.epochs} epochs, {jobs} at a time, in {runs}", flush=True)
+    metrics = run_all(todo, runs, workers=jobs, progress=args.progress)
+    ensemble = ensemble_accuracy([runs / f"baseline_seed{s}" for s in args.seeds])
+    info["images"] = _split_sizes(cfg)
     info["load_avg_1m_end"] = load()
     result = build_result(
-        baseline, variants, main=main_variant, wall_time_s=time.perf_counter() - t0, info=info
+        {s: metrics[f"baseline_seed{s}"] for s in args.seeds},
+        {s: metrics[f"racnn_seed{s}"] for s in args.seeds},
+        ensemble3=ensemble if len(args.seeds) > 1 else None,
+        fusion=cfg.model.fusion,
+        wall_time_s=time.perf_counter() - t0,
+        info=info,
     )
     js, md = write_results(result, args.results, stem)
     print(markdown_table(result))
     print(f"wrote {js} and {md}")
     if args.figures:
-        for path in write_pictures(runs / f"racnn_{main_variant}", Path(args.figures), stem):
+        for path in write_pictures(runs / first, Path(args.figures), stem):
             print(f"wrote {path}")
     return 0
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from conftest import load_benchmark
+from racnn.config import FUSIONS
 
 acc = load_benchmark("accuracy")
 
@@ -25,6 +26,8 @@ def fake_metrics(s1: float = 0.70, **kw: Any) -> dict[str, Any]:
         "loc_acc_iou50": 0.62,
         "loc_centre_hit": 0.9,
         "head_hit_s2": 0.75,
+        "view_in_object_s2": 0.8,
+        "view_in_object_s3": 0.7,
         "box_side_s1": 0.6,
         "box_side_std_s1": 0.08,
         "box_side_s2": 0.5,
@@ -32,35 +35,50 @@ def fake_metrics(s1: float = 0.70, **kw: Any) -> dict[str, Any]:
         "best_epoch": 3,
         "wall_time_s": 100.0,
     }
+    for kind in FUSIONS:
+        m[f"acc_s123_{kind}"] = s1 + 0.08 if kind == "concat" else s1 + 0.06
+        m[f"acc_s12_{kind}"] = s1 + 0.05
     return {**m, **kw}
 
 
 def result(**kw: Any) -> dict[str, Any]:
-    variants = {"source": fake_metrics(**kw), "previous": fake_metrics(0.68)}
+    racnn = {0: fake_metrics(**kw), 1: fake_metrics(0.72, **kw), 2: fake_metrics(0.68, **kw)}
+    baselines = {s: {"acc_s1": 0.66 + 0.01 * s, "wall_time_s": 30.0} for s in (0, 1, 2)}
     return acc.build_result(
-        {"acc_s1": 0.66, "wall_time_s": 30.0, "best_epoch": 4},
-        variants,
-        main="source",
+        baselines,
+        racnn,
+        ensemble3=0.69,
+        fusion="concat",
         wall_time_s=250.0,
         info={"quick": True, "dataset": "fake", "machine": {"cpu": "x", "cores": 2}, "commit": "abc"},
     )
 
 
-def test_result_has_the_required_keys_and_the_main_variant_on_top() -> None:
+def test_result_holds_seed_means_stds_and_every_fusion() -> None:
     r = result()
     assert set(acc.REQUIRED_KEYS) <= set(r)
-    assert r["baseline"] == 0.66 and r["acc_s1"] == 0.70 and r["box_side_mean_s1"] == 0.6
-    assert r["box_side_std_s2"] == 0.05 and r["wall_time_s"] == 250.0
-    assert r["variants"]["previous"]["acc_s1"] == 0.68 and r["variants"]["previous"]["baseline"] == 0.66
-    assert r["baseline_run"]["wall_time_s"] == 30.0
-    with pytest.raises(ValueError, match="main variant"):
-        acc.build_result({"acc_s1": 0.5}, {"previous": fake_metrics()}, main="source", wall_time_s=1, info={})
+    assert r["seeds"] == [0, 1, 2] and r["fusion"] == "concat" and r["ensemble3"] == 0.69
+    assert r["baseline"] == pytest.approx(0.67) and r["baseline_std"] == pytest.approx(0.01)
+    assert r["acc_s1"] == pytest.approx(0.70) and r["std"]["acc_s1"] == pytest.approx(0.02)
+    assert r["acc_s123"] == pytest.approx(0.78) and r["acc_s123_std"] == pytest.approx(0.02)
+    for kind in FUSIONS:
+        assert r[f"acc_s123_{kind}"] is not None and r[f"acc_s12_{kind}"] is not None
+    assert r["box_side_mean_s1"] == pytest.approx(0.6) and r["box_side_std_s2"] == pytest.approx(0.05)
+    assert r["wall_time_s"] == 250.0
+    assert r["per_seed"]["1"]["acc_s1"] == 0.72 and r["per_seed"]["2"]["baseline"] == pytest.approx(0.68)
+    assert r["view_in_object_s3"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="seeds"):
+        acc.build_result(
+            {0: {}}, {1: fake_metrics()}, ensemble3=None, fusion="concat", wall_time_s=1, info={}
+        )
+    assert acc.mean_std([None, math.nan]) == (None, None) and acc.mean_std([0.5]) == (0.5, 0.0)
 
 
 def test_targets() -> None:
     t = result()["targets"]
     assert all(v["met"] for v in t.values()), t
-    assert t["fused_vs_baseline"]["value"] == pytest.approx(0.12)
+    assert t["fused_vs_baseline"]["value"] == pytest.approx(0.11)
+    assert t["fused_vs_ensemble"]["value"] == pytest.approx(0.09)
     t = result(acc_s123=0.70, acc_s2=0.69, acc_s3=0.68, loc_acc_iou50=0.5, head_hit_s2=0.6)["targets"]
     assert not any(t[k]["met"] for k in ("fused_vs_baseline", "scale2_vs_scale1", "scale3_vs_scale1"))
     assert not t["iou50"]["met"] and not t["head_hit_s2"]["met"]
@@ -74,10 +92,11 @@ def test_targets() -> None:
 def test_markdown_and_files(tmp_path: Path) -> None:
     r = result(head_hit_s2=math.nan)
     table = acc.markdown_table(r)
-    assert table.splitlines()[0].startswith("| metric | crop_from=source (main) | crop_from=previous")
-    assert "| baseline (backbone alone, scale-1 size) | 66.0% | 66.0% |" in table
-    assert "| RA-CNN fused 1+2+3 | 78.0% | 76.0% |" in table
-    assert "| box side, scale 1 (mean) | 0.600 | 0.600 |" in table and "n/a" in table
+    assert table.splitlines()[0] == "| metric | mean ± std (3 seeds) | seed 0 | seed 1 | seed 2 |"
+    assert "| baseline (backbone alone, scale-1 size) | 67.0% ± 1.0 | 66.0% | 67.0% | 68.0% |" in table
+    assert "| RA-CNN fused 1+2+3, concat **(the recipe's)** | 78.0% ± 2.0 |" in table
+    assert "| ensemble of 3 baselines (probabilities averaged) | 69.0% |" in table
+    assert "| box side, scale 1 (mean) | 0.600 ± 0.000 |" in table and "n/a" in table
     js, md = acc.write_results(r, tmp_path / "res", "accuracy_test")
     loaded = json.loads(js.read_text())  # standard JSON: NaN became null
     assert loaded["head_hit_s2"] is None and loaded["acc_s123"] == pytest.approx(0.78)
@@ -86,35 +105,50 @@ def test_markdown_and_files(tmp_path: Path) -> None:
 
 
 def test_configs() -> None:
-    cfg = acc.racnn_config("data/x", "source", quick=True, extra=["train.batch_size=8"])
+    cfg = acc.racnn_config("data/x", quick=True, extra=["train.batch_size=8"])
     assert cfg.model.crop_from == "source" and cfg.data.image_size > cfg.model.input_size
     assert cfg.train.epochs == 4 and cfg.train.batch_size == 8 and cfg.data.root == "data/x"
+    assert cfg.train.select == "last"  # no selection on 75 validation images
     base = acc.baseline_config(cfg)
     assert base.model.num_scales == 1 and base.schedule.mode == "joint" and base.train.epochs == 4
     assert base.data.image_size == cfg.model.input_size
-    assert (base.optim, base.data.crop_scale_min, base.data.augment) == (
+    assert (base.optim, base.data.crop_scale_min, base.data.augment, base.train.select) == (
         cfg.optim,
         cfg.data.crop_scale_min,
         cfg.data.augment,
+        cfg.train.select,
     )
-    assert acc.racnn_config("d", "previous").data.image_size == 224
-    full = acc.racnn_config("d", "source")
+    assert acc.seeded(base, 2).train.seed == 2 and base.train.seed == 0
+    full = acc.racnn_config("d")
     assert full.train.epochs > 4 and full.schedule.converge_tol == 0.0
 
 
 @pytest.mark.slow
-def test_micro_run_end_to_end(fake_cub: Path, tmp_path: Path) -> None:
+def test_micro_run_end_to_end(fake_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tiny = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "data.image_size=48"]
     tiny += ["model.apn_grid=2", "model.apn_hidden=8", "schedule.apn_init_steps=2", "data.num_workers=0"]
     tiny += ["schedule.max_steps_per_epoch=2", "train.batch_size=4", "data.val_fraction=0.25"]
-    args = ["--data", str(fake_cub), "--quick", "--crop-from", "source", "--runs", str(tmp_path / "runs")]
-    args += ["--results", str(tmp_path / "res"), "--figures", str(tmp_path / "fig"), "--threads", "1"]
+    runs = tmp_path / "runs"
+    args = ["--data", str(fake_cub), "--quick", "--seeds", "0", "1", "--jobs", "2", "--runs", str(runs)]
+    args += ["--results", str(tmp_path / "res"), "--figures", str(tmp_path / "fig")]
     assert acc.main([*args, "--set", *tiny]) == 0
     r = json.loads((tmp_path / "res" / "accuracy_cub_quick.json").read_text())
-    for key in acc.REQUIRED_KEYS[:-1]:
+    for key in [k for k, _, kind in acc.ROWS if kind == "pct" and k != "head_hit_s2"]:
         assert r[key] is not None and 0.0 <= r[key] <= 1.0, key
-    assert r["wall_time_s"] > 0 and r["quick"] is True and r["variants"]["source"]["best_epoch"] >= 1
+    assert r["seeds"] == [0, 1] and r["std"]["acc_s123"] is not None and r["quick"] is True
+    assert r["per_seed"]["1"]["wall_time_s"] > 0
     assert (tmp_path / "res" / "accuracy_cub_quick.md").is_file()
+    for name in ("racnn_seed0", "racnn_seed1", "baseline_seed0", "baseline_seed1"):
+        assert (runs / name / "metrics.json").is_file() and (runs / f"{name}.log").is_file()
     pngs = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
     assert "accuracy_cub_quick_derivative_map.png" in pngs and len(pngs) >= 2
     assert all(p.stat().st_size < 300_000 for p in (tmp_path / "fig").glob("*.png"))
+    # run again: every finished run is reused, nothing trains, the same table comes out
+    capsys.readouterr()
+    assert acc.main([*args, "--figures", "", "--set", *tiny]) == 0
+    assert capsys.readouterr().out.count("finished before, reused") == 4
+    again = json.loads((tmp_path / "res" / "accuracy_cub_quick.json").read_text())
+    assert again["acc_s123"] == r["acc_s123"] and again["ensemble3"] == r["ensemble3"]
+    # a run folder holding another config is never replaced
+    with pytest.raises(SystemExit, match="racnn_seed0: holds a run of another config"):
+        acc.main([*args, "--figures", "", "--set", *tiny, "train.batch_size=2"])
