@@ -47,14 +47,14 @@ model.crop_from=source model.mask_k=10.0 model.box_min_side=0.25 model.box_max_s
 model.apn_grid=4 model.apn_hidden=256 model.dropout=0.2 model.fusion=concat
 data.name=cub data.image_size=448 data.val_fraction=0.1 data.num_workers=2 data.augment=true
 data.crop_scale_min=0.6
-optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 optim.apn_lr=0.000001 optim.apn_optimizer=adam
-optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine optim.label_smoothing=0.1
-schedule.mode=alternate schedule.warmup_epochs=2 schedule.apn_init_response=cam
-schedule.apn_init_steps=80 schedule.apn_init_lr=0.00001 schedule.apn_init_side=0.6
-schedule.apn_init_box=region,peak schedule.apn_init_threshold=0.5
-schedule.classify_epochs=2 schedule.attend_epochs=1 schedule.rank_margin=0.05
-schedule.rank_detach_coarse=true schedule.converge_tol=0.0
-train.epochs=16 train.batch_size=16 train.seed=0 train.device=cpu train.channels_last=true train.select=last
+optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 apn.lr=0.000001 apn.optimizer=adam
+optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine loss.label_smoothing=0.1
+schedule.mode=alternate schedule.warmup_epochs=2 apn.init_response=cam
+apn.init_steps=80 apn.init_lr=0.00001 apn.init_side=0.6
+apn.init_box=region,peak apn.init_threshold=0.5
+schedule.classify_epochs=2 schedule.attend_epochs=1 loss.rank_margin=0.05
+loss.rank_detach_coarse=true schedule.converge_tol=0.0
+train.epochs=16 train.batch_size=16 train.seed=0 runtime.device=cpu runtime.channels_last=true train.select=last
 train.tensorboard=false
 """.split()  # noqa: SIM905 (one line per section reads better)
 # --quick: the same recipe, shortened (warm-up, classify, attend, classify) to smoke-test the pipeline.
@@ -187,15 +187,16 @@ def run_all(jobs: list[tuple[str, Config]], runs: Path, *, workers: int, progres
 def ensemble_accuracy(run_dirs: list[Path], split: str = "test") -> float:
     """Top-1 of the models in ``run_dirs`` (their ``best.pt``) with their softmax probabilities averaged, on
     ``split`` of the dataset they were trained on."""
+    from racnn.checkpoint import load_model
     from racnn.evaluation import accumulate
-    from racnn.training import setup
-    from racnn.training.checkpoint import load_model
+    from racnn.training import loaders
 
     probs, target = [], None
     for run in run_dirs:
-        model, cfg, _ = load_model(run / "best.pt")
-        data = setup.make_dataset(cfg, split, model.preprocessing, train=False)
-        acc = accumulate(model, setup.make_loader(data, cfg), keep_scores=True, progress=False)
+        model = load_model(run / "best.pt")
+        cfg = model.training_config
+        data = loaders.make_dataset(cfg, split, model.preprocessing, train=False)
+        acc = accumulate(model, loaders.make_loader(data, cfg), keep_scores=True, progress=False)
         logp, y = acc.scores()
         if target is not None and not torch.equal(y, target):
             raise ValueError(f"{run}: its {split} split differs from the other runs'")
@@ -390,13 +391,14 @@ def write_pictures(run_dir: Path, fig_dir: Path, stem: str, *, rows: int = 6, po
     maps (:mod:`racnn.analysis`) of two of them."""
     from racnn.analysis import derivative_map_figure
     from racnn.attention import box_to_xyxy
+    from racnn.checkpoint import load_model
     from racnn.evaluation import box_iou, head_hits
-    from racnn.training import setup
-    from racnn.training.checkpoint import load_model
+    from racnn.training import loaders
     from racnn.visualization import attention_figure
 
-    model, cfg, classes = load_model(run_dir / "best.pt")
-    test = setup.make_dataset(cfg, "test", model.preprocessing, train=False)
+    model = load_model(run_dir / "best.pt")
+    cfg, classes = model.training_config, model.classes
+    test = loaders.make_dataset(cfg, "test", model.preprocessing, train=False)
     idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:pool].tolist()
     items = [test[i] for i in idx]
     x, y = torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items])
@@ -507,10 +509,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _split_sizes(cfg: Config) -> dict[str, int]:
     from racnn.backbones import backbone_preprocessing
-    from racnn.training import setup
+    from racnn.training import loaders
 
     prep = backbone_preprocessing(cfg.model.backbone)
-    return {s: len(setup.make_dataset(cfg, s, prep, train=False)) for s in ("train", "val", "test")}
+    return {s: len(loaders.make_dataset(cfg, s, prep, train=False)) for s in ("train", "val", "test")}
 
 
 if __name__ == "__main__":

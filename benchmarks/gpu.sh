@@ -11,7 +11,7 @@
 #   3. the paper's configuration: 448 then 224 (--zoom-size), batch 16, bf16: images per second, memory
 #   4. three VGG-19s at 448 on every scale, batch 16: peak memory with and without activation checkpointing
 #   5. the shipped MobileNetV2 config at 224, batch 16, on the GPU
-#   6. the compiled crop (model.compile_crop): the crop alone, and in the step of step 2
+#   6. the compiled crop (runtime.compile_crop): the crop alone, and in the step of step 2
 set -u -o pipefail
 out=${1:?usage: bash benchmarks/gpu.sh OUT_DIR}
 mkdir -p "$out"
@@ -32,7 +32,7 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, remember a failure a
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 $py -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
 step tests $py -m pytest -q -p no:cacheprovider tests/test_fast_paths.py tests/test_model.py
-step demo_cuda_amp $py -m racnn demo --quick --no-progress --out "$out/demo" --set train.device=cuda train.amp=true
+step demo_cuda_amp $py -m racnn demo --quick --no-progress --out "$out/demo" --set runtime.device=cuda runtime.amp=true
 step ratios_vgg19_448_b8 $py "${speed[@]}" "${vgg[@]}" --batch-size 8 --warmup 3 --iters 15 \
     --crop-iters 15 --json "$out/speed_gpu_vgg19_448_b8.json"
 step paper_448_224_b16 $py "${speed[@]}" "${vgg[@]}" --zoom-size 224 --batch-size 16 --warmup 3 \

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 from racnn.attention import crop_zoom
+from racnn.checkpoint import load_model
 from racnn.evaluation import Accumulator
-from racnn.training import setup
+from racnn.training import loaders
 from racnn.training.apn_init import apn_init_target
-from racnn.training.checkpoint import load_model
 
 
 @torch.no_grad()
@@ -32,11 +31,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
-    model, cfg, _ = load_model(args.checkpoint)
+    model = load_model(args.checkpoint)
+    cfg = model.training_config
     cfg.data.root, cfg.data.num_workers = args.data, 0
-    data = setup.make_dataset(cfg, args.split, model.preprocessing, train=False)
+    data = loaders.make_dataset(cfg, args.split, model.preprocessing, train=False)
     head = getattr(data, "head_parts", None)
-    size = model.input_size
     model.eval()
     accs = {
         "APN boxes": Accumulator(),
@@ -47,13 +46,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         x, y = batch["image"], batch["label"]
         out = model(x)
         accs["APN boxes"].update(out.logits, out.boxes, batch, head)
-        x1 = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        f1 = model._trunk(0, x1)  # B x C x h x w, scale 1's last conv map
+        x1 = model.scale_input(x)
+        f1 = model.trunk(0, x1)  # B x C x h x w, scale 1's last conv map
         for name, true in (("targets, true class", True), ("targets, predicted", False)):
             c1 = y if true else model.heads[0](f1.mean((2, 3))).argmax(1)
             t1 = apn_init_target(model, cfg, 0, f1, c1)
             source = x if cfg.model.crop_from == "source" else x1
-            f2 = model._trunk(1, crop_zoom(source, t1, model.scale_sizes[1], cfg.model.mask_k))
+            f2 = model.trunk(1, crop_zoom(source, t1, model.scale_sizes[1], cfg.model.mask_k))
             c2 = y if true else model.heads[1](f2.mean((2, 3))).argmax(1)
             accs[name].update(out.logits, [t1, apn_init_target(model, cfg, 1, f2, c2)], batch, head)
     res = {k: a.summary() for k, a in accs.items()}

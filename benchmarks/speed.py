@@ -3,7 +3,7 @@ ready input of its scale's size), the crop-and-zoom against the paper's literal 
 and data-loading throughput against the training consumption rate. See docs/performance.md.
 
 Variants are interleaved (round-robin, reversed every other round); figures are medians after warm-up. A
-training step is ``Trainer.train_epoch``'s in a phase. ``classify``: backbones, heads and fusion train, boxes
+training step is ``racnn.training.step.train_step``, the one the trainer runs, in a phase. ``classify``: backbones, heads and fusion train, boxes
 detached; the limit trains the same parameters on the cross-entropies of the same outputs. ``attend``: the
 APNs train on the ranking loss; the limit back-propagates a cross-entropy through the same frozen backbones
 into the inputs of scales 2..N (as into the crops), no optimiser step. Peak memory: a fresh subprocess per
@@ -31,12 +31,13 @@ from speed_report import report, summary  # (benchmarks/ is on sys.path when a s
 
 from racnn.attention import crop_zoom, crop_zoom_compiled, crop_zoom_gather, crop_zoom_reference
 from racnn.backbones import backbone_preprocessing
-from racnn.config import Config, ModelConfig, load_config
+from racnn.config import Config, ModelConfig, RuntimeConfig, load_config
 from racnn.crop_cpp import crop_zoom_cpp
-from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
+from racnn.losses import classification_losses, total_classification
 from racnn.model import RACNN, RACNNFeatures, build_model
-from racnn.training import setup
-from racnn.training.schedule import ATTEND, CLASSIFY, set_phase
+from racnn.training import loaders, optim
+from racnn.training.schedule import ATTEND, CLASSIFY, PHASES, set_phase
+from racnn.training.step import train_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/cub200-subset/CUB_200_2011"
 CROPS = {"ours": crop_zoom, "gather": crop_zoom_gather, "reference": crop_zoom_reference}
@@ -50,7 +51,8 @@ FROM_MODEL = {
     "zoom_size": "zoom_size",
     "crop_from": "crop_from",
 }
-FROM_MODEL |= {"pretrained": "pretrained", "ckpt": "checkpoint_activations", "compile_crop": "compile_crop"}
+FROM_MODEL |= {"pretrained": "pretrained"}
+FROM_RUNTIME = {"ckpt": "checkpoint_activations", "compile_crop": "compile_crop"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-crop",
         action="store_true",
         default=None,
-        help="model.compile_crop; the crop section times it too (torch.compile on CUDA, the C++ kernel on a CPU)",
+        help="runtime.compile_crop; the crop section times it too (torch.compile on CUDA, the C++ kernel on a CPU)",
     )
     a("--fused-optim", action="store_true", help="rebuild both optimisers with fused=True")
     a("--set", action="append", default=[], metavar="K=V", help="config override: model.apn_hidden=512")
@@ -93,9 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     # what the flags leave unset comes from the config's model section, else from these defaults
-    m = load_config(args.config).model if args.config else ModelConfig(pretrained=False)
-    for arg, key in FROM_MODEL.items():
-        setattr(args, arg, getattr(m, key) if getattr(args, arg) is None else getattr(args, arg))
+    cfg = load_config(args.config) if args.config else None
+    m = cfg.model if cfg else ModelConfig(pretrained=False)
+    r = cfg.runtime if cfg else RuntimeConfig()
+    for section, keys in ((m, FROM_MODEL), (r, FROM_RUNTIME)):
+        for arg, key in keys.items():
+            setattr(args, arg, getattr(section, key) if getattr(args, arg) is None else getattr(args, arg))
     if args.quick:  # 1 thread unless told: robust on a shared machine (docs/performance.md)
         args.batch_size, args.input_size, args.warmup, args.iters = 4, 160, 1, 3
         args.zoom_size = None  # every scale at 160
@@ -149,13 +154,14 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def model_overrides(args: argparse.Namespace) -> list[str]:
-    """The model options as config overrides, then the user's ``--set``."""
-    m = {key: getattr(args, arg) for arg, key in FROM_MODEL.items()}
+    """The model and runtime options as config overrides, then the user's ``--set``."""
 
     def text(v: object) -> str:  # as YAML reads it back
         return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
-    return [f"model.{k}={text(v)}" for k, v in m.items()] + args.set
+    keys = [f"model.{key}={text(getattr(args, arg))}" for arg, key in FROM_MODEL.items()]
+    keys += [f"runtime.{key}={text(getattr(args, arg))}" for arg, key in FROM_RUNTIME.items()]
+    return keys + args.set
 
 
 class Bench:
@@ -168,6 +174,8 @@ class Bench:
         self.cfg = cfg = load_config(args.config, model_overrides(args) + tiny_apn)
         self.n = cfg.model.num_scales
         self.model: RACNN = build_model(cfg.model, num_classes=200).to(device)
+        self.model.compile_crop = cfg.runtime.compile_crop
+        self.model.checkpoint_activations = cfg.runtime.checkpoint_activations
         if limit_only:  # the limit holds no APN
             self.model.apns = torch.nn.ModuleList()
         self.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -175,7 +183,7 @@ class Bench:
         if args.compile:
             for bb in self.model.backbones:
                 bb.features.compile()
-        opts = setup.make_optimizers(self.model, cfg.optim)
+        opts = optim.make_optimizers(self.model, cfg)
         if args.fused_optim:
             opts = tuple(type(o)(o.param_groups, **{**o.defaults, "fused": True}) for o in opts)
         self.cls_opt, self.apn_opt = opts
@@ -192,36 +200,33 @@ class Bench:
         return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
     def _limit_logits(self, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        # the same trunks as RA-CNN, through RACNN._trunk so activation checkpointing applies alike
-        pooled = [self.model._trunk(s, x).mean(dim=(2, 3)) for s, x in enumerate(inputs)]
+        # the same trunks as RA-CNN, through RACNN.trunk so activation checkpointing applies alike
+        pooled = [self.model.trunk(s, x).mean(dim=(2, 3)) for s, x in enumerate(inputs)]
         return self.model.forward_head(RACNNFeatures(pooled, [], [], []))
 
     def racnn_step(self, phase: str) -> None:
-        """One step of ``Trainer.train_epoch`` in ``phase``."""
-        model, y, n = self.model, self.labels, self.n
-        set_phase(model, phase)
-        with self.autocast():
-            out = model(self.images, detach_boxes=phase == CLASSIFY)
-        cls = total_classification(classification_losses(out.trained_logits, y), num_scales=n)
-        probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n)]
-        loss = cls if phase == CLASSIFY else ranking_loss(probs, self.cfg.schedule.rank_margin)
-        opt = self.cls_opt if phase == CLASSIFY else self.apn_opt
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        """One step of ``phase``: the training step itself (``racnn.training.step.train_step``)."""
+        ph = PHASES[phase]
+        set_phase(self.model, ph, self.cfg)
+        opts = {"cls": self.cls_opt, "apn": self.apn_opt}
+        train_step(
+            self.model, self.model, self.images, self.labels, ph, self.cfg, opts, autocast=self.autocast()
+        )
 
     def limit_step(self, phase: str) -> None:
         """The limit's step: backbones and heads on ready inputs, no APN, crop or ranking loss."""
-        set_phase(self.model, phase)
+        set_phase(self.model, PHASES[phase], self.cfg)
         inputs = self.ready
-        if phase == ATTEND:  # the gradient must reach the inputs of scales 2..N, as it reaches the crops
+        if phase == ATTEND.name:  # the gradient must reach the inputs of scales 2..N, as it reaches the crops
             inputs = [inputs[0]] + [x.detach().requires_grad_(True) for x in inputs[1:]]
         with self.autocast():
             logits = self._limit_logits(inputs)
-        terms = classification_losses(logits, self.labels)
-        if phase == CLASSIFY:
+        terms = classification_losses(logits, self.labels, label_smoothing=self.cfg.loss.label_smoothing)
+        if phase == CLASSIFY.name:
             self.cls_opt.zero_grad(set_to_none=True)
-            total_classification(terms, num_scales=self.n).backward()
+            total_classification(
+                terms, num_scales=self.n, fusion_weight=self.cfg.loss.fusion_weight
+            ).backward()
             self.cls_opt.step()
         else:
             sum(terms[f"ce_s{i + 1}"] for i in range(1, self.n)).backward()
@@ -274,7 +279,7 @@ def bench_crop(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         with torch.no_grad():
             crop_zoom(image, box, o)
 
-    # the crop model.compile_crop runs on this device: torch.compile on CUDA, the C++ kernel on a CPU
+    # the crop runtime.compile_crop runs on this device: torch.compile on CUDA, the C++ kernel on a CPU
     compiled = crop_zoom_compiled if device.type == "cuda" else crop_zoom_cpp
     ours = {"ours": crop_zoom} | ({"compiled": compiled} if args.compile_crop else {})
     fns = {f"{name}_box": run(fn, False) for name, fn in (CROPS | ours).items()}
@@ -333,8 +338,8 @@ def bench_loader(args: argparse.Namespace) -> dict[str, Any]:
     cfg = Config()
     cfg.data.root, cfg.data.image_size, cfg.data.num_workers = args.data, args.image_size, args.workers
     cfg.train.batch_size = args.batch_size
-    data = setup.make_dataset(cfg, "train", backbone_preprocessing(args.backbone), train=True)
-    loader = setup.make_loader(data, cfg, train=True)
+    data = loaders.make_dataset(cfg, "train", backbone_preprocessing(args.backbone), train=True)
+    loader = loaders.make_loader(data, cfg, train=True)
     batches = (batch for _ in iter(int, 1) for batch in loader)  # endless
     next(batches)  # worker start-up and the first batch are not counted
     seen, t0 = 0, time.perf_counter()

@@ -12,7 +12,7 @@ def summary(res: dict[str, Any]) -> dict[str, float | None]:
     the classification phase's, ``*_attend`` the attention phase's."""
     train, mem, crop = res.get("train", {}), res.get("memory", {}), res.get("crop", {})
     rates = [v["racnn_img_s"] for k, v in train.items() if k != "samples_s"]
-    phases = ((CLASSIFY, ""), (ATTEND, "_attend"))
+    phases = ((CLASSIFY.name, ""), (ATTEND.name, "_attend"))
     head = {f"train_ratio{x}": train.get(ph, {}).get("ratio") for ph, x in phases}
     head |= {"infer_ratio": res.get("infer", {}).get("ratio"), "crop_speedup": crop.get("speedup")}
     head |= {"crop_speedup_image_grad": crop.get("speedup_image_grad")}

@@ -15,11 +15,11 @@ from racnn.analysis import (
     model_derivative_map,
     scale2_loss,
 )
+from racnn.checkpoint import model_record, save_checkpoint
 from racnn.cli import main
 from racnn.cli_analyze import parse_box
 from racnn.config import Config, ModelConfig, apply_overrides
 from racnn.model import RACNN, build_model
-from racnn.training.checkpoint import model_record, save_checkpoint
 
 TINY = {"backbone": "tiny", "pretrained": False, "input_size": 32, "apn_grid": 2, "apn_hidden": 8}
 

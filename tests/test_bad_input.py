@@ -14,20 +14,20 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_MODEL
+from racnn.checkpoint import load_checkpoint, model_record, save_checkpoint
 from racnn.cli import main
 from racnn.config import load_config
 from racnn.data import CUB200, DatasetError, load_image
 from racnn.data import base as data_base
 from racnn.data.base import AnnotatedImageDataset, Sample, check_labels
 from racnn.model import build_model
-from racnn.training import setup
-from racnn.training.checkpoint import load_checkpoint, model_record, save_checkpoint
+from racnn.training import loaders
 
 TINY = [
     *TINY_MODEL,
     "train.batch_size=4",
     "train.epochs=1",
-    "schedule.apn_init_steps=1",
+    "apn.init_steps=1",
 ]
 
 
@@ -94,9 +94,9 @@ def _cfg(cub: Path, *extra: str) -> object:
 def test_worker_errors_are_one_line_and_name_the_file(fake_cub: Path) -> None:
     (bad,) = _break_images(fake_cub, ["img_101.jpg"])
     cfg = _cfg(fake_cub, "data.num_workers=1", "data.val_fraction=0")
-    data = setup.make_dataset(cfg, "train", build_model(cfg.model, num_classes=3).preprocessing, train=True)
+    data = loaders.make_dataset(cfg, "train", build_model(cfg.model, num_classes=3).preprocessing, train=True)
     with pytest.raises(DatasetError) as e:
-        list(setup.make_loader(data, cfg, train=True))
+        list(loaders.make_loader(data, cfg, train=True))
     assert str(e.value).startswith(f"{bad}: cannot read image") and "\n" not in str(e.value)
 
 
@@ -104,12 +104,12 @@ def test_skipping_replaces_in_training_and_drops_in_evaluation(fake_cub: Path) -
     _break_images(fake_cub, ["img_101.jpg", "img_107.jpg"])  # both in trainval
     cfg = _cfg(fake_cub, "data.num_workers=0", "data.val_fraction=0", "data.skip_bad_images=true")
     prep = build_model(cfg.model, num_classes=3).preprocessing
-    train = setup.make_loader(setup.make_dataset(cfg, "train", prep, train=True), cfg, train=True)
+    train = loaders.make_loader(loaders.make_dataset(cfg, "train", prep, train=True), cfg, train=True)
     batches = list(train)
     assert [len(b["label"]) for b in batches] == [4, 4, 4]  # 12 images: shapes and steps as planned
     assert train.bad_images == 2 and int(sum(b["bad"].sum() for b in batches)) == 2
-    trainval = setup.make_dataset(cfg, "trainval", prep, train=False)
-    evaluation = setup.make_loader(trainval, cfg)
+    trainval = loaders.make_dataset(cfg, "trainval", prep, train=False)
+    evaluation = loaders.make_loader(trainval, cfg)
     assert sum(len(b["label"]) for b in evaluation) == 10 and evaluation.bad_images == 2
 
 
@@ -121,10 +121,10 @@ def test_each_unreadable_image_is_reported_once_however_often_it_is_met(
     bad = _break_images(fake_cub, ["img_101.jpg", "img_107.jpg"])
     cfg = _cfg(fake_cub, "data.num_workers=1", "data.val_fraction=0", "data.skip_bad_images=true")
     prep = build_model(cfg.model, num_classes=3).preprocessing
-    trainval = setup.make_dataset(cfg, "trainval", prep, train=False)
+    trainval = loaders.make_dataset(cfg, "trainval", prep, train=False)
     with caplog.at_level(logging.WARNING, logger="racnn.data"):
         for _ in range(3):
-            loader = setup.make_loader(trainval, cfg)
+            loader = loaders.make_loader(trainval, cfg)
             assert sum(len(b["label"]) for b in loader) == 10 and loader.bad_images == 2
     warned = [r.getMessage() for r in caplog.records if r.name == "racnn.data"]
     assert len(warned) == 2 and all(any(str(p) in m for m in warned) for p in bad)
@@ -201,7 +201,7 @@ def test_label_out_of_range_names_the_file(tmp_path: Path, monkeypatch: pytest.M
     cfg = load_config(None, ["data.name=listed", f"data.root={tmp_path}"])
     prep = build_model(load_config(None, TINY).model, num_classes=2).preprocessing
     with pytest.raises(DatasetError, match="label 2 is out of range"):
-        setup.make_dataset(cfg, "train", prep, train=False)
+        loaders.make_dataset(cfg, "train", prep, train=False)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -240,10 +240,9 @@ def test_weights_of_another_model_name_the_checkpoint(
 def test_resume_with_a_last_pt_that_does_not_fit(
     fake_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: str
 ) -> None:
-    from racnn.training.loop import Trainer
-
     out = tmp_path / "run"
-    Trainer(load_config(None, [*TINY, f"data.root={fake_cub}", "data.num_workers=0"]), out, progress=False)
+    args = ["train", "--data", str(fake_cub), "--out", str(out), "--no-progress"]
+    assert main([*args, "--set", *TINY, "data.num_workers=0", "train.epochs=0"]) == 0
     state = load_checkpoint(out / "last.pt")  # written when the run starts
     if change == "classes":
         state["classes"] = state["classes"][:2]

@@ -126,7 +126,7 @@ def test_configs() -> None:
 @pytest.mark.slow
 def test_micro_run_end_to_end(fake_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tiny = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "data.image_size=48"]
-    tiny += ["model.apn_grid=2", "model.apn_hidden=8", "schedule.apn_init_steps=2", "data.num_workers=0"]
+    tiny += ["model.apn_grid=2", "model.apn_hidden=8", "apn.init_steps=2", "data.num_workers=0"]
     tiny += ["schedule.max_steps_per_epoch=2", "train.batch_size=4", "data.val_fraction=0.25"]
     runs = tmp_path / "runs"
     args = ["--data", str(fake_cub), "--quick", "--seeds", "0", "1", "--jobs", "2", "--runs", str(runs)]

@@ -1,5 +1,5 @@
 """benchmarks/init_ceiling.py on a tiny model and the fake CUB tree: the APN row is the model's own
-evaluation, the target rows are the initialisation's boxes (scale-2 side = schedule.apn_init_side)."""
+evaluation, the target rows are the initialisation's boxes (scale-2 side = apn.init_side)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from pathlib import Path
 import torch
 
 from conftest import load_benchmark
+from racnn.checkpoint import model_record, save_checkpoint
 from racnn.config import load_config
 from racnn.evaluation import evaluate
 from racnn.model import build_model
-from racnn.training import setup
-from racnn.training.checkpoint import model_record, save_checkpoint
+from racnn.training import loaders
 
 ceiling = load_benchmark("init_ceiling")
 KEYS = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
-KEYS += ["model.apn_hidden=8", "model.crop_from=source", "data.image_size=48", "schedule.apn_init_side=0.5"]
-KEYS += ["schedule.apn_init_box=region,peak", "schedule.apn_init_response=cam"]  # as the recipe
+KEYS += ["model.apn_hidden=8", "model.crop_from=source", "data.image_size=48", "apn.init_side=0.5"]
+KEYS += ["apn.init_box=region,peak", "apn.init_response=cam"]  # as the recipe
 
 
 def test_init_ceiling_rows(fake_cub: Path, tmp_path: Path) -> None:
@@ -29,7 +29,7 @@ def test_init_ceiling_rows(fake_cub: Path, tmp_path: Path) -> None:
     save_checkpoint(model_record(model, cfg, ["a", "b", "c"]), ckpt)
     res = ceiling.main([str(ckpt), "--data", str(fake_cub), "--split", "test"])
     assert list(res) == ["APN boxes", "targets, true class", "targets, predicted"]
-    data = setup.make_dataset(cfg, "test", model.preprocessing, train=False)
+    data = loaders.make_dataset(cfg, "test", model.preprocessing, train=False)
     own = evaluate(model.eval(), torch.utils.data.DataLoader(data, batch_size=16), head_parts=data.head_parts)
     for key in ("loc_acc_iou50", "loc_iou_mean", "box_side_s1", "head_hit_s2"):
         assert math.isclose(res["APN boxes"][key], own[key], abs_tol=1e-6), key

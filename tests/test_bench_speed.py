@@ -53,10 +53,10 @@ def test_zoom_size_reaches_the_model_and_the_limit() -> None:
 
 @pytest.mark.slow
 def test_compile_crop_times_the_compiled_crop_too(tmp_path: Path) -> None:
-    """``--compile-crop``: ``model.compile_crop``, and the crop section times the crop it runs on this device
+    """``--compile-crop``: ``runtime.compile_crop``, and the crop section times the crop it runs on this device
     (on a CPU the C++ kernel)."""
     args = speed.parse_args([*TINY, "--compile-crop"])
-    assert speed.Bench(args, speed.torch.device("cpu")).cfg.model.compile_crop is True
+    assert speed.Bench(args, speed.torch.device("cpu")).cfg.runtime.compile_crop is True
     assert speed.parse_args(TINY).compile_crop is False
     res = speed.main([*TINY, "--compile-crop", "--skip", "train,infer,memory,loader"])
     assert isinstance(res["crop_speedup_compiled"], float) and res["crop_speedup_compiled"] > 0

@@ -136,7 +136,7 @@ def test_fake_tree_train_then_resume_finished_run(
         "model.apn_grid=2",
         "train.epochs=1",
         "data.num_workers=0",
-        "schedule.apn_init_steps=1",
+        "apn.init_steps=1",
     ]
     assert main(args) == 0
     first = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -202,9 +202,9 @@ def test_predict_bad_image_names_it(
 @pytest.fixture
 def trained_tiny_export(tmp_path: Path) -> Path:
     """An untrained tiny model saved as best.pt (predict only needs a model)."""
+    from racnn.checkpoint import model_record, save_checkpoint
     from racnn.config import load_config
     from racnn.model import build_model
-    from racnn.training.checkpoint import model_record, save_checkpoint
 
     cfg = load_config(
         None,
@@ -258,7 +258,7 @@ def test_imagefolder_train_and_predict(tmp_path: Path, capsys: pytest.CaptureFix
         "model.apn_grid=2",
         "train.epochs=2",
         "data.num_workers=0",
-        "schedule.apn_init_steps=1",
+        "apn.init_steps=1",
         "train.batch_size=4",
     ]
     assert main(args) == 0

@@ -1,11 +1,10 @@
-"""The compiled crops of ``model.compile_crop``: ``torch.compile`` of the crop (used on CUDA) and the C++ kernel
+"""The compiled crops of ``runtime.compile_crop``: ``torch.compile`` of the crop (used on CUDA) and the C++ kernel
 (``racnn.crop_cpp``, used on a CPU). Their equality to the literal reference on every crop case is in
 test_fast_paths.py; here: which crop a model runs where, the fallback without a compiler, and the kernel's own
 edge cases (gradcheck, threads, double backward, misuse, ninja lookup)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import warnings
@@ -25,7 +24,7 @@ from racnn.model import build_model
 
 @pytest.mark.slow
 def test_compiled_crop_equals_reference_and_compiles_the_batch_axis_once():
-    """``crop_zoom_compiled`` (``model.compile_crop``) is ``torch.compile`` of the same function: the same
+    """``crop_zoom_compiled`` (``runtime.compile_crop``) is ``torch.compile`` of the same function: the same
     values and gradients (box and image) as the literal reference, in float64, on random and special boxes.
     A new batch size (a last partial batch, evaluation) reuses the graph instead of compiling another."""
     import torch._dynamo
@@ -44,7 +43,8 @@ def _compile_crop_models(device: str) -> tuple[torch.nn.Module, torch.nn.Module]
     cfg = ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=8)
     torch.manual_seed(0)
     eager = build_model(cfg, num_classes=3).to(device).eval()
-    fused = build_model(dataclasses.replace(cfg, compile_crop=True), num_classes=3).to(device).eval()
+    fused = build_model(cfg, num_classes=3).to(device).eval()
+    fused.compile_crop = True
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
@@ -63,7 +63,8 @@ def test_compile_crop_model_runs_the_cpp_kernel_on_a_cpu(monkeypatch, crop_from)
     )
     torch.manual_seed(0)
     plain = build_model(cfg, num_classes=5).double().train()
-    fused = build_model(dataclasses.replace(cfg, compile_crop=True), num_classes=5).double().train()
+    fused = build_model(cfg, num_classes=5).double().train()
+    fused.compile_crop = True
     fused.load_state_dict(plain.state_dict())
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3, 0, 4])
     results = []

@@ -9,6 +9,7 @@ from racnn.config import (
     Config,
     ConfigError,
     ModelConfig,
+    RuntimeConfig,
     apply_overrides,
     load_config,
     parse_override,
@@ -27,7 +28,7 @@ def test_defaults_validate():
     cfg = Config()
     validate(cfg)
     assert load_config(None) == cfg
-    assert cfg.model.num_scales == 3 and cfg.model.mask_k == 10.0 and cfg.schedule.rank_margin == 0.05
+    assert cfg.model.num_scales == 3 and cfg.model.mask_k == 10.0 and cfg.loss.rank_margin == 0.05
 
 
 def test_load_yaml_file(tmp_path):
@@ -147,8 +148,8 @@ def test_int_for_float_accepted():
 
 
 def test_scientific_notation_for_float_in_override():
-    cfg = apply_overrides(Config(), ["optim.apn_lr=1e-4"])
-    assert cfg.optim.apn_lr == pytest.approx(1e-4)
+    cfg = apply_overrides(Config(), ["apn.lr=1e-4"])
+    assert cfg.apn.lr == pytest.approx(1e-4)
 
 
 def test_scientific_notation_for_float_in_file(tmp_path):
@@ -227,12 +228,12 @@ def test_bad_choice_in_file(tmp_path):
         ("model.box_min_side=0.9", "box_min_side"),  # with box_max_side=0.5 below
         ("model.mask_k=0", "mask_k"),
         ("model.dropout=1.0", "dropout"),
-        ("optim.label_smoothing=1.0", "label_smoothing"),
-        ("schedule.apn_init_side=0", "apn_init_side"),
-        ("schedule.apn_init_threshold=1.0", "apn_init_threshold"),
-        ("schedule.apn_init_box=region,box", "apn_init_box"),
-        ("schedule.apn_init_box=", "apn_init_box"),
-        ("schedule.apn_init_box=region,peak,peak", "apn_init_box"),  # 3 kinds for the 2 APNs of 3 scales
+        ("loss.label_smoothing=1.0", "label_smoothing"),
+        ("apn.init_side=0", "apn.init_side"),
+        ("apn.init_threshold=1.0", "apn.init_threshold"),
+        ("apn.init_box=region,box", "apn.init_box"),
+        ("apn.init_box=", "apn.init_box"),
+        ("apn.init_box=region,peak,peak", "apn.init_box"),  # 3 kinds for the 2 APNs of 3 scales
     ],
 )
 def test_range_checks(override, needle):
@@ -244,8 +245,53 @@ def test_range_checks(override, needle):
 
 
 def test_apn_init_box_list_is_moot_without_apn():
-    cfg = apply_overrides(Config(), ["model.num_scales=1", "schedule.apn_init_box=region,peak"])
-    assert cfg.schedule.apn_init_box == "region,peak"  # the accuracy benchmark's baseline: 1 scale, no APN
+    cfg = apply_overrides(Config(), ["model.num_scales=1", "apn.init_box=region,peak"])
+    assert cfg.apn.init_box == ["region", "peak"]  # the accuracy benchmark's baseline: 1 scale, no APN
+
+
+def test_init_box_is_a_list_in_yaml_or_one_string(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("apn:\n  init_box: [aolm, peak]\n")
+    assert load_config(f).apn.init_box == ["aolm", "peak"]
+    assert apply_overrides(Config(), ["apn.init_box=[region, peak]"]).apn.init_box == ["region", "peak"]
+    assert apply_overrides(Config(), ["apn.init_box=region"]).apn.init_box == ["region"]
+    with pytest.raises(ConfigError, match=r"apn\.init_box must be a list of names"):
+        apply_overrides(Config(), ["apn.init_box=3"])
+
+
+def test_keys_of_earlier_releases_load_under_their_new_names(tmp_path, capsys):
+    """Configs written before the sections by concept keep loading: a file or --set gets one line per renamed
+    key on stderr, a checkpoint's config (which cannot be edited) loads silently."""
+    old = {
+        "model": {"backbone": "tiny", "compile_crop": True, "checkpoint_activations": True},
+        "optim": {"lr": 0.1, "apn_lr": 3e-6, "apn_optimizer": "sgd", "label_smoothing": 0.1},
+        "schedule": {
+            "apn_init_box": "region,peak",
+            "apn_init_steps": 7,
+            "rank_margin": 0.1,
+            "fusion_weight": 2.0,
+        },
+        "train": {"device": "cpu", "amp": True, "channels_last": True, "deterministic": True, "epochs": 3},
+    }
+    f = tmp_path / "old.yaml"
+    f.write_text(yaml.safe_dump(old))
+    cfg = load_config(f)
+    err = capsys.readouterr().err.splitlines()
+    assert f"{f}: optim.apn_lr is now apn.lr (read as such)" in err and len(err) == 13
+    assert (cfg.apn.lr, cfg.apn.optimizer, cfg.apn.init_steps) == (3e-6, "sgd", 7)
+    assert cfg.apn.init_box == ["region", "peak"] and cfg.loss.label_smoothing == 0.1
+    assert (cfg.loss.rank_margin, cfg.loss.fusion_weight, cfg.optim.lr, cfg.train.epochs) == (
+        0.1,
+        2.0,
+        0.1,
+        3,
+    )
+    assert cfg.runtime == RuntimeConfig("cpu", True, True, True, True, True)
+    assert Config.from_dict(old).to_dict() == cfg.to_dict() and capsys.readouterr().err == ""
+    assert apply_overrides(Config(), ["schedule.rank_margin=0.2"]).loss.rank_margin == 0.2
+    assert "schedule.rank_margin is now loss.rank_margin" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"optim\.apn_lr and apn\.lr are the same key"):
+        Config.from_dict({"optim": {"apn_lr": 1e-6}, "apn": {"lr": 1e-5}})
 
 
 def test_missing_file_names_the_path(tmp_path):

@@ -75,9 +75,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 @pytest.fixture
 def tiny_checkpoint(tmp_path: Path) -> Path:
+    from racnn.checkpoint import model_record, save_checkpoint
     from racnn.config import load_config
     from racnn.model import build_model
-    from racnn.training.checkpoint import model_record, save_checkpoint
 
     cfg = load_config(
         None,

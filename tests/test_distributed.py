@@ -17,18 +17,18 @@ from PIL import Image
 
 from conftest import TINY_MODEL
 from racnn.backbones import backbone_preprocessing
+from racnn.checkpoint import load_checkpoint
 from racnn.config import ConfigError, load_config
-from racnn.training import distributed, setup
-from racnn.training.checkpoint import load_checkpoint
-from racnn.training.loop import Trainer
+from racnn.training import ddp, distributed, loaders
+from racnn.training.trainer import Trainer
 
 TINY = [
     *TINY_MODEL,
     "data.num_workers=0",
-    "schedule.apn_init_steps=2",
+    "apn.init_steps=2",
     "schedule.classify_epochs=1",
     "schedule.attend_epochs=1",
-    "optim.apn_lr=0.01",
+    "apn.lr=0.01",
 ]
 
 
@@ -109,7 +109,7 @@ def _bn_worker(rank: int, init_file: str) -> None:
         with torch.no_grad():
             ref.weight.uniform_(0.5, 1.5)
             ref.bias.uniform_(-0.5, 0.5)
-        bn = distributed._to_all_reduce_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))[0]
+        bn = ddp._to_all_reduce_bn(torch.nn.Sequential(torch.nn.BatchNorm2d(4)))[0]
         bn.load_state_dict(ref.state_dict())
         xr = x.clone().requires_grad_()
         expected = ref(xr)
@@ -139,10 +139,10 @@ def test_augmentation_does_not_depend_on_the_process_count(fake_cub: Path) -> No
     """Each image's random crop and flip come from (seed, epoch, index): 2 shards see what 1 process sees."""
     cub = _noise_images(fake_cub)  # a crop of a flat image is the same flat image
     cfg = load_config(None, [*TINY, f"data.root={cub}", "data.augment=true", "train.batch_size=4"])
-    data = setup.make_dataset(cfg, "train", backbone_preprocessing("tiny"), train=True)
+    data = loaders.make_dataset(cfg, "train", backbone_preprocessing("tiny"), train=True)
 
     def images(world: int, rank: int) -> dict[int, torch.Tensor]:
-        loader = setup.make_loader(data, cfg, train=True, world_size=world, rank=rank)
+        loader = loaders.make_loader(data, cfg, train=True, world_size=world, rank=rank)
         loader.sampler.set_epoch(3)
         return {int(i): im for b in loader for i, im in zip(b["index"], b["image"], strict=True)}
 
@@ -151,7 +151,7 @@ def test_augmentation_does_not_depend_on_the_process_count(fake_cub: Path) -> No
     assert all(torch.equal(one[i], two[i]) for i in one)
     again = images(1, 0)  # the same epoch again: the same crops (a resumed run sees them too)
     assert all(torch.equal(one[i], again[i]) for i in one)
-    loader = setup.make_loader(data, cfg, train=True)
+    loader = loaders.make_loader(data, cfg, train=True)
     loader.sampler.set_epoch(4)
     other = {int(i): im for b in loader for i, im in zip(b["index"], b["image"], strict=True)}
     assert any(not torch.equal(one[i], other[i]) for i in one)  # another epoch, other crops
@@ -159,11 +159,11 @@ def test_augmentation_does_not_depend_on_the_process_count(fake_cub: Path) -> No
 
 def test_evaluation_shards_cover_every_image_once(fake_cub: Path) -> None:
     cfg = load_config(None, [*TINY, f"data.root={fake_cub}", "train.batch_size=2"])
-    data = setup.make_dataset(cfg, "trainval", backbone_preprocessing("tiny"), train=False)
+    data = loaders.make_dataset(cfg, "trainval", backbone_preprocessing("tiny"), train=False)
     seen = [
         int(i)
         for r in range(5)
-        for b in setup.make_loader(data, cfg, world_size=5, rank=r)
+        for b in loaders.make_loader(data, cfg, world_size=5, rank=r)
         for i in b["index"]
     ]
     assert sorted(seen) == list(range(len(data)))
@@ -171,9 +171,9 @@ def test_evaluation_shards_cover_every_image_once(fake_cub: Path) -> None:
 
 def test_global_batch_must_split_evenly_and_env_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(None, ["train.batch_size=6"])
-    assert setup.per_rank_batch(cfg, 3) == 2
+    assert loaders.per_rank_batch(cfg, 3) == 2
     with pytest.raises(ConfigError, match=r"train.batch_size=6 is the batch of all 4 processes"):
-        setup.per_rank_batch(cfg, 4)
+        loaders.per_rank_batch(cfg, 4)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     assert distributed.env_from_os() == distributed.DistEnv() and distributed.DistEnv().main
@@ -193,7 +193,7 @@ def test_tensorboard_scalars_and_pictures_without_changing_the_run(fake_cub: Pat
         f"data.root={fake_cub}",
         "data.val_fraction=0.25",
         "train.epochs=2",
-        "train.deterministic=true",
+        "runtime.deterministic=true",
     ]
     with_tb = Trainer(load_config(None, [*keys, "train.tensorboard=true"]), tmp_path / "tb", progress=False)
     metrics = with_tb.fit()

@@ -1,7 +1,7 @@
 """Correctness of every fast path (speed is the benchmark's business, see benchmarks/speed.py):
 
 * ``crop_zoom`` (one ``grid_sample`` on the raw image with the mask folded into shifted sample positions and
-  gains), ``crop_zoom_gather`` and the C++ kernel ``crop_zoom_cpp`` (``model.compile_crop`` on a CPU) equal
+  gains), ``crop_zoom_gather`` and the C++ kernel ``crop_zoom_cpp`` (``runtime.compile_crop`` on a CPU) equal
   the literal ``crop_zoom_reference`` in values and in the gradients
   with respect to the box and the image (float64, tight tolerance), including the cases where the folding
   could go wrong: border boxes, samples clamped at the border, pixel-aligned samples, near-hard masks;
@@ -161,10 +161,11 @@ def test_apn_cached_low_precision_weight_equals_autocast():
 # ----------------------------------------------------------------------------------- the whole model
 
 
-def _model(**kw):
+def _model(checkpoint_activations: bool = False, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=16, **kw)
     model = build_model(cfg, num_classes=5)
+    model.checkpoint_activations = checkpoint_activations
     model.train()
     return model
 

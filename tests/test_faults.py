@@ -18,21 +18,21 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, interrupt_epoch
+from racnn.checkpoint import atomic_write, load_checkpoint
 from racnn.cli import main
 from racnn.config import Config, load_config
-from racnn.training import loop
-from racnn.training.checkpoint import atomic_write, load_checkpoint
-from racnn.training.loop import Trainer
+from racnn.training import step
+from racnn.training.trainer import Trainer
 
 TINY = [
     *TINY_MODEL,
     "data.val_fraction=0.25",
     "train.batch_size=4",
-    "schedule.apn_init_steps=2",
+    "apn.init_steps=2",
     "schedule.classify_epochs=1",
     "schedule.attend_epochs=1",
-    "optim.apn_lr=0.01",
-    "train.deterministic=true",
+    "apn.lr=0.01",
+    "runtime.deterministic=true",
 ]
 TIMING = ("time_s", "images_per_s")
 
@@ -154,15 +154,15 @@ def test_a_write_that_fails_half_way_leaves_the_old_checkpoint(tmp_path: Path) -
 
 
 def _nan_on_call(monkeypatch: pytest.MonkeyPatch, name: str, call: int) -> None:
-    """Make ``loop.<name>`` (a loss function) return NaN on its ``call``-th call."""
-    real, calls = getattr(loop, name), {"n": 0}
+    """Make ``step.<name>`` (a loss function) return NaN on its ``call``-th call."""
+    real, calls = getattr(step, name), {"n": 0}
 
     def patched(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls["n"] += 1
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == call else out
 
-    monkeypatch.setattr(loop, name, patched)
+    monkeypatch.setattr(step, name, patched)
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_state(

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from racnn.checkpoint import load_model, model_record, save_checkpoint
 from racnn.config import FUSIONS, ModelConfig
 from racnn.evaluation import evaluate
 from racnn.fusion import cross_fitted_correct, fit_model_weights, fit_weights, fuse
 from racnn.model import build_model
-from racnn.training.checkpoint import load_model, model_record, save_checkpoint
-from racnn.training.loop import Trainer
+from racnn.training.trainer import Trainer
 from test_training import tiny_config
 
 K = 5
@@ -131,7 +131,7 @@ def test_a_checkpoint_without_fusion_weights_loads_with_uniform_ones(tmp_path: P
     del record["model"]["fusion_weights"]  # as written before the weighted fusion existed
     record["config"]["model"].pop("fusion")
     save_checkpoint(record, tmp_path / "old.pt")
-    loaded = load_model(tmp_path / "old.pt")[0]
+    loaded = load_model(tmp_path / "old.pt")
     assert loaded.cfg.fusion == "concat"
     assert torch.allclose(loaded.fusion_weights[1], torch.full((3,), 1 / 3))
     assert torch.allclose(loaded.fusion_weights[0], torch.tensor([0.5, 0.5, 0.0]))
@@ -150,7 +150,7 @@ def test_training_fits_the_weights_on_validation_and_logs_every_kind(fake_cub: P
         assert rec["val_acc_s123"] == rec["val_acc_s123_weighted"]  # cross-fitted, as the configured fusion
     # train.select=last: the tested model is the last epoch's, with the weights fitted at its validation
     assert metrics["best_epoch"] == epochs[-1]["epoch"] == cfg.train.epochs
-    best = load_model(tmp_path / "run" / "best.pt")[0]
+    best = load_model(tmp_path / "run" / "best.pt")
     assert torch.equal(best.fusion_weights, trainer.model.fusion_weights)
     assert not torch.allclose(best.fusion_weights[1], torch.full((3,), 1 / 3))
     for kind in FUSIONS:

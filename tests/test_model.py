@@ -24,9 +24,11 @@ def _cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _model(seed: int = 0, **kw):
+def _model(seed: int = 0, checkpoint_activations: bool = False, **kw):
     torch.manual_seed(seed)
-    return build_model(_cfg(**kw), num_classes=NUM_CLASSES)
+    model = build_model(_cfg(**kw), num_classes=NUM_CLASSES)
+    model.checkpoint_activations = checkpoint_activations
+    return model
 
 
 def _images(b: int = 2, h: int = 32, w: int | None = None, seed: int = 1) -> torch.Tensor:

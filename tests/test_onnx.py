@@ -20,11 +20,11 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
+from racnn.checkpoint import load_model, model_record, save_checkpoint  # noqa: E402
 from racnn.cli import main  # noqa: E402
 from racnn.config import load_config  # noqa: E402
 from racnn.model import RACNN, build_model  # noqa: E402
 from racnn.onnx_export import RACNNOnnxWrapper, export_onnx, output_names  # noqa: E402
-from racnn.training.checkpoint import load_model, model_record, save_checkpoint  # noqa: E402
 
 NAMES = ["logits_s1", "logits_s2", "logits_s3", "logits_s12", "logits_s123", "box_s1", "box_s2"]
 CLASSES = ["a", "b", "c", "d"]
@@ -67,7 +67,8 @@ def test_cli_writes_model_onnx(exported: tuple[Path, Path, str]) -> None:
 
 def test_onnxruntime_matches_pytorch_with_dynamic_batch(exported: tuple[Path, Path, str]) -> None:
     ckpt, out, _ = exported
-    model, _, classes = load_model(ckpt)
+    model = load_model(ckpt)
+    classes = model.classes
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     (inp,) = session.get_inputs()
     assert inp.name == "images" and inp.shape[1:] == [3, 40, 40] and isinstance(inp.shape[0], str)
@@ -112,7 +113,7 @@ def test_cli_rejects_unknown_format(tmp_path: Path) -> None:
 def test_export_traces_the_eager_crop_of_a_compile_crop_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``model.compile_crop`` is an execution option: a traced forward (ONNX export, torch.compile of the
+    """``runtime.compile_crop`` is an execution option: a traced forward (ONNX export, torch.compile of the
     whole model) runs the plain crop, whose graph the exporter can read."""
     import racnn.model as model_module
 
@@ -121,8 +122,8 @@ def test_export_traces_the_eager_crop_of_a_compile_crop_model(
 
     monkeypatch.setattr(model_module, "crop_zoom_compiled", never)  # CUDA
     monkeypatch.setattr(model_module, "crop_zoom_cpp", never)  # CPU
-    cfg = load_config(None, [*OVERRIDES, "model.compile_crop=true"])
-    model = build_model(cfg.model, num_classes=4)
+    model = build_model(load_config(None, OVERRIDES).model, num_classes=4)
+    model.compile_crop = True
     path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(2, 3, 40, 40)

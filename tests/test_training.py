@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from conftest import interrupt_epoch
+from racnn.checkpoint import load_checkpoint
 from racnn.config import Config, ScheduleConfig, load_config
 from racnn.localization import aolm_boxes, class_activation, peak_response_boxes, region_response_boxes
 from racnn.losses import box_regression_loss, ranking_loss, true_class_prob
 from racnn.model import build_model
-from racnn.training import setup
+from racnn.training import optim
 from racnn.training.apn_init import apn_init_target, apn_saturation
-from racnn.training.checkpoint import load_checkpoint
-from racnn.training.loop import Trainer
 from racnn.training.schedule import (
     ATTEND,
     CLASSIFY,
@@ -25,6 +24,7 @@ from racnn.training.schedule import (
     PhaseSchedule,
     set_phase,
 )
+from racnn.training.trainer import Trainer
 
 
 def tiny_config(root: Path, **extra: object) -> Config:
@@ -39,11 +39,11 @@ def tiny_config(root: Path, **extra: object) -> Config:
         "data.val_fraction=0.25",
         "train.batch_size=4",
         "train.epochs=3",
-        "schedule.apn_init_steps=2",
+        "apn.init_steps=2",
         f"data.root={root}",
         "schedule.classify_epochs=1",
         "schedule.attend_epochs=1",
-        "optim.apn_lr=0.01",
+        "apn.lr=0.01",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return load_config(None, overrides)
 
@@ -101,7 +101,7 @@ def test_a_phase_epoch_changes_only_its_part(fake_cub: Path, tmp_path: Path, pha
 def test_attention_levers_enter_the_attention_phase_only(fake_cub: Path, tmp_path: Path) -> None:
     """rank_quiet, the object prior and the soft box gradient: an attention epoch logs the share of active
     hinges and the prior's loss, and still changes the APNs alone; the prior's gradient reaches only APN 1."""
-    keys = {"schedule.rank_quiet": "true", "schedule.prior_weight": 1.0, "model.mask_k_backward": 1.0}
+    keys = {"loss.rank_quiet": "true", "loss.prior_weight": 1.0, "model.mask_k_backward": 1.0}
     trainer = Trainer(tiny_config(fake_cub, **keys), tmp_path / "run", progress=False)
     m = trainer.model
     classifier, apn = _snapshot([m.backbones, m.heads, m.fusions]), _snapshot([m.apns])
@@ -172,7 +172,7 @@ def test_schedule_stops_when_both_phases_converge() -> None:
 def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         fake_cub,
-        **{"schedule.apn_init_steps": 30, "schedule.apn_init_side": 0.4, "schedule.apn_init_lr": 0.01},
+        **{"apn.init_steps": 30, "apn.init_side": 0.4, "apn.init_lr": 0.01},
     )
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     x = torch.stack([trainer.train_set[i]["image"] for i in range(4)])
@@ -196,31 +196,31 @@ def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path
 
 
 def test_apn_init_region_targets_reach_the_apns(fake_cub: Path, tmp_path: Path) -> None:
-    """``schedule.apn_init_box=peak,region``: APN 1 towards the peak square, APN 2 (and any further, the
+    """``apn.init_box=peak,region``: APN 1 towards the peak square, APN 2 (and any further, the
     last kind repeats) towards the region box of its own scale's CAM."""
     keys = {
-        "schedule.apn_init_box": "peak,region",
-        "schedule.apn_init_response": "cam",
-        "schedule.apn_init_threshold": 0.3,
+        "apn.init_box": "peak,region",
+        "apn.init_response": "cam",
+        "apn.init_threshold": 0.3,
     }
     trainer = Trainer(tiny_config(fake_cub, **keys), tmp_path / "run", progress=False)
     fmap, y = torch.randn(2, trainer.model.backbones[1].channels, 5, 5), torch.tensor([0, 1])
     m, cams = trainer.cfg.model, [class_activation(fmap, trainer.model.heads[s], y) for s in (0, 1)]
     want_region = region_response_boxes(cams[1], 0.3, m.box_min_side, m.box_max_side)
     assert torch.equal(apn_init_target(trainer.model, trainer.cfg, 1, fmap, y), want_region)
-    want_peak = peak_response_boxes(cams[0], trainer.cfg.schedule.apn_init_side)
+    want_peak = peak_response_boxes(cams[0], trainer.cfg.apn.init_side)
     assert torch.equal(apn_init_target(trainer.model, trainer.cfg, 0, fmap, y), want_peak)
     trainer.init_apns()  # runs end to end with these targets
     assert trainer.apn_init_done
 
 
 def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(fake_cub, **{"train.deterministic": "true"})
+    cfg = tiny_config(fake_cub, **{"runtime.deterministic": "true"})
     full = Trainer(cfg, tmp_path / "full", progress=False).fit()
     for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl", "metrics.json"):
         assert (tmp_path / "full" / name).is_file(), name
     lines = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r.get("phase") for r in lines] == ["apn_init", CLASSIFY, ATTEND, CLASSIFY]
+    assert [r.get("phase") for r in lines] == ["apn_init", "classify", "attend", "classify"]
 
     # the same run, stopped after its second epoch, then resumed from last.pt
     stopped = Trainer(cfg, tmp_path / "stopped", progress=False)
@@ -239,13 +239,13 @@ def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_pa
 def test_optimizers_use_fused_adam_and_step_like_the_plain_one(name: str) -> None:
     cfg = load_config(None, ["model.backbone=tiny", "model.pretrained=false", f"optim.name={name}"])
     model = build_model(cfg.model, num_classes=3)
-    cls_opt, apn_opt = setup.make_optimizers(model, cfg.optim)
+    cls_opt, apn_opt = optim.make_optimizers(model, cfg)
     assert apn_opt.defaults["fused"] is True
     assert cls_opt.defaults.get("fused") is (True if name == "adamw" else None)
     apn = model.parameter_groups()["apn"]
     plain = [p.detach().clone().requires_grad_(True) for p in apn]
     grads = [torch.randn_like(p) for p in apn]
-    ref = torch.optim.Adam(plain, lr=cfg.optim.apn_lr, foreach=False)
+    ref = torch.optim.Adam(plain, lr=cfg.apn.lr, foreach=False)
     for _ in range(3):
         for p, q, g in zip(apn, plain, grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
@@ -261,7 +261,7 @@ def test_resume_keeps_the_fused_flag_of_the_new_optimizer() -> None:
     w.grad = torch.ones(4)
     old.step()
     new = torch.optim.Adam([w], lr=0.1, fused=True)
-    new.load_state_dict(setup.keep_fused(new, old.state_dict()))
+    new.load_state_dict(optim.keep_fused(new, old.state_dict()))
     assert new.param_groups[0]["fused"] is True and float(new.state[w]["step"]) == 1.0
     new.step()
     assert float(new.state[w]["step"]) == 2.0

@@ -68,14 +68,6 @@ def derivative_map(
     )
 
 
-def _scale_input(model: RACNN, image: torch.Tensor) -> torch.Tensor:
-    """The scale-1 input of ``image`` (1 x 3 x H x W), resized as :meth:`RACNN.forward_features` does."""
-    size = model.cfg.input_size
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
 def scale2_loss(
     model: RACNN, image: torch.Tensor, target: int, *, kind: str = "ce", margin: float | None = None
 ) -> tuple[torch.Tensor, LossFn]:
@@ -90,15 +82,15 @@ def scale2_loss(
     if model.cfg.num_scales < 2:
         raise ValueError("a derivative map needs a model with at least 2 scales")
     x = image.detach().float()[None]
-    x1 = _scale_input(model, x)
+    x1 = model.scale_input(x)
     source = x[0] if model.cfg.crop_from == "source" else x1[0]
     y = torch.tensor([target])
     with torch.no_grad():
-        p1 = model.heads[0](model.backbones[0](x1).mean(dim=(2, 3))).float().softmax(1)[0, target]
+        p1 = model.forward_scale(0, x1).float().softmax(1)[0, target]
     m = 0.05 if margin is None else margin
 
     def loss_fn(crop: torch.Tensor) -> torch.Tensor:
-        logits = model.heads[1](model.backbones[1](crop).mean(dim=(2, 3))).float()
+        logits = model.forward_scale(1, crop).float()
         if kind == "ce":
             return F.cross_entropy(logits, y)
         return (p1 - logits.softmax(1)[0, target] + m).clamp(min=0)

@@ -110,6 +110,13 @@ def boxcar_1d(pos: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, k: float) -
     return _logistic(pos - lo, k) - _logistic(pos - hi, k)
 
 
+def _edges_px(box: torch.Tensor, h: int, w: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The box's edges in pixels of an ``h x w`` image: ``((x0, x1), (y0, y1))``, B x 1 each."""
+    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * w, (box[:, 0] + box[:, 2])[:, None] * w
+    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * h, (box[:, 1] + box[:, 2])[:, None] * h
+    return (x0, x1), (y0, y1)
+
+
 def _sample_positions(box: torch.Tensor, out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised centres of the ``out`` output pixels along x and y inside each box: B x out each."""
     u = (torch.arange(out, device=box.device, dtype=box.dtype) + 0.5) / out  # out
@@ -145,8 +152,7 @@ def box_taps(
     columns ``(c0, c1, wc0, wc1)``, B x out each (:func:`_axis_taps`), so that
     ``crop[b, :, y, x] = sum_ij wr_i[b, y] wc_j[b, x] image[b, :, r_i[b, y], c_j[b, x]]`` (Eqs. 3-6)."""
     xs, ys = _sample_positions(box, out)  # B x out each, normalised
-    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * w, (box[:, 0] + box[:, 2])[:, None] * w  # B x 1, pixels
-    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * h, (box[:, 1] + box[:, 2])[:, None] * h
+    (x0, x1), (y0, y1) = _edges_px(box, h, w)
     return _axis_taps(ys, h, y0, y1, k), _axis_taps(xs, w, x0, x1, k)
 
 
@@ -182,8 +188,7 @@ def crop_zoom(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0)
     b, _, h, w = image.shape
     box = box.to(torch.promote_types(box.dtype, torch.float32))
     xs, ys = _sample_positions(box, out)  # B x out each, normalised
-    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * w, (box[:, 0] + box[:, 2])[:, None] * w  # B x 1, pixels
-    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * h, (box[:, 1] + box[:, 2])[:, None] * h
+    (x0, x1), (y0, y1) = _edges_px(box, h, w)
     gy, ay = _folded_axis(ys, h, y0, y1, k)  # B x out
     gx, ax = _folded_axis(xs, w, x0, x1, k)  # B x out
     dtype = torch.promote_types(image.dtype, torch.float32)
@@ -204,7 +209,7 @@ def _compiled_crop_zoom() -> Callable[..., torch.Tensor]:  # built on first use:
 
 
 def crop_zoom_compiled(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
-    """:func:`crop_zoom` through ``torch.compile`` (``model.compile_crop``, used on CUDA): same values and
+    """:func:`crop_zoom` through ``torch.compile`` (``runtime.compile_crop``, used on CUDA): same values and
     gradients.
 
     Eager, the crop is about 140 small kernels forward and 180 backward (box arithmetic on B x out tensors
@@ -272,8 +277,7 @@ def boxcar_mask(box: torch.Tensor, height: int, width: int, k: float = 10.0) -> 
     """The full-resolution attention mask ``M`` of Eq. 4 at pixel centres: B x 3 -> B x 1 x H x W."""
     px = torch.arange(width, device=box.device, dtype=box.dtype) + 0.5  # W
     py = torch.arange(height, device=box.device, dtype=box.dtype) + 0.5  # H
-    x0, x1 = (box[:, 0] - box[:, 2])[:, None] * width, (box[:, 0] + box[:, 2])[:, None] * width
-    y0, y1 = (box[:, 1] - box[:, 2])[:, None] * height, (box[:, 1] + box[:, 2])[:, None] * height
+    (x0, x1), (y0, y1) = _edges_px(box, height, width)
     mx = boxcar_1d(px[None], x0, x1, k)  # B x W
     my = boxcar_1d(py[None], y0, y1, k)  # B x H
     return (my[:, :, None] * mx[:, None, :])[:, None]

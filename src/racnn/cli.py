@@ -45,7 +45,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .config import load_config
-    from .training.loop import Trainer
+    from .training.trainer import Trainer
 
     if a.resume:
         if a.config or a.overrides:
@@ -104,18 +104,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, load_model
     from .config import apply_overrides
     from .evaluation import evaluate, format_table, json_safe
-    from .training import setup
-    from .training.checkpoint import CheckpointError, load_model
+    from .training import loaders, runtime
 
-    model, cfg, classes = load_model(a.checkpoint)
+    model = load_model(a.checkpoint)
+    cfg, classes = model.training_config, model.classes
     overrides = [f"data.root={a.data}", f"train.batch_size={a.batch_size}"]
     overrides += [f"data.max_images={a.max_images}"] if a.max_images else []
     overrides += ["data.skip_bad_images=true"] if a.skip_bad_images else []
     apply_overrides(cfg, overrides)
-    device = setup.resolve_device(a.device)
-    dataset = setup.make_dataset(cfg, a.split, model.preprocessing, train=False)
+    device = runtime.resolve_device(a.device)
+    dataset = loaders.make_dataset(cfg, a.split, model.preprocessing, train=False)
     if list(dataset.classes) != list(classes):
         n = len(dataset.classes)
         what = "other class names" if n == len(classes) else f"{n} classes"
@@ -123,7 +124,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
             f"{a.checkpoint}: trained on {len(classes)} classes ({cfg.model.backbone}), but {a.data} "
             f"({a.split}) has {what}; evaluate it on the dataset it was trained on"
         )
-    loader = setup.make_loader(dataset, cfg)
+    loader = loaders.make_loader(dataset, cfg)
     head_parts = getattr(dataset, "head_parts", None)
     metrics = evaluate(model.to(device), loader, device=device, head_parts=head_parts)
     metrics["split"] = a.split
@@ -152,14 +153,12 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    from .inference import format_predictions, predict_images
-    from .training import setup
-    from .training.checkpoint import load_model
+    from .checkpoint import load_model
+    from .inference import format_predictions, predict
+    from .training.runtime import resolve_device
 
-    model, cfg, classes = load_model(a.checkpoint)
-    records = predict_images(
-        model, cfg, classes, a.images, topk=a.topk, device=setup.resolve_device(a.device)
-    )
+    model = load_model(a.checkpoint)
+    records = predict(model, a.images, topk=a.topk, device=resolve_device(a.device))
     print(json.dumps(records, indent=2) if a.json else format_predictions(records, a.topk))
     return 0
 
@@ -182,13 +181,15 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .training.checkpoint import export_model, load_model
+    from .checkpoint import export_model, load_model
 
     if a.format == "onnx":
         from .onnx_export import export_onnx
 
-        model, cfg, classes = load_model(a.checkpoint)
-        path = export_onnx(model, Path(a.out) / "model.onnx", image_size=cfg.data.image_size, classes=classes)
+        model = load_model(a.checkpoint)
+        path = export_onnx(
+            model, Path(a.out) / "model.onnx", image_size=model.image_size, classes=model.classes
+        )
         print(f"wrote {path}")
         return 0
     out = export_model(a.checkpoint, a.out)
@@ -227,9 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .backbones import WeightsNotFoundError
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DatasetError
-    from .training.checkpoint import CheckpointError
 
     try:
         return int(args.func(args) or 0)

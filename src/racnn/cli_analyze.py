@@ -68,15 +68,15 @@ def cmd_derivative_map(a: argparse.Namespace) -> int:
     import torch
 
     from .analysis import derivative_map_figure, describe_update
-    from .data import build_transform, load_image
-    from .training.checkpoint import load_model
+    from .checkpoint import load_model
+    from .data import load_image
 
-    model, cfg, classes = load_model(a.checkpoint)
-    if cfg.model.num_scales < 2:
+    model = load_model(a.checkpoint)
+    classes = model.classes
+    if model.cfg.num_scales < 2:
         raise ValueError(f"{a.checkpoint}: a one-scale model has no attention to analyse")
-    prep = model.preprocessing
-    transform = build_transform(size=cfg.data.image_size, mean=prep.mean, std=prep.std, train=False)
-    images = torch.stack([transform(load_image(p), None, None)[0] for p in a.images])
+    transform = model.transforms()
+    images = torch.stack([transform(load_image(p)) for p in a.images])
     label = _label(a.label, classes)
     if label is None:
         with torch.no_grad():

@@ -61,16 +61,15 @@ def add_visualize(sub: argparse._SubParsersAction) -> None:
 def cmd_visualize(a: argparse.Namespace) -> int:
     import torch
 
-    from .data import build_transform, load_image
-    from .training.checkpoint import load_model
+    from .checkpoint import load_model
+    from .data import load_image
     from .visualization import attention_figure
 
-    model, cfg, classes = load_model(a.checkpoint)
-    prep = model.preprocessing
-    transform = build_transform(size=cfg.data.image_size, mean=prep.mean, std=prep.std, train=False)
-    images = torch.stack([transform(load_image(p), None, None)[0] for p in a.images])
+    model = load_model(a.checkpoint)
+    transform = model.transforms()
+    images = torch.stack([transform(load_image(p)) for p in a.images])
     out = attention_figure(
-        model, images, classes, a.out, titles=[Path(p).name for p in a.images], topk=a.topk
+        model, images, model.classes, a.out, titles=[Path(p).name for p in a.images], topk=a.topk
     )
     print(f"wrote {out}")
     return 0

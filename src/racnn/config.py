@@ -7,6 +7,7 @@ from the file alone. This module imports neither torch models nor data code.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """What the model is: rebuilt from this section alone (it ships inside every checkpoint and export)."""
+
     backbone: str = "mobilenet_v2"  # any name of racnn.backbones.list_backbones() or a torchvision model
     pretrained: bool = True  # ImageNet weights via torchvision (offline through TORCH_HOME) or weights_file
     weights_file: str | None = None  # local state_dict for the backbone, overrides the torchvision weights
@@ -44,8 +47,6 @@ class ModelConfig:
     # what the fused outputs (s12, s123) are: concat (the paper's FC on the concatenated features),
     # mean_prob, mean_logprob, weighted (per-scale weights fitted on validation); see racnn.fusion
     fusion: str = "concat"
-    checkpoint_activations: bool = False  # recompute backbone activations in backward (saves memory)
-    compile_crop: bool = False  # the crop as compiled code: torch.compile on CUDA, a C++ kernel on a CPU
 
 
 @dataclass
@@ -63,50 +64,61 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """The classifiers' optimiser (backbones, heads, fusion); the APNs' is in :class:`APNConfig`."""
+
     name: str = "sgd"  # sgd | adamw
     lr: float = 0.01  # classification heads and fusion
     backbone_lr_mult: float = 0.1  # backbones train at lr * this
-    apn_lr: float = 1e-5
-    apn_optimizer: str = "adam"  # adam | sgd
     momentum: float = 0.9
     weight_decay: float = 5e-4
     scheduler: str = "cosine"  # cosine | step | none  (over the classification epochs)
     step_size: int = 10  # epochs between decays for scheduler=step
     gamma: float = 0.1
-    label_smoothing: float = 0.0
     grad_clip: float | None = None
 
 
 @dataclass
-class ScheduleConfig:
-    mode: str = "alternate"  # alternate (paper) | joint (both losses every step)
-    apn_init_steps: int = 50  # regression steps of each APN towards the strongest conv response
-    apn_init_lr: float = 1e-5  # Adam learning rate of that regression
-    apn_init_box: str = "peak"  # "peak": square of apn_init_side on the strongest response (paper);
-    # "region": square sized to the cells above apn_init_threshold of the response (per-image side);
-    # or one per APN, comma-separated ("region,peak"), the last repeated
-    apn_init_side: float = 0.5  # side of the "peak" square, fraction of the input side
-    apn_init_threshold: float = 0.5  # "region": fraction of the (min, max) response range a cell must reach
-    apn_init_response: str = (
-        "sum"  # "sum": channel sum of the last conv layer (paper); "cam": class activation
-    )
-    warmup_epochs: int = (
-        0  # classification epochs before the APN initialisation (for backbones without ImageNet init)
-    )
-    warmup_backbones: bool = True  # false: the warm-up trains heads and fusion only (ImageNet maps kept)
-    classify_epochs: int = 2  # epochs per classification phase (APNs frozen)
-    attend_epochs: int = 1  # epochs per attention phase (classifiers frozen)
+class APNConfig:
+    """How the attention proposal networks are initialised (paper Sec. 3.4) and trained."""
+
+    lr: float = 1e-5  # learning rate in the attention (and joint) phases
+    optimizer: str = "adam"  # adam | sgd (sgd uses optim.momentum)
+    init_steps: int = 50  # regression steps of each APN towards its initialisation box
+    init_lr: float = 1e-5  # Adam learning rate of that regression
+    # the initialisation box per APN, the last repeated (racnn.localization): "peak", a square of init_side on
+    # the strongest response (paper); "region", a square sized to the cells above init_threshold of the
+    # response; "aolm", the largest connected region above the map's mean (MMAL-Net)
+    init_box: list[str] = field(default_factory=lambda: ["peak"])
+    init_side: float = 0.5  # side of the "peak" square, fraction of the input side
+    init_threshold: float = 0.5  # "region": fraction of the (min, max) response range a cell must reach
+    init_response: str = "sum"  # "sum": channel sum of the last conv layer (paper); "cam": class activation
+
+
+@dataclass
+class LossConfig:
+    """The loss terms and their weights (paper Eqs. 7-8, and the options beyond them)."""
+
+    label_smoothing: float = 0.0  # of every cross-entropy
+    fusion_weight: float = 1.0  # weight of the concat fusion heads' cross-entropies
     rank_margin: float = 0.05
-    rank_detach_coarse: bool = (
-        True  # p_t(s) is a fixed reference in L_rank: only p_t(s+1) is pushed (see losses)
-    )
+    rank_detach_coarse: bool = True  # p_t(s) is a fixed reference in L_rank: only p_t(s+1) is pushed
     # the hinge goes quiet once the finer scale is within the margin of the p_t that label smoothing aims for
     rank_quiet: bool = False
-    rank_weight: float = 1.0  # weight of the ranking loss (joint mode, attention phase)
+    rank_weight: float = 1.0  # weight of the ranking loss (joint mode)
     # weight of the object prior in the attention phases: smooth-L1 of the scale-1 box to the AOLM box of
     # scale 1's own conv map (racnn.localization.aolm_boxes); 0: the paper's ranking loss alone
     prior_weight: float = 0.0
-    fusion_weight: float = 1.0  # weight of the fusion cross-entropies
+
+
+@dataclass
+class ScheduleConfig:
+    """Which phase each epoch is (paper Sec. 3.4; racnn.training.schedule)."""
+
+    mode: str = "alternate"  # alternate (paper) | joint (both losses every step)
+    warmup_epochs: int = 0  # classification epochs before the APN initialisation (heads must classify first)
+    warmup_backbones: bool = True  # false: the warm-up trains heads and fusion only (ImageNet maps kept)
+    classify_epochs: int = 2  # epochs per classification phase (APNs frozen)
+    attend_epochs: int = 1  # epochs per attention phase (classifiers frozen)
     converge_tol: float = 0.01  # relative loss improvement under which a phase counts as converged
     max_steps_per_epoch: int | None = None  # cap on iterations per epoch (smoke runs, benchmarks)
 
@@ -116,10 +128,6 @@ class TrainConfig:
     epochs: int = 12  # total epochs, all phases together
     batch_size: int = 16
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    amp: bool = False  # autocast (bf16 on CPU and on GPUs that support it, else fp16)
-    channels_last: bool = False
-    deterministic: bool = False
     eval_every: int = 1  # validate every N epochs
     # the model kept in best.pt and tested: "val", the epoch of the best validation accuracy of the last
     # fused output; "last", the last epoch (no selection: a 75-image validation split is one image per 1.3
@@ -130,22 +138,91 @@ class TrainConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """How this machine runs the job: none of it is part of the model (an exported model carries none)."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    amp: bool = False  # autocast (bf16 on CPU and on GPUs that support it, else fp16)
+    channels_last: bool = False
+    deterministic: bool = False
+    checkpoint_activations: bool = False  # recompute backbone activations in backward (saves memory)
+    compile_crop: bool = False  # the crop as compiled code: torch.compile on CUDA, a C++ kernel on a CPU
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    apn: APNConfig = field(default_factory=APNConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> Config:
+        """A config from a plain dict (a checkpoint's, a YAML file's); keys of earlier releases are read under
+        their new names (:data:`RENAMED`) without a word: a checkpoint cannot be edited."""
         cfg = cls()
-        _merge(cfg, d, prefix="", source=source)
+        _merge(cfg, _renamed(d, source, warn=False), prefix="", source=source)
         validate(cfg, source=source)
         return cfg
+
+
+# Keys that moved to a section of their own concept. Old configs and checkpoints keep loading: a YAML file or
+# --set that uses an old name gets one line on stderr saying the new one.
+RENAMED: dict[str, str] = {
+    "optim.apn_lr": "apn.lr",
+    "optim.apn_optimizer": "apn.optimizer",
+    "schedule.apn_init_steps": "apn.init_steps",
+    "schedule.apn_init_lr": "apn.init_lr",
+    "schedule.apn_init_box": "apn.init_box",
+    "schedule.apn_init_side": "apn.init_side",
+    "schedule.apn_init_threshold": "apn.init_threshold",
+    "schedule.apn_init_response": "apn.init_response",
+    "optim.label_smoothing": "loss.label_smoothing",
+    "schedule.fusion_weight": "loss.fusion_weight",
+    "schedule.rank_margin": "loss.rank_margin",
+    "schedule.rank_detach_coarse": "loss.rank_detach_coarse",
+    "schedule.rank_quiet": "loss.rank_quiet",
+    "schedule.rank_weight": "loss.rank_weight",
+    "schedule.prior_weight": "loss.prior_weight",
+    "train.device": "runtime.device",
+    "train.amp": "runtime.amp",
+    "train.channels_last": "runtime.channels_last",
+    "train.deterministic": "runtime.deterministic",
+    "model.checkpoint_activations": "runtime.checkpoint_activations",
+    "model.compile_crop": "runtime.compile_crop",
+}
+
+
+def _renamed(d: Any, source: str, *, warn: bool) -> Any:
+    """``d`` (a nested dict) with the keys of :data:`RENAMED` moved to their new places; a key given under
+    both names is an error."""
+    if not isinstance(d, dict):
+        return d
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    for old, new in RENAMED.items():
+        (osec, okey), (nsec, nkey) = old.split("."), new.split(".")
+        section = out.get(osec)
+        if not isinstance(section, dict) or okey not in section:
+            continue
+        value = section.pop(okey)
+        if not section:
+            out.pop(osec)
+        target = out.setdefault(nsec, {})
+        if not isinstance(target, dict):
+            continue  # the type check of _merge reports it
+        if nkey in target:
+            raise ConfigError(f"{source}: {old} and {new} are the same key (renamed); keep {new} only")
+        target[nkey] = value
+        if warn:
+            print(f"{source}: {old} is now {new} (read as such)", file=sys.stderr)
+    return out
 
 
 def _field_types(obj: Any) -> dict[str, Any]:
@@ -178,6 +255,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is list:  # list[str]: a YAML list, or one string with commas (a,b)
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        raise ConfigError(f"{source}: {key} must be a list of names (or one name, or a,b), got {value!r}")
     else:  # pragma: no cover - all fields use the types above
         return value
     name = getattr(tp, "__name__", str(tp))
@@ -204,29 +287,21 @@ _CHOICES = {
     "model.crop_from": ("previous", "source"),
     "model.fusion": FUSIONS,
     "optim.name": ("sgd", "adamw"),
-    "optim.apn_optimizer": ("adam", "sgd"),
     "optim.scheduler": ("cosine", "step", "none"),
+    "apn.optimizer": ("adam", "sgd"),
+    "apn.init_response": ("sum", "cam"),
     "schedule.mode": ("alternate", "joint"),
     "train.select": ("val", "last"),
-    "schedule.apn_init_response": ("sum", "cam"),
 }
+INIT_BOXES = ("peak", "region", "aolm")  # racnn.localization
 
 
-def validate(cfg: Config, *, source: str = "config") -> None:
-    """Range and choice checks that the types alone cannot express."""
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
-    boxes = cfg.schedule.apn_init_box.split(",")
-    too_many = cfg.model.num_scales > 1 and len(boxes) > cfg.model.num_scales - 1  # (1 scale: no APN, moot)
-    if not all(b in ("peak", "region", "aolm") for b in boxes) or too_many:
-        raise ConfigError(
-            f"{source}: schedule.apn_init_box must be peak, region, aolm, or at most one per APN (num_scales - 1) "
-            f"separated by commas without spaces (region,peak), got {cfg.schedule.apn_init_box!r}"
-        )
-    m = cfg.model
+def validate_model(m: ModelConfig, *, source: str = "config") -> None:
+    """Range and choice checks of the model section alone (also what ``racnn.create_model`` checks)."""
+    for key in ("model.crop_from", "model.fusion"):
+        value = getattr(m, key.split(".")[1])
+        if value not in _CHOICES[key]:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     checks = [
         (m.num_scales >= 1, "model.num_scales must be >= 1"),
         (m.input_size >= 16, "model.input_size must be >= 16"),
@@ -236,19 +311,41 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (m.mask_k_backward is None or m.mask_k_backward > 0, "model.mask_k_backward must be > 0 (or null)"),
         (m.apn_grid >= 1 and m.apn_hidden >= 1, "model.apn_grid and apn_hidden must be >= 1"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {msg}")
+
+
+def validate(cfg: Config, *, source: str = "config") -> None:
+    """Range and choice checks that the types alone cannot express."""
+    validate_model(cfg.model, source=source)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    boxes = cfg.apn.init_box
+    too_many = cfg.model.num_scales > 1 and len(boxes) > cfg.model.num_scales - 1  # (1 scale: no APN, moot)
+    if not all(b in INIT_BOXES for b in boxes) or too_many:
+        raise ConfigError(
+            f"{source}: apn.init_box must name {', '.join(INIT_BOXES)}, at most one per APN (num_scales - 1), "
+            f"the last repeated (e.g. [region, peak]), got {boxes!r}"
+        )
+    checks = [
         (0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
         (cfg.data.max_images is None or cfg.data.max_images > 0, "data.max_images must be > 0"),
         (cfg.data.image_size >= 16, "data.image_size must be >= 16"),
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min must be in (0, 1]"),
         (cfg.train.epochs >= 0 and cfg.train.batch_size >= 1, "train.epochs >= 0 and batch_size >= 1"),
         (cfg.schedule.classify_epochs >= 1 and cfg.schedule.attend_epochs >= 1, "phase lengths must be >= 1"),
-        (cfg.schedule.apn_init_steps >= 0, "schedule.apn_init_steps must be >= 0"),
+        (cfg.apn.init_steps >= 0, "apn.init_steps must be >= 0"),
         (cfg.train.log_every >= 1 and cfg.train.eval_every >= 1, "train.log_every, eval_every must be >= 1"),
         (cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs must be >= 0"),
-        (0.0 < cfg.schedule.apn_init_side <= 1.0, "schedule.apn_init_side must be in (0, 1]"),
-        (0.0 <= cfg.schedule.apn_init_threshold < 1.0, "schedule.apn_init_threshold must be in [0, 1)"),
-        (0.0 <= cfg.optim.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)"),
-        (cfg.schedule.prior_weight >= 0.0, "schedule.prior_weight must be >= 0"),
+        (0.0 < cfg.apn.init_side <= 1.0, "apn.init_side must be in (0, 1]"),
+        (0.0 <= cfg.apn.init_threshold < 1.0, "apn.init_threshold must be in [0, 1)"),
+        (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
+        (cfg.loss.prior_weight >= 0.0, "loss.prior_weight must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -281,9 +378,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply dotted ``key=value`` overrides with the same type checks as the file."""
     for text in overrides:
         key, value = parse_override(text)
-        if isinstance(value, str) and _expects_number(cfg, key) and not _is_float(value):
+        if isinstance(value, str) and _expects_number(cfg, RENAMED.get(key, key)) and not _is_float(value):
             raise ConfigError(f"--set {text}: {key} must be a number, got {value!r}")
-        _merge(cfg, _nest(key, value), prefix="", source=f"--set {text}")
+        _merge(
+            cfg, _renamed(_nest(key, value), f"--set {text}", warn=True), prefix="", source=f"--set {text}"
+        )
     validate(cfg, source="--set")
     return cfg
 
@@ -320,7 +419,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
             raise ConfigError(f"{p}{where}: not valid YAML") from e
-        _merge(cfg, raw, prefix="", source=str(p))
+        _merge(cfg, _renamed(raw, str(p), warn=True), prefix="", source=str(p))
         validate(cfg, source=str(p))
     if overrides:
         apply_overrides(cfg, overrides)

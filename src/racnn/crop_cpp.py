@@ -1,4 +1,4 @@
-"""The crop-and-zoom as one C++ kernel for CPU tensors (``model.compile_crop`` on a CPU).
+"""The crop-and-zoom as one C++ kernel for CPU tensors (``runtime.compile_crop`` on a CPU).
 
 :func:`racnn.attention.crop_zoom` is a ``grid_sample`` plus a few whole-output passes for the gains and their
 gradients; on a CPU each pass is a sweep through memory. Here the same crop (Eqs. 3-6) is one pass forward and

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, load_config
-from .training import setup
-from .training.loop import Trainer
+from .training import loaders
+from .training.trainer import Trainer
 from .visualization import attention_figure, plot_curves
 
 
@@ -29,7 +29,7 @@ def demo_config(overrides: list[str] | None = None, *, quick: bool = False) -> C
             "train.epochs=8",
             "schedule.warmup_epochs=2",
             "schedule.classify_epochs=2",
-            "schedule.apn_init_steps=30",
+            "apn.init_steps=30",
             "data.max_images=800",
         ]
         if quick
@@ -53,10 +53,10 @@ def run_demo(
     model = trainer.model.eval().cpu()
     best = Path(out) / "best.pt"
     if best.is_file():
-        from .training.checkpoint import load_model
+        from .checkpoint import load_model
 
-        model = load_model(best)[0]
-    test = setup.make_dataset(cfg, "test", model.preprocessing, train=False)
+        model = load_model(best)
+    test = loaders.make_dataset(cfg, "test", model.preprocessing, train=False)
     idx = torch.linspace(0, len(test) - 1, steps=min(pictures, len(test))).long().tolist()
     items = [test[i] for i in idx]
     attention_figure(

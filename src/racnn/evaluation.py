@@ -106,7 +106,11 @@ class Accumulator:
         if not boxes:
             return
         views = [v.float().cpu() for v in (views if views is not None else image_views(boxes))]
-        has_box = batch["has_box"].bool().cpu()
+        has_box = (
+            batch["has_box"].bool().cpu()
+            if "has_box" in batch
+            else torch.zeros(len(target), dtype=torch.bool)
+        )
         if has_box.any():
             att, gt = box_to_xyxy(views[0][has_box]), batch["box"][has_box].float()
             self.ious.append(box_iou(att, gt))
@@ -114,10 +118,30 @@ class Accumulator:
             self.centre_hits.append(((centre >= att[:, :2]) & (centre <= att[:, 2:])).all(1))
             for s, view in enumerate(views, start=2):  # the region scale s sees, at least half on the object
                 self.in_object[s].append(share_inside(box_to_xyxy(view[has_box]), gt) >= 0.5)
-        if head_parts and len(views) > 1 and batch["parts"].shape[1] > 0:
+        if head_parts and len(views) > 1 and "parts" in batch and batch["parts"].shape[1] > 0:
             hit, has = head_hits(box_to_xyxy(views[1]), batch["parts"].float(), head_parts)
             self.head_hit += int(hit.sum())
             self.head_n += int(has.sum())
+
+    @classmethod
+    def merged(cls, parts: list[Accumulator]) -> Accumulator:
+        """One accumulator holding the counts of ``parts`` (evaluation shards), in their order."""
+        out = cls(keep_scores=any(p.keep_scores for p in parts))
+        for p in parts:
+            for k, c in p.correct.items():
+                out.correct[k] += c
+            out.n += p.n
+            out.ious += p.ious
+            out.centre_hits += p.centre_hits
+            for s, sides in p.sides.items():
+                out.sides[s] += sides
+            for s, hits in p.in_object.items():
+                out.in_object[s] += hits
+            out.head_hit += p.head_hit
+            out.head_n += p.head_n
+            out.logprobs += p.logprobs
+            out.targets += p.targets
+        return out
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every scale's log-probabilities (N x M x K) and the labels (M) of the images seen so far."""
@@ -201,7 +225,7 @@ def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
             v = metrics[key]
             lines.append(
                 f"{label:<{width}}  {100 * v:7.2f}%"
-                if key.startswith(("acc", "loc", "head"))
+                if key.startswith(("acc", "loc", "head", "view"))
                 else f"{label:<{width}}  {v:8.3f}"
             )
     return "\n".join(lines)

@@ -1,48 +1,82 @@
-"""Predictions on image files: top-k per scale and fused, attention boxes in the image's pixels."""
+"""Predictions: top-k per scale and fused, and where each scale looked, in the image's pixels."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .attention import box_to_xyxy
-from .config import Config
-from .data import build_transform, load_image
+from .data import load_image
 from .model import RACNN
+
+ImageLike = str | Path | Image.Image | torch.Tensor
+
+
+def _as_inputs(
+    model: RACNN, images: Sequence[ImageLike]
+) -> tuple[torch.Tensor, list[str], list[tuple[int, int]]]:
+    """The model's input batch for ``images``, their names and their sizes (width, height) in pixels. Paths
+    are read, PIL images converted, both by ``model.transforms()``; a tensor is taken as already preprocessed
+    (3 x S x S, normalised)."""
+    transform = model.transforms()
+    batch, names, sizes = [], [], []
+    for i, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"image {i}: a tensor must be 3 x H x W (preprocessed), got {tuple(image.shape)}"
+                )
+            batch.append(image.float())
+            names.append(f"tensor {i}")
+            sizes.append((int(image.shape[2]), int(image.shape[1])))
+            continue
+        if isinstance(image, Image.Image):
+            names.append(getattr(image, "filename", "") or f"image {i}")
+        else:
+            names.append(str(image))
+            image = load_image(image)
+        sizes.append(image.size)
+        batch.append(transform(image))
+    return torch.stack(batch), names, sizes
 
 
 @torch.no_grad()
-def predict_images(
+def predict(
     model: RACNN,
-    cfg: Config,
-    classes: list[str],
-    paths: list[str | Path],
+    images: ImageLike | Iterable[ImageLike],
     *,
     topk: int = 5,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     batch_size: int = 16,
 ) -> list[dict[str, Any]]:
-    """One record per image: ``{"image", "width", "height", "top": {key: [(class, prob), ...]},
-    "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``; boxes of scale s are where scale s looked."""
-    device = torch.device(device)
+    """Classify ``images`` (file paths, PIL images, or preprocessed 3 x S x S tensors; one or a list).
+
+    One record per image: ``{"image", "width", "height", "top": {key: [{"class", "index", "prob"}, ...]},
+    "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``. ``top`` has every scale (``s1``..) and the fused
+    outputs (``s12``, ``s123``, by the model's fusion); box ``s`` is where scale ``s`` looked, i.e. the input
+    of scale ``s + 1``, relative to the image (``cx``, ``cy``, ``side`` in 0..1) and in its pixels. Class
+    names come from ``model.classes`` (indices when the model has none)."""
+    if isinstance(images, (str, Path, Image.Image)) or (
+        isinstance(images, torch.Tensor) and images.ndim == 3
+    ):
+        images = [images]
+    items = list(images)
+    if device is None:
+        device = next(model.parameters()).device
     model.eval().to(device)
-    prep = model.preprocessing
-    transform = build_transform(size=cfg.data.image_size, mean=prep.mean, std=prep.std, train=False)
+    classes = model.classes or [str(i) for i in range(model.num_classes)]
+    k = min(topk, model.num_classes)
     records: list[dict[str, Any]] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        images, sizes = [], []
-        for p in chunk:
-            img = load_image(p)
-            sizes.append(img.size)
-            images.append(transform(img, None, None)[0])
-        out = model(torch.stack(images).to(device))
-        probs = {k: v.float().softmax(1).cpu() for k, v in out.logits.items()}
-        boxes = [b.float().cpu() for b in out.views]
-        k = min(topk, len(classes))
-        for i, (p, (w, h)) in enumerate(zip(chunk, sizes, strict=True)):
+    for start in range(0, len(items), batch_size):
+        x, names, sizes = _as_inputs(model, items[start : start + batch_size])
+        out = model(x.to(device))
+        probs = {key: v.float().softmax(1).cpu() for key, v in out.logits.items()}
+        views = [b.float().cpu() for b in out.views]
+        for i, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
             top = {}
             for key, pr in probs.items():
                 val, idx = pr[i].topk(k)
@@ -50,10 +84,10 @@ def predict_images(
                     {"class": classes[j], "index": int(j), "prob": float(v)}
                     for v, j in zip(val, idx, strict=True)
                 ]
-            rec_boxes = []
-            for s, b in enumerate(boxes):
+            boxes = []
+            for s, b in enumerate(views):
                 x0, y0, x1, y1 = box_to_xyxy(b[i]).tolist()
-                rec_boxes.append(
+                boxes.append(
                     {
                         "scale": s + 1,
                         "cx": float(b[i, 0]),
@@ -62,7 +96,7 @@ def predict_images(
                         "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)],
                     }
                 )
-            records.append({"image": str(p), "width": w, "height": h, "top": top, "boxes": rec_boxes})
+            records.append({"image": name, "width": w, "height": h, "top": top, "boxes": boxes})
     return records
 
 

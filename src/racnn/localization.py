@@ -1,6 +1,6 @@
 """Boxes from a scale's last conv activations: where the object or its most telling part is, without labels
 for boxes. The APN initialisation regresses towards them (paper Sec. 3.4) and the object prior
-(``schedule.prior_weight``) keeps the scale-1 box near them. Boxes are ``(cx, cy, half)`` squares,
+(``loss.prior_weight``) keeps the scale-1 box near them. Boxes are ``(cx, cy, half)`` squares,
 normalised to the scale's input (:mod:`racnn.attention`).
 
 - ``peak``: a square of fixed side on the strongest response (the paper's initialisation);

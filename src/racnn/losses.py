@@ -55,7 +55,7 @@ def ranking_loss(
 
 
 def rank_ceiling(label_smoothing: float, num_classes: int, margin: float) -> float:
-    """``schedule.rank_quiet``'s cap on the finer scale's goal: within ``margin`` of the largest ``p_t`` the
+    """``loss.rank_quiet``'s cap on the finer scale's goal: within ``margin`` of the largest ``p_t`` the
     smoothed cross-entropy aims for, ``1 - eps + eps / K``."""
     return 1.0 - label_smoothing + label_smoothing / num_classes - margin
 

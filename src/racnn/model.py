@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled, soft_box_gradient
 from .backbones import Backbone, Preprocessing, build_backbone
-from .config import ModelConfig
+from .config import Config, ModelConfig, validate_model
 from .crop_cpp import CropKernelUnavailable, build_failed, crop_zoom_cpp, load_crop_kernel
+from .data.transforms import ImageTransform, eval_transform
 from .fusion import FUSIONS, fuse
 
 
@@ -65,7 +68,7 @@ def _crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., to
         load_crop_kernel()
     except CropKernelUnavailable as e:
         warnings.warn(
-            f"{e}; model.compile_crop falls back to the plain crop (same values, slower)", stacklevel=3
+            f"{e}; runtime.compile_crop falls back to the plain crop (same values, slower)", stacklevel=3
         )
         return crop_zoom
     return crop_zoom_cpp
@@ -107,12 +110,34 @@ class RACNNOutput:
 
 
 class RACNN(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, num_classes: int, backbones: list[Backbone]):
+    """RA-CNN. ``forward_features`` runs the scales (trunks, APNs, crops), ``forward_head`` the classifiers
+    and the fusion; ``forward`` both. Besides its weights a model carries what using it needs: ``classes``
+    (names, when known), ``image_size`` and :meth:`transforms` (the preprocessing of an image), and the
+    runtime switches ``compile_crop`` and ``checkpoint_activations`` (off unless a trainer turns them on)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        num_classes: int,
+        backbones: list[Backbone],
+        classes: list[str] | None = None,
+        image_size: int | None = None,
+    ):
         super().__init__()
         if len(backbones) != cfg.num_scales:
             raise ValueError(f"need {cfg.num_scales} backbones, got {len(backbones)}")
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(f"{len(classes)} class names for {num_classes} classes")
         self.cfg = cfg
         self.num_classes = num_classes
+        self.classes = list(classes) if classes is not None else None
+        # side of the image given to forward (resized to input_size when it differs; crop_from="source"
+        # crops the zoomed scales from it)
+        self.image_size = image_size or cfg.input_size
+        self.compile_crop = False  # the crop as compiled code (runtime.compile_crop)
+        self.checkpoint_activations = False  # recompute backbone activations in backward (runtime)
+        self.training_config: Config | None = None  # the run's config, for a model loaded from a checkpoint
         self.backbones = nn.ModuleList(backbones)
         c = backbones[0].channels
         self.heads = nn.ModuleList(nn.Linear(b.channels, num_classes) for b in backbones)
@@ -141,6 +166,12 @@ class RACNN(nn.Module):
         """Normalisation the data pipeline must apply (published by the backbone, read by data code)."""
         return self.backbones[0].preprocessing
 
+    def transforms(self) -> ImageTransform:
+        """The evaluation preprocessing of one PIL image: RGB, squash-resized to ``image_size``, normalised as
+        the backbone expects. Returns 3 x S x S (the counterpart of torchvision's ``weights.transforms()``)."""
+        prep = self.preprocessing
+        return eval_transform(self.image_size, mean=prep.mean, std=prep.std)
+
     @property
     def input_size(self) -> int:
         """Side of scale 1's input (the loader's image is resized to it when it differs)."""
@@ -161,9 +192,18 @@ class RACNN(nn.Module):
             "apn": list(self.apns.parameters()),
         }
 
-    def _trunk(self, s: int, x: torch.Tensor) -> torch.Tensor:
+    def scale_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Scale 1's input: ``images`` (B x 3 x H x W) resized to ``input_size`` when they differ."""
+        size = self.cfg.input_size
+        if images.shape[-2:] == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+    def trunk(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """Scale ``s``'s conv trunk (0-based): B x 3 x S x S -> its last conv map B x C x h x w, recomputed in
+        backward segment by segment when ``checkpoint_activations`` is on."""
         feats = self.backbones[s].features
-        if self.cfg.checkpoint_activations and self.training and torch.is_grad_enabled():
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             # recompute activations in backward, segment by segment; the recomputation must not update
             # BatchNorm running statistics a second time
             n = len(feats)
@@ -189,16 +229,13 @@ class RACNN(nn.Module):
         scale s+1 depends on APN s through autograd (APN initialisation: each APN learns its own target).
         """
         sizes = self.scale_sizes
-        size = sizes[0]
-        x = images
-        if images.shape[-2:] != (size, size):
-            x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = self.scale_input(images)
         view = None  # the region of `images` that the current scale sees (None: all of it)
-        zoom = _crop_function(self.cfg.compile_crop, images)
+        zoom = _crop_function(self.compile_crop, images)
         crop = partial(soft_box_gradient, zoom, k=self.cfg.mask_k, k_grad=self.cfg.mask_k_backward)
         pooled, boxes, crops, maps, views = [], [], [], [], []
         for s in range(self.cfg.num_scales):
-            fmap = self._trunk(s, x)  # B x C x h x w
+            fmap = self.trunk(s, x)  # B x C x h x w
             pooled.append(fmap.mean(dim=(2, 3)))  # B x C
             if return_maps:
                 maps.append(fmap)
@@ -238,6 +275,10 @@ class RACNN(nn.Module):
             key: fuse(kind, scales[:n], concat=concat[key], weights=self.fusion_weights[n - 2, :n])
             for n, key in enumerate(self.keys[self.cfg.num_scales :], start=2)
         }
+
+    def forward_scale(self, s: int, x: torch.Tensor) -> torch.Tensor:
+        """Scale ``s`` (0-based) alone on its input ``x`` (B x 3 x S x S): trunk, pooling, head -> B x K."""
+        return self.heads[s](self.dropout(self.trunk(s, x).mean(dim=(2, 3))))
 
     def forward_head(self, feats: RACNNFeatures) -> dict[str, torch.Tensor]:
         """Per-scale logits and the fused ones of ``model.fusion``, B x K each."""
@@ -284,7 +325,14 @@ def _default_fusion_weights(module: nn.Module, state: dict, prefix: str, *_: obj
         state[key] = _uniform_fusion_weights(module.cfg.num_scales)
 
 
-def build_model(cfg: ModelConfig, *, num_classes: int, pretrained: bool | None = None) -> RACNN:
+def build_model(
+    cfg: ModelConfig,
+    *,
+    num_classes: int,
+    pretrained: bool | None = None,
+    classes: list[str] | None = None,
+    image_size: int | None = None,
+) -> RACNN:
     """Build RA-CNN from its config: N copies of the backbone (separate parameters, same initialisation).
 
     ``pretrained`` overrides ``cfg.pretrained`` (``False`` when weights come from a checkpoint next).
@@ -294,4 +342,30 @@ def build_model(cfg: ModelConfig, *, num_classes: int, pretrained: bool | None =
         cfg.backbone, pretrained=use_pretrained, weights_file=cfg.weights_file if use_pretrained else None
     )
     backbones = [first] + [copy.deepcopy(first) for _ in range(cfg.num_scales - 1)]
-    return RACNN(cfg, num_classes=num_classes, backbones=backbones)
+    return RACNN(cfg, num_classes=num_classes, backbones=backbones, classes=classes, image_size=image_size)
+
+
+def create_model(
+    backbone: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    classes: list[str] | None = None,
+    image_size: int | None = None,
+    **model_options: Any,
+) -> RACNN:
+    """An RA-CNN on ``backbone`` (``racnn.backbones.list_backbones()``) for ``num_classes`` classes, the
+    counterpart of timm's ``create_model``. ``pretrained``: ImageNet weights for every scale, read from the
+    torch hub cache (``TORCH_HOME``), never downloaded. ``model_options``: any other key of
+    :class:`racnn.config.ModelConfig` (``num_scales=3``, ``input_size=224``, ``fusion="concat"``, ...);
+    ``classes``: the class names the model carries; ``image_size``: the side of the images it is given
+    (default ``input_size``)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"backbone", "pretrained"}
+    unknown = sorted(set(model_options) - known)
+    if unknown:
+        raise TypeError(
+            f"create_model: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    cfg = ModelConfig(backbone=backbone, pretrained=pretrained, **model_options)
+    validate_model(cfg)
+    return build_model(cfg, num_classes=num_classes, classes=classes, image_size=image_size)

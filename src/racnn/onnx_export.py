@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write
 from .model import RACNN
-from .training.checkpoint import atomic_write
 
 __all__ = ["DEFAULT_OPSET", "RACNNOnnxWrapper", "export_onnx", "output_names"]
 

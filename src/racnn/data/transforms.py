@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 
 from racnn.data.io import to_rgb
 
-__all__ = ["PairedTransform", "PairedTransformFn", "build_transform"]
+__all__ = ["ImageTransform", "PairedTransform", "PairedTransformFn", "build_transform", "eval_transform"]
 
 # Anything that maps (image, box xyxy pixels | None, parts [P, 3] | None) -> (image, box, parts).
 PairedTransformFn = Callable[[Image.Image, "Tensor | None", "Tensor | None"], tuple[Tensor, Tensor, Tensor]]
@@ -150,3 +150,24 @@ def build_transform(
     """Eval: squash-resize to ``size x size``. Train: RandomResizedCrop(size, scale=(crop_scale_min, 1),
     ratio=(3/4, 4/3)) + horizontal flip. Both then convert to float32 and normalise with mean/std."""
     return PairedTransform(size=size, mean=mean, std=std, train=train, crop_scale_min=crop_scale_min)
+
+
+class ImageTransform:
+    """One image (PIL, any mode) -> the model's input, ``3 x S x S`` float32: the evaluation branch of
+    :class:`PairedTransform` without box or parts (what ``model.transforms()`` returns)."""
+
+    def __init__(self, paired: PairedTransform) -> None:
+        self.paired = paired
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        return self.paired(image)[0]
+
+    def __repr__(self) -> str:
+        return f"ImageTransform({self.paired!r})"
+
+
+def eval_transform(
+    size: int, *, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> ImageTransform:
+    """The evaluation preprocessing of a lone image: squash-resize to ``size``, normalise with mean/std."""
+    return ImageTransform(build_transform(size=size, mean=mean, std=std, train=False))

@@ -16,18 +16,17 @@ def apn_init_target(
 ) -> torch.Tensor:
     """The box (B x 3) the APN of scale ``s`` is initialised towards (Sec. 3.4), from that scale's last conv
     map ``fmap`` (B x C x h x w): its channel sum or the activation map of class ``target`` (B), then the
-    ``peak`` square, the ``region`` box or the ``aolm`` box that ``schedule.apn_init_box`` names for this APN
+    ``peak`` square, the ``region`` box or the ``aolm`` box that ``apn.init_box`` names for this APN
     (:mod:`racnn.localization`)."""
-    sch, m, fmap = cfg.schedule, cfg.model, fmap.detach().float()
-    if sch.apn_init_response == "cam":
+    a, m, fmap = cfg.apn, cfg.model, fmap.detach().float()
+    if a.init_response == "cam":
         fmap = class_activation(fmap, model.heads[s], target)
-    kinds = sch.apn_init_box.split(",")
-    kind = kinds[min(s, len(kinds) - 1)]
+    kind = a.init_box[min(s, len(a.init_box) - 1)]
     if kind == "region":
-        return region_response_boxes(fmap, sch.apn_init_threshold, m.box_min_side, m.box_max_side)
+        return region_response_boxes(fmap, a.init_threshold, m.box_min_side, m.box_max_side)
     if kind == "aolm":
         return aolm_boxes(fmap, m.box_min_side, m.box_max_side)
-    return peak_response_boxes(fmap, sch.apn_init_side)
+    return peak_response_boxes(fmap, a.init_side)
 
 
 @torch.no_grad()  # a measurement: no graph through three backbones

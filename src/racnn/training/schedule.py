@@ -1,8 +1,9 @@
-"""The paper's alternating schedule (Sec. 3.4): classification phases (APNs fixed) and attention phases
-(classifiers fixed), repeated until both losses converge or the epoch budget is spent; or a joint mode.
+"""The phases of RA-CNN's training and the paper's alternating schedule (Sec. 3.4).
 
-The schedule decides which phase each epoch belongs to and when to stop; it holds only primitives so its
-state goes into the checkpoint.
+A :class:`Phase` says what one kind of epoch trains, how its crops see the boxes, which loss it minimises
+and which optimisers step: warm-up, APN initialisation, classification (APNs fixed), attention (classifiers
+fixed) and joint. :class:`PhaseSchedule` decides which phase each epoch is, classification and attention
+alternating until both losses converge or the epoch budget is spent; :func:`set_phase` freezes the rest.
 """
 
 from __future__ import annotations
@@ -12,45 +13,83 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ScheduleConfig
+from ..config import Config, ScheduleConfig
 from ..model import RACNN
 
-CLASSIFY, ATTEND, JOINT, WARMUP = "classify", "attend", "joint", "warmup"
+
+@dataclass(frozen=True)
+class Phase:
+    """One kind of training epoch (paper Sec. 3.4): what it trains, how the crops see the boxes, the loss it
+    minimises and the optimisers that step. :func:`racnn.training.step.train_step` runs a batch of any phase."""
+
+    name: str
+    trains: frozenset[str]  # parameter groups (RACNN.parameter_groups): "backbone", "head", "apn"
+    losses: tuple[
+        str, ...
+    ]  # "cls": the cross-entropies; "rank": Eq. 8 (and the object prior); "box": APN init
+    optimizers: tuple[str, ...]  # "cls" (optim), "apn" (apn.lr), "apn_init" (apn.init_lr)
+    detach_boxes: bool = False  # the crops are cut with fixed boxes: no gradient reaches the APNs
+    detach_crops: bool = False  # the boxes keep their gradient, but nothing of scale s+1 depends on APN s
+
+    def trained(self, cfg: Config) -> frozenset[str]:
+        """The groups this phase trains under ``cfg`` (a heads-only warm-up keeps the backbones fixed)."""
+        if self.name == "warmup" and not cfg.schedule.warmup_backbones:
+            return self.trains - {"backbone"}
+        return self.trains
+
+    def __str__(self) -> str:
+        return self.name
+
+
+CLASSIFIERS = frozenset({"backbone", "head"})
+# the heads learn to classify before the APN initialisation reads their class activation maps
+WARMUP = Phase("warmup", CLASSIFIERS, ("cls",), ("cls",), detach_boxes=True)
+# each APN regresses towards its initialisation box; crops cut with detached boxes, so scale 2's target
+# cannot move APN 1
+APN_INIT = Phase("apn_init", frozenset({"apn"}), ("box",), ("apn_init",), detach_crops=True)
+CLASSIFY = Phase("classify", CLASSIFIERS, ("cls",), ("cls",), detach_boxes=True)  # APNs fixed
+ATTEND = Phase("attend", frozenset({"apn"}), ("rank",), ("apn",))  # classifiers fixed, BatchNorm too
+JOINT = Phase("joint", CLASSIFIERS | {"apn"}, ("cls", "rank"), ("cls", "apn"))  # both losses every step
+PHASES = {p.name: p for p in (WARMUP, APN_INIT, CLASSIFY, ATTEND, JOINT)}
 
 
 @dataclass
 class PhaseSchedule:
+    """Which :class:`Phase` each epoch of the budget is: ``warmup`` epochs, then classification and attention
+    phases alternating (or ``joint`` epochs), until the budget is spent or both kinds of phase converge. Its
+    state holds only primitives (phase names), so it goes into the checkpoint."""
+
     cfg: ScheduleConfig
     epochs: int
     # state (checkpointed)
     epoch: int = 0  # epochs finished
-    phase: str = ""  # phase of the epoch in progress / last finished
+    phase: str = ""  # name of the phase of the epoch in progress / last finished
     phase_epoch: int = 0  # epochs finished in the current phase
     phase_losses: list[float] = field(default_factory=list)  # epoch losses of the current phase
     last: dict[str, float] = field(default_factory=dict)  # mean loss of the last finished phase per kind
     converged: dict[str, bool] = field(default_factory=dict)
     stopped: str = ""  # why the run stopped early ("" while running)
 
-    def _length(self, phase: str) -> int:
-        return {CLASSIFY: self.cfg.classify_epochs, ATTEND: self.cfg.attend_epochs}.get(phase, 1)
+    def _length(self, name: str) -> int:
+        return {CLASSIFY.name: self.cfg.classify_epochs, ATTEND.name: self.cfg.attend_epochs}.get(name, 1)
 
-    def next_phase(self) -> str | None:
+    def next_phase(self) -> Phase | None:
         """Phase of the next epoch, or None when the budget is spent or both phases converged."""
         if self.epoch >= self.epochs or self.stopped:
             return None
         if self.epoch < self.cfg.warmup_epochs:
             return WARMUP
-        if self.cfg.mode == JOINT:
+        if self.cfg.mode == JOINT.name:
             return JOINT
-        if self.phase in ("", WARMUP):
+        if self.phase in ("", WARMUP.name):
             return CLASSIFY
         if self.phase_epoch < self._length(self.phase):
-            return self.phase
-        return ATTEND if self.phase == CLASSIFY else CLASSIFY
+            return PHASES[self.phase]
+        return ATTEND if self.phase == CLASSIFY.name else CLASSIFY
 
-    def start_epoch(self, phase: str) -> None:
-        if phase != self.phase or self.phase_epoch >= self._length(phase):
-            self.phase, self.phase_epoch, self.phase_losses = phase, 0, []
+    def start_epoch(self, phase: Phase) -> None:
+        if phase.name != self.phase or self.phase_epoch >= self._length(phase.name):
+            self.phase, self.phase_epoch, self.phase_losses = phase.name, 0, []
 
     def end_epoch(self, loss: float) -> None:
         """Record the epoch's mean loss; at a phase's end apply the convergence rule: a phase kind has
@@ -59,29 +98,31 @@ class PhaseSchedule:
         self.epoch += 1
         self.phase_epoch += 1
         self.phase_losses.append(loss)
-        if self.phase_epoch < self._length(self.phase) or self.phase == WARMUP:
+        if self.phase_epoch < self._length(self.phase) or self.phase == WARMUP.name:
             return
         mean = sum(self.phase_losses) / len(self.phase_losses)
         prev = self.last.get(self.phase)
         if prev is not None and self.cfg.converge_tol > 0:
             self.converged[self.phase] = (prev - mean) < self.cfg.converge_tol * max(abs(prev), 1e-8)
         self.last[self.phase] = mean
-        kinds = [JOINT] if self.cfg.mode == JOINT else [CLASSIFY, ATTEND]
+        kinds = [JOINT.name] if self.cfg.mode == JOINT.name else [CLASSIFY.name, ATTEND.name]
         if all(self.converged.get(k, False) for k in kinds):
             self.stopped = "converged"
 
-    def planned_epochs(self, phase: str) -> int:
+    def planned_epochs(self, phase: Phase) -> int:
         """How many of the budget's epochs would be of ``phase`` without early stopping (for LR schedules)."""
         warm = min(self.cfg.warmup_epochs, self.epochs)
-        if phase == WARMUP:
+        if phase is WARMUP:
             return warm
-        if self.cfg.mode == JOINT:
-            return self.epochs - warm if phase == JOINT else 0
+        if self.cfg.mode == JOINT.name:
+            return self.epochs - warm if phase is JOINT else 0
         cycle = self.cfg.classify_epochs + self.cfg.attend_epochs
         full, rest = divmod(self.epochs - warm, cycle)
-        if phase == CLASSIFY:
+        if phase is CLASSIFY:
             return full * self.cfg.classify_epochs + min(rest, self.cfg.classify_epochs)
-        return full * self.cfg.attend_epochs + max(0, rest - self.cfg.classify_epochs)
+        if phase is ATTEND:
+            return full * self.cfg.attend_epochs + max(0, rest - self.cfg.classify_epochs)
+        return 0
 
     def state_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -94,26 +135,21 @@ class PhaseSchedule:
                 setattr(self, k, v)
 
 
-def set_phase(model: RACNN, phase: str, *, backbones: bool = True) -> None:
-    """Freeze what the phase keeps fixed. Frozen parts also go to eval mode, so BatchNorm statistics and
-    dropout stay put: in the attention phase no classifier tensor (parameter or buffer) changes.
-    ``backbones=False`` also keeps the backbones fixed in a classifier phase (a heads-only warm-up)."""
-    groups = model.parameter_groups()
-    train_cls = phase in (CLASSIFY, JOINT, WARMUP)
-    train_apn = phase in (ATTEND, JOINT, "apn_init")
-    for p in groups["backbone"]:
-        p.requires_grad_(train_cls and backbones)
-    for p in groups["head"]:
-        p.requires_grad_(train_cls)
-    for p in groups["apn"]:
-        p.requires_grad_(train_apn)
+def set_phase(model: RACNN, phase: Phase, cfg: Config | None = None) -> None:
+    """Freeze what ``phase`` keeps fixed (``cfg``: for a heads-only warm-up). Frozen parts also go to eval
+    mode, so BatchNorm statistics and dropout stay put: in the attention phase no classifier tensor
+    (parameter or buffer) changes."""
+    trains = phase.trained(cfg) if cfg is not None else phase.trains
+    for group, params in model.parameter_groups().items():
+        for p in params:
+            p.requires_grad_(group in trains)
     model.train()
-    if not train_cls:
+    if "head" not in trains:
         for m in (model.heads, model.fusions, model.dropout):
             m.eval()
-    if not (train_cls and backbones):
+    if "backbone" not in trains:
         model.backbones.eval()
-    if not train_apn:
+    if "apn" not in trains:
         model.apns.eval()
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError
-from ..model import RACNN, build_model
+from .config import Config, ConfigError
+from .model import RACNN, build_model
 
 TRAIN_FORMAT = "racnn-train-v1"
 MODEL_FORMAT = "racnn-model-v1"
@@ -80,23 +80,35 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_record(model: RACNN, cfg: Config, classes: list[str]) -> dict[str, Any]:
-    """The minimal model checkpoint (``best.pt``): format, config, class names, weights."""
+    """The minimal model checkpoint (``best.pt``): format, config (without the ``runtime`` section: how one
+    machine ran the training is no part of the model), class names, weights."""
     return {
         "format": MODEL_FORMAT,
-        "config": cfg.to_dict(),
+        "config": model_config_dict(cfg),
         "classes": list(classes),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
 
-def _rebuild(
-    cfg_dict: dict[str, Any], classes: list[str], state: dict[str, torch.Tensor], source: Path
-) -> tuple[RACNN, Config, list[str]]:
+def model_config_dict(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as stored with a model: every section but ``runtime``."""
+    d = cfg.to_dict()
+    d.pop("runtime")
+    return d
+
+
+def rebuild_model(
+    cfg_dict: dict[str, Any], classes: list[str], state: dict[str, torch.Tensor], source: str | Path
+) -> RACNN:
+    """The model a record describes, its weights loaded, in eval mode on the CPU, carrying its classes, its
+    input image side and the run's config (``training_config``)."""
     try:
         cfg = Config.from_dict(cfg_dict, source=str(source))
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
-    model = build_model(cfg.model, num_classes=len(classes), pretrained=False)
+    model = build_model(
+        cfg.model, num_classes=len(classes), pretrained=False, classes=classes, image_size=cfg.data.image_size
+    )
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -105,12 +117,14 @@ def _rebuild(
             f"{source}: weights do not fit a {cfg.model.backbone} RA-CNN with "
             f"{len(classes)} classes ({first[:200]})"
         ) from e
-    model.eval()
-    return model, cfg, classes
+    model.training_config = cfg
+    return model.eval()
 
 
-def load_model(path: str | Path) -> tuple[RACNN, Config, list[str]]:
-    """Rebuild a model (in eval mode, on the CPU) from a ``.pt`` checkpoint or an exported folder."""
+def load_model(path: str | Path) -> RACNN:
+    """Rebuild a model (in eval mode, on the CPU) from a ``.pt`` checkpoint or an exported folder. It carries
+    its class names (``model.classes``), its preprocessing (``model.transforms()``) and the config of the run
+    that trained it (``model.training_config``)."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
         folder = path if path.is_dir() else path.parent
@@ -125,25 +139,26 @@ def load_model(path: str | Path) -> tuple[RACNN, Config, list[str]]:
 
         try:
             meta = json.loads(meta_path.read_text())
-            return _rebuild(meta["config"], meta["classes"], load_file(str(weights)), folder)
+            return rebuild_model(meta["config"], meta["classes"], load_file(str(weights)), folder)
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{meta_path}: not a racnn config.json ({e})") from e
     ckpt = load_checkpoint(path)
-    return _rebuild(ckpt["config"], ckpt["classes"], ckpt["model"], path)
+    return rebuild_model(ckpt["config"], ckpt["classes"], ckpt["model"], path)
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write release weights: ``out_dir/model.safetensors`` and ``out_dir/config.json``."""
     from safetensors.torch import save_file
 
-    model, cfg, classes = load_model(checkpoint)
+    model = load_model(checkpoint)
+    cfg, classes = model.training_config, model.classes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     prep = model.preprocessing
     meta = {
         "format": MODEL_FORMAT,
-        "config": cfg.to_dict(),
+        "config": model_config_dict(cfg),
         "classes": classes,
         "preprocessing": {
             "mean": list(prep.mean),

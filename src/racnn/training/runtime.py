@@ -1,0 +1,92 @@
+"""How a training process runs on this machine: the device, the random generators, autocast, and Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..evaluation import autocast_dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={name}: CUDA is not available on this machine; use cpu or auto")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    """The random generators a resumed run restores (CPU, and every CUDA device when there is one)."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """``runtime.amp``: bf16 autocast on a CPU and on GPUs that support it, else fp16; a no-op when off."""
+    return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=enabled)
+
+
+_ctrl_c = {"requested": False}
+
+
+@contextlib.contextmanager
+def sturdy_ctrl_c() -> Iterator[None]:
+    """Inside, Ctrl-C raises ``KeyboardInterrupt`` as usual and is also remembered: Python drops an exception
+    raised while it runs fork handlers (a DataLoader starting workers), so :func:`raise_if_interrupted` (at
+    every batch of a :class:`Loader`) raises it again. Only replaces Python's default SIGINT handler, and only
+    in the main thread."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def remember(signum: int, frame: Any) -> None:
+        _ctrl_c["requested"] = True
+        raise KeyboardInterrupt
+
+    _ctrl_c["requested"] = False
+    previous = signal.signal(signal.SIGINT, remember)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _ctrl_c["requested"] = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if a Ctrl-C came (inside :func:`sturdy_ctrl_c`) and was swallowed."""
+    if _ctrl_c["requested"]:
+        raise KeyboardInterrupt

@@ -1,0 +1,460 @@
+"""The trainer: APN initialisation, epochs of the alternating (or joint) schedule, validation, checkpoints and
+the final test; one process or N under ``torchrun`` (see :mod:`racnn.training.distributed`).
+
+A :class:`Trainer` is built from a :class:`racnn.Config`, or from the user's own model, datasets and
+optimisers (the config then supplies the rest), and writes nothing until :meth:`Trainer.fit`. Its folder is
+described in :mod:`racnn.training.outputs`.
+
+Faults: a run killed at any moment resumes from ``last.pt`` (written atomically; ``metrics.jsonl`` is cut back
+to what that state had logged), exactly in deterministic mode. Ctrl-C drops the unfinished epoch (``last.pt``
+holds the last finished one). A non-finite loss raises :class:`FloatingPointError` naming epoch and step
+(a device-side flag checked every ``train.log_every`` steps: no host sync per step); ``last.pt`` stays good.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..backbones import check_weights
+from ..checkpoint import (
+    TRAIN_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    model_record,
+)
+from ..config import Config
+from ..evaluation import Accumulator, accumulate, epoch_line, format_table
+from ..fusion import fit_model_weights
+from ..model import RACNN, build_model
+from . import ddp, distributed, loaders, optim, runtime
+from .apn_init import apn_saturation
+from .outputs import RunFolder, TensorBoard
+from .schedule import APN_INIT, CLASSIFY, JOINT, WARMUP, Phase, PhaseSchedule, set_phase
+from .step import NonFiniteWatch, epoch_record, train_step
+
+
+class Trainer:
+    """One training run in ``out_dir``.
+
+    ``cfg``: the run's config (default: ``Config()``). Each of ``model``, ``train_set``, ``val_set``,
+    ``test_set`` and ``optimizers`` replaces what the config would build: ``model`` an :class:`RACNN` (its
+    ``cfg`` becomes the config's model section), the datasets any map-style datasets of dicts with ``image``
+    (3 x S x S, normalised as ``model.transforms()`` does) and ``label`` (and, for the localisation figures,
+    ``box``/``has_box``/``parts``), with ``classes`` names; ``optimizers`` the pair (classifiers, APNs).
+    ``resume`` continues the run in ``out_dir`` from its ``last.pt`` with the config saved there
+    (``skip_bad_images`` may still be switched on). Nothing is written before :meth:`fit`. Under torchrun
+    every process builds one."""
+
+    def __init__(
+        self,
+        cfg: Config | None = None,
+        out_dir: str | Path = "runs/racnn",
+        *,
+        model: RACNN | None = None,
+        train_set: Dataset | None = None,
+        val_set: Dataset | None = None,
+        test_set: Dataset | None = None,
+        optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        skip_bad_images: bool = False,
+    ):
+        cfg = Config() if cfg is None else cfg
+        self.dist = distributed.env_from_os()
+        self.main = self.dist.main
+        self.run = RunFolder(out_dir)
+        self.out, self.last = self.run.path, self.run.last
+        self.progress = progress and self.main
+        state = None
+        if resume:
+            state = load_checkpoint(self.last)
+            if state.get("format") != TRAIN_FORMAT:
+                raise CheckpointError(f"{self.last}: not a training state (resume needs a last.pt)")
+            cfg = Config.from_dict(
+                state["config"] | {"runtime": state.get("runtime", {})}, source=str(self.last)
+            )
+        if model is not None:  # the model's own description wins: it is what the checkpoints record
+            cfg.model, cfg.data.image_size = model.cfg, model.image_size
+        self.cfg = cfg
+        cfg.data.skip_bad_images = cfg.data.skip_bad_images or skip_bad_images
+        runtime.seed_everything(cfg.train.seed, cfg.runtime.deterministic)
+        self.device = distributed.device_for(runtime.resolve_device(cfg.runtime.device), self.dist)
+        loaders.per_rank_batch(cfg, self.dist.world_size)  # the global batch must split evenly
+        if state is None and model is None:  # fail before any data is read
+            check_weights(
+                cfg.model.backbone, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file
+            )
+        prep = model.preprocessing if model is not None else None
+        self.train_set = train_set if train_set is not None else self._dataset("train", prep, train=True)
+        if val_set is None and train_set is None and cfg.data.val_fraction > 0:
+            val_set = self._dataset("val", prep, train=False)
+        self.val_set = val_set
+        self.test_set = test_set
+        self._loader: loaders.Loader | None = None
+        self.classes: list[str] = _classes(self.train_set, model)
+        if model is None:
+            model = build_model(
+                cfg.model,
+                num_classes=len(self.classes),
+                pretrained=cfg.model.pretrained and state is None,
+                classes=self.classes,
+                image_size=cfg.data.image_size,
+            )
+        elif model.num_classes != len(self.classes):
+            raise ValueError(
+                f"the model has {model.num_classes} classes, the training set {len(self.classes)}"
+            )
+        model.classes = self.classes
+        model.compile_crop = cfg.runtime.compile_crop
+        model.checkpoint_activations = cfg.runtime.checkpoint_activations
+        model.to(self.device)
+        # raw module: parameter groups, state dicts, evaluation; `self.forward_model()`: what a step calls
+        self.model: RACNN = ddp.sync_batchnorm(model, self.device, self.dist)
+        if cfg.runtime.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward_model = ddp.PhaseDDP(self.model, self.device, self.dist)
+        self.cls_opt, self.apn_opt = optimizers or optim.make_optimizers(self.model, cfg)
+        self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs)
+        cls_epochs = self.schedule.planned_epochs(WARMUP) + self.schedule.planned_epochs(
+            JOINT if cfg.schedule.mode == JOINT.name else CLASSIFY
+        )
+        self.cls_sched = optim.make_scheduler(self.cls_opt, cfg.optim, cls_epochs)
+        self.apn_init_done, self.best, self.best_epoch = False, -math.inf, -1
+        self.log_bytes, self.saved_epoch = 0, 0  # metrics.jsonl's size and the epochs done, in last.pt
+        self.resumed = state is not None
+        if state is not None:
+            self._load_state(state)
+        self.tb: TensorBoard | None = None
+        self.started = False
+
+    def _dataset(self, split: str, prep: Any, *, train: bool) -> Dataset:
+        if prep is None:
+            from ..backbones import backbone_preprocessing
+
+            prep = backbone_preprocessing(self.cfg.model.backbone)
+        return loaders.make_dataset(self.cfg, split, prep, train=train)
+
+    # ---------------------------------------------------------------- state
+    def _state(self) -> dict[str, Any]:
+        return {
+            **model_record(self.model, self.cfg, self.classes),
+            "runtime": self.cfg.to_dict()["runtime"],
+            "format": TRAIN_FORMAT,
+            "optimizers": {"cls": self.cls_opt.state_dict(), "apn": self.apn_opt.state_dict()},
+            "schedulers": {"cls": self.cls_sched.state_dict()},
+            "progress": {
+                "schedule": self.schedule.state_dict(),
+                "apn_init_done": self.apn_init_done,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "log_bytes": self.log_bytes,
+            },
+            "rng": runtime.rng_state(),
+        }
+
+    def _load_state(self, s: dict[str, Any]) -> None:
+        saved = list(s.get("classes", self.classes))
+        if saved != self.classes:
+            raise CheckpointError(
+                f"{self.last}: saved for {len(saved)} classes, but {self.cfg.data.root} now has "
+                f"{len(self.classes)} (or other names); resume with the dataset the run started with"
+            )
+        try:
+            self.model.load_state_dict(s["model"])
+            self.cls_opt.load_state_dict(optim.keep_fused(self.cls_opt, s["optimizers"]["cls"]))
+            self.apn_opt.load_state_dict(optim.keep_fused(self.apn_opt, s["optimizers"]["apn"]))
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            what = f"a {self.cfg.model.backbone} RA-CNN with {len(self.classes)} classes"
+            raise CheckpointError(f"{self.last}: does not fit {what} ({first[:200]})") from e
+        self.cls_sched.load_state_dict(s["schedulers"]["cls"])
+        p = s["progress"]
+        self.schedule.load_state_dict(p["schedule"])
+        self.apn_init_done, self.best, self.best_epoch = p["apn_init_done"], p["best"], p["best_epoch"]
+        self.saved_epoch = self.schedule.epoch
+        self.log_bytes = p.get("log_bytes", -1)
+        runtime.set_rng_state(s["rng"])
+
+    def _start(self) -> None:
+        """What :meth:`fit` does first: join the process group, set up the run folder (rank 0) and, for a new
+        run, write its first ``last.pt`` (a run killed before its first epoch ends resumes too)."""
+        if self.started:
+            return
+        self.started = True
+        distributed.init(self.dist, self.device)
+        if self.main:
+            self.run.start(self.cfg, resume=self.resumed, log_bytes=self.log_bytes)
+        if not self.resumed:
+            self._save_last()
+        if self.cfg.train.tensorboard and self.main:
+            self.tb = TensorBoard(self.run.tensorboard, purge_step=self.saved_epoch + 1)
+
+    def _save_last(self) -> None:
+        if self.main:
+            self.run.save_state(self._state())
+        self.saved_epoch = self.schedule.epoch
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.main:
+            self.log_bytes = self.run.log(record)
+
+    def _watch(self, where: str) -> NonFiniteWatch:
+        kept = f"epoch {self.saved_epoch}" if self.saved_epoch else "the start of the run"
+        kept = f"{self.last} keeps the last good state ({kept})"
+        return NonFiniteWatch(self.device, self.dist, self.cfg.train.log_every, where, kept)
+
+    def close(self) -> None:
+        """Stop the training loader's workers, flush TensorBoard and leave the process group."""
+        self._loader = None
+        if self.tb is not None:
+            self.tb.close()
+        distributed.close(self.dist)
+
+    # ---------------------------------------------------------------- data
+    def _train_loader(self, epoch: int) -> loaders.Loader:
+        if self._loader is None:
+            self._loader = loaders.make_loader(
+                self.train_set, self.cfg, train=True, world_size=self.dist.world_size, rank=self.dist.rank
+            )
+        self._loader.sampler.set_epoch(epoch)  # same order after a resume
+        return self._loader
+
+    def _batches(self, loader: Any, desc: str, limit: int | None) -> Iterator[tuple[Any, Any]]:
+        total = min(len(loader), limit) if limit else len(loader)
+        bar = tqdm(loader, desc=desc, total=total, leave=False, disable=not self.progress, dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            if limit and i >= limit:
+                break
+            yield bar, batch
+
+    def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        if self.cfg.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, batch["label"].to(self.device, non_blocking=True)
+
+    def _step(
+        self, phase: Phase, forward: Any, batch: dict[str, Any], optimizers: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
+        x, y = self._inputs(batch)
+        autocast = runtime.autocast(self.device, self.cfg.runtime.amp)
+        terms, out = train_step(self.model, forward, x, y, phase, self.cfg, optimizers, autocast=autocast)
+        return terms, out, x
+
+    # ---------------------------------------------------------------- phases
+    def init_apns(self) -> None:
+        """Sec. 3.4 step 2: regress every APN towards its initialisation box (``apn.init_box``)."""
+        self._start()
+        steps = self.cfg.apn.init_steps
+        if steps > 0 and self.cfg.model.num_scales > 1:
+            set_phase(self.model, APN_INIT)
+            forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
+            apn = self.model.parameter_groups()["apn"]
+            opts = {"apn_init": torch.optim.Adam(apn, lr=self.cfg.apn.init_lr, fused=optim.fused_ok(apn))}
+            done, epoch = 0, 0
+            loss_sum = torch.zeros((), device=self.device)
+            watch = self._watch("APN initialisation")
+            bar = tqdm(
+                total=steps, desc="apn init", leave=False, disable=not self.progress, dynamic_ncols=True
+            )
+            while done < steps:
+                for batch in self._train_loader(10_000 + epoch):
+                    terms, _, x = self._step(APN_INIT, forward, batch, opts)
+                    done += 1
+                    loss_sum += terms["loss"].detach()
+                    watch.mark(terms["loss"], done)
+                    bar.update()
+                    if done % self.cfg.train.log_every == 0 or done >= steps:
+                        bar.set_postfix(loss=f"{float(loss_sum) / done:.4f}")
+                    if done >= steps:
+                        watch.check()
+                        break
+                epoch += 1
+            bar.close()
+            mean = float(distributed.all_reduce_sum(loss_sum, self.dist)) / (done * self.dist.world_size)
+            rec = {"phase": APN_INIT.name, "epoch": 0, "steps": done, "loss": mean}
+            self._log(rec | apn_saturation(self.model, x))
+        self.apn_init_done = True
+        self._save_last()
+
+    def train_epoch(self, phase: Phase) -> dict[str, float]:
+        """One epoch of ``phase``: every step through :func:`racnn.training.step.train_step`; returns the
+        epoch's record (loss terms, training accuracy, speed)."""
+        self._start()
+        cfg, model = self.cfg, self.model
+        set_phase(model, phase, cfg)
+        forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
+        acc = Accumulator()
+        sums: dict[str, torch.Tensor] = {}
+        steps, seen, t0 = 0, 0, time.perf_counter()
+        epoch = self.schedule.epoch + 1
+        watch = self._watch(f"epoch {epoch} ({phase.name})")
+        loader = self._train_loader(epoch)
+        bad_before = loader.bad_images
+        opts = {"cls": self.cls_opt, "apn": self.apn_opt}
+        desc = f"epoch {epoch}/{cfg.train.epochs} {phase.name}"
+        for bar, batch in self._batches(loader, desc, cfg.schedule.max_steps_per_epoch):
+            terms, out, _ = self._step(phase, forward, batch, opts)
+            # running sums and the non-finite flag stay on the device (read every log_every steps on GPUs)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+            acc.update(
+                {k: v.detach() for k, v in out.logits.items()},
+                [b.detach() for b in out.boxes],
+                batch,
+                views=[v.detach() for v in out.views],
+            )
+            steps += 1
+            seen += batch["label"].numel()
+            watch.mark(terms["loss"], steps)
+            if steps % cfg.train.log_every == 0:
+                bar.set_postfix(
+                    loss=f"{float(sums['loss']) / steps:.3f}",
+                    acc=f"{acc.correct['s1'] / acc.n:.2f}",
+                    ips=f"{seen / (time.perf_counter() - t0):.1f}",
+                )
+        watch.check()
+        bad = loader.bad_images - bad_before if cfg.data.skip_bad_images else None
+        return epoch_record(sums, acc, steps, seen, time.perf_counter() - t0, bad, self.dist)
+
+    def _evaluate(self, model: RACNN, dataset: Any, desc: str, **kw: Any) -> dict[str, float]:
+        kw |= {"device": self.device, "desc": desc, "progress": self.progress}
+        return evaluate_split(model, dataset, self.cfg, self.dist, **kw)
+
+    def validate(self) -> dict[str, float]:
+        if self.val_set is None or len(self.val_set) == 0:
+            return {}
+        # the weighted fusion is fitted on these held-out predictions (its figure here is cross-fitted)
+        return self._evaluate(
+            self.model,
+            self.val_set,
+            "validate",
+            channels_last=self.cfg.runtime.channels_last,
+            fit_fusion=True,
+        )
+
+    def _picture_data(self) -> Any:
+        """Images of the TensorBoard attention picture: validation, else training without augmentation (only
+        when the config builds the data: a training set of the user's own is augmented)."""
+        if self.val_set is not None and len(self.val_set):
+            return self.val_set
+        if self.cfg.data.root is None and self.cfg.data.name != "synthetic":
+            return None
+        return self._dataset("train", self.model.preprocessing, train=False)
+
+    # ---------------------------------------------------------------- run
+    @runtime.sturdy_ctrl_c()
+    def fit(self) -> dict[str, float]:
+        """Train to the end of the schedule (continuing a resumed run), then evaluate ``best.pt`` on test."""
+        self._start()
+        fused = self.model.keys[-1]
+        while (phase := self.schedule.next_phase()) is not None:
+            runtime.raise_if_interrupted()
+            if phase is not WARMUP and not self.apn_init_done:
+                self.init_apns()
+            self.schedule.start_epoch(phase)
+            rec = self.train_epoch(phase)
+            if "cls" in phase.optimizers:
+                rec["lr"] = self.cls_opt.param_groups[-1]["lr"]
+                self.cls_sched.step()
+            self.schedule.end_epoch(rec["loss"])
+            epoch = self.schedule.epoch
+            validating = epoch % self.cfg.train.eval_every == 0 or self.schedule.next_phase() is None
+            val = self.validate() if validating else {}
+            rec = {"epoch": epoch, "phase": phase.name, **rec, **{f"val_{k}": v for k, v in val.items()}}
+            # model selection on validation only; without a validation split, on training accuracy;
+            # train.select=last keeps every epoch over the one before
+            score = val.get(f"acc_{fused}", -math.inf) if self.val_set else rec[f"train_acc_{fused}"]
+            if score > self.best or self.cfg.train.select == "last":
+                self.best, self.best_epoch = score, epoch
+                if self.main:
+                    self.run.save_model(model_record(self.model, self.cfg, self.classes))
+            rec["best_epoch"] = self.best_epoch
+            self._log(rec)
+            self._save_last()
+            if self.tb is not None:
+                self.tb.scalars(rec, epoch)
+                if validating:
+                    self.tb.attention(self.model, self._picture_data, self.classes, epoch, self.device)
+            if self.progress:
+                tqdm.write(epoch_line(rec, fused))
+        if self.schedule.stopped:
+            self._log({"event": "stopped", "reason": self.schedule.stopped, "epoch": self.schedule.epoch})
+        return self.test()
+
+    def test(self) -> dict[str, float]:
+        """Evaluate the selected model (``best.pt``) on the test split; writes ``metrics.json``."""
+        self._start()
+        distributed.barrier(self.dist)  # rank 0 has written best.pt
+        model = load_model(self.run.best).to(self.device) if self.run.best.is_file() else self.model
+        test_set = self.test_set
+        if test_set is None:
+            test_set = loaders.make_dataset(
+                self.cfg, "test", model.preprocessing, train=False, classes=self.classes
+            )
+        metrics = self._evaluate(model, test_set, "test")
+        metrics = {**metrics, "best_epoch": self.best_epoch, "split": "test"}
+        if self.main:
+            self.run.write_test(metrics)
+        if self.tb is not None:
+            self.tb.scalars(metrics, self.schedule.epoch, group="test")
+        if self.progress:
+            tqdm.write(format_table(metrics, title=f"RA-CNN test ({len(test_set)} images)"))
+        return metrics
+
+
+def _classes(dataset: Dataset, model: RACNN | None) -> list[str]:
+    """The class names of a run: the training set's ``classes``, else the model's."""
+    names = getattr(dataset, "classes", None) or (model.classes if model is not None else None)
+    if not names:
+        raise ValueError(
+            "the training set has no 'classes' (a list of class names) and the model none either"
+        )
+    return list(names)
+
+
+def evaluate_split(
+    model: RACNN,
+    dataset: Any,
+    cfg: Config,
+    env: distributed.DistEnv,
+    *,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+    channels_last: bool = False,
+    fit_fusion: bool = False,
+) -> dict[str, float]:
+    """:func:`racnn.evaluation.evaluate` on ``dataset``; under DDP each rank evaluates a shard (no collectives
+    inside the model: it runs in eval mode, where synchronised BatchNorm uses its running statistics) and the
+    accumulators are merged. ``fit_fusion``: fit the model's ``weighted`` fusion on these predictions
+    (:func:`racnn.fusion.fit_model_weights`; every rank fits the same merged scores alike). With
+    ``data.skip_bad_images`` the unreadable images are counted in ``bad_images``."""
+    loader = loaders.make_loader(dataset, cfg, world_size=env.world_size, rank=env.rank)
+    acc = accumulate(
+        model,
+        loader,
+        device=device,
+        amp=cfg.runtime.amp,
+        channels_last=channels_last,
+        head_parts=getattr(dataset, "head_parts", None),
+        desc=desc,
+        progress=progress,
+        keep_scores=fit_fusion,
+    )
+    acc = distributed.gather_accumulator(acc, env)
+    metrics = acc.summary()
+    if fit_fusion:
+        metrics |= fit_model_weights(model, *acc.scores())
+    if cfg.data.skip_bad_images:
+        metrics["bad_images"] = int(distributed.all_reduce_sum(torch.tensor(loader.bad_images), env))
+    return distributed.broadcast_object(metrics, env)
