@@ -175,20 +175,6 @@ def test_clear_one_line_errors(
     assert needle in err and len(err.splitlines()) == 1, err
 
 
-def test_errors_under_torchrun_name_the_rank(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Every rank of a failed torchrun run prints its error; the line says which rank wrote it."""
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", "."]) != 0
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("racnn eval (rank 1/2): error: ") and "checkpoint not found" in err, err
-    monkeypatch.setenv("WORLD_SIZE", "1")  # a single process: no tag
-    main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", "."])
-    assert capsys.readouterr().err.startswith("racnn eval: error: ")
-
-
 def test_predict_bad_image_names_it(
     trained_tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

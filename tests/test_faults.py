@@ -134,6 +134,7 @@ def test_resume_drops_log_lines_of_an_epoch_missing_from_last_pt(fake_cub: Path,
     interrupt_epoch(run, 3)
     with pytest.raises(KeyboardInterrupt):
         run.fit()
+    run.close()  # what the end of a killed process does: the lock goes
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "phase": "classify", "loss": 1.0}\n')  # logged, then killed before the save
     Trainer(Config(), tmp_path / "run", resume=True, progress=False).fit()

@@ -227,6 +227,7 @@ def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_pa
     interrupt_epoch(stopped, 3)  # stopped after its second epoch
     with pytest.raises(KeyboardInterrupt):
         stopped.fit()
+    stopped.close()  # as the process would end
     assert load_checkpoint(tmp_path / "stopped" / "last.pt")["progress"]["schedule"]["epoch"] == 2
     resumed = Trainer(Config(), tmp_path / "stopped", resume=True, progress=False).fit()
     assert resumed == full

@@ -34,6 +34,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="override config keys, e.g. --set train.epochs=2 model.backbone=tiny",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that --out holds (its files are deleted once the new run's first checkpoint is "
+        "written); without it a folder holding a run is refused",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
         "--skip-bad-images",
@@ -44,7 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config
+    from .data import DatasetError
     from .training.trainer import Trainer
 
     if a.resume:
@@ -59,12 +66,24 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         overrides = list(a.overrides) + ([f"data.root={a.data}"] if a.data else [])
         cfg, resume = load_config(a.config, overrides), False
+    if a.resume and a.overwrite:
+        raise ConfigError(
+            "racnn train: --resume continues the run in --out, --overwrite replaces it; pass one"
+        )
     trainer = Trainer(
-        cfg, a.out, resume=resume, progress=not a.no_progress, skip_bad_images=a.skip_bad_images
+        cfg,
+        a.out,
+        resume=resume,
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
+        skip_bad_images=a.skip_bad_images,
     )
     metrics = None
     try:
         metrics = trainer.fit()
+    except (DatasetError, OSError, RuntimeError) as e:  # met while training: may be this rank's alone
+        e.racnn_one_rank = True  # type: ignore[attr-defined]
+        raise
     except KeyboardInterrupt:  # Ctrl-C: last.pt holds the last finished epoch (the unfinished one is dropped)
         pass
     finally:
@@ -231,30 +250,45 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DatasetError
+    from .training.outputs import RunFolderError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DatasetError, CheckpointError, WeightsNotFoundError, FloatingPointError) as e:
-        print(f"{_who(args.command)}: error: {e}", file=sys.stderr)
+    except (
+        ConfigError,
+        DatasetError,
+        CheckpointError,
+        WeightsNotFoundError,
+        RunFolderError,
+        FloatingPointError,
+    ) as e:
+        _report(args.command, e)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"{_who(args.command)}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        _report(args.command, e)
         return 1
     except KeyboardInterrupt:
-        print(f"{_who(args.command)}: interrupted", file=sys.stderr)
+        print(f"racnn {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
-def _who(command: str) -> str:
-    """``racnn COMMAND``, plus `` (rank r/N)`` under torchrun, so that the N error lines of a failed run say
-    which process wrote each (an error may be one rank's alone, e.g. an unreadable image in its shard)."""
+def _report(command: str, e: BaseException) -> None:
+    """The error as one line on stderr. Under torchrun an error that every rank meets (a config, a path, a
+    dataset folder, a checkpoint, the run folder, a non-finite loss: all decided alike on every rank) is
+    printed once, by rank 0; one met while training, which may be a single rank's (an unreadable image in
+    its shard), names the rank that printed it."""
     from .training.distributed import env_from_os
 
     try:
         env = env_from_os()
     except RuntimeError:  # malformed torchrun variables: the command reports them itself
-        return f"racnn {command}"
-    return f"racnn {command} (rank {env.rank}/{env.world_size})" if env.active else f"racnn {command}"
+        env = None
+    if env is None or not env.active:
+        print(f"racnn {command}: error: {e}", file=sys.stderr)
+    elif getattr(e, "racnn_one_rank", False):
+        print(f"racnn {command} (rank {env.rank}/{env.world_size}): error: {e}", file=sys.stderr)
+    elif env.main:
+        print(f"racnn {command}: error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,15 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
+import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -29,8 +32,28 @@ from ..evaluation import json_safe
 from ..model import RACNN
 
 
+class RunFolderError(ValueError):
+    """A run folder cannot be used or written; the message is one line naming the path."""
+
+
+# what marks a folder as holding a training run, and every output a run (or the demo) writes
+RUN_MARKS = ("last.pt", "best.pt", "metrics.jsonl")
+RUN_OUTPUTS = (*RUN_MARKS, "config.yaml", "metrics.json", "tb", "attention.png", "curves.png", ".racnn-demo")
+
+
 class RunFolder:
-    """Paths and writes of one run's folder."""
+    """Paths and writes of one run's folder, and its safety:
+
+    - a new run refuses a folder that holds a run (``last.pt``, ``best.pt`` or a ``metrics.jsonl`` with lines) unless
+      told to replace it (``overwrite``): the old outputs are then moved to ``OUT/.replaced/`` and deleted
+      once the new run's first ``last.pt`` is written (a run killed in between leaves them there, and the
+      next start in that folder moves them back);
+    - the folder is locked for the whole run by ``fcntl.flock`` on ``OUT/.lock``, which the kernel releases
+      when the process ends, however it ends (``kill -9`` included): a second process gets one line naming
+      the PID that holds it;
+    - every path problem (``--out`` a file, an unwritable parent, a full disk) is one line naming the path;
+      checkpoints are written atomically, so a failed write keeps the previous one.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -40,33 +63,133 @@ class RunFolder:
         self.log_file = self.path / "metrics.jsonl"
         self.test = self.path / "metrics.json"
         self.tensorboard = self.path / "tb"
+        self.aside = self.path / ".replaced"
+        self.demo_mark = self.path / ".racnn-demo"
+        self._lock: BinaryIO | None = None
 
-    def start(self, cfg: Config, *, resume: bool, log_bytes: int) -> None:
-        """Make the folder and clear what a killed write left; a new run writes its config and an empty log,
-        a resumed one cuts its log back to ``log_bytes`` (the lines of epochs that ``last.pt`` holds)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        for tmp in self.path.glob(".*.pt.*.tmp"):  # checkpoint writes killed half-way
-            tmp.unlink(missing_ok=True)
-        if resume:
-            trim_file(self.log_file, log_bytes)
-        else:
-            save_config(cfg, self.config)
-            self.log_file.write_text("")
+    def holds_run(self) -> bool:
+        """Whether a run is here: a checkpoint, or a log with a line in it (a run stopped before its first
+        checkpoint leaves an empty log and nothing to lose)."""
+        log = self.log_file
+        return (
+            self.last.exists()
+            or self.best.exists()
+            or (log.exists() and (log.is_dir() or log.stat().st_size > 0))
+        )
+
+    def is_demo(self) -> bool:
+        """Whether the run here was written by ``racnn demo`` (which may replace its own earlier output)."""
+        return self.demo_mark.is_file()
+
+    def make(self) -> None:
+        """Create the folder (and its parents) or say in one line why it cannot be."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path}: exists and is not a folder; pass another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f"{self.path}: cannot create the run folder ({e.strerror or e})") from None
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise RunFolderError(f"{self.path}: the run folder is not writable")
+
+    def lock(self) -> None:
+        """Hold ``OUT/.lock`` (an exclusive ``flock``) until :meth:`unlock`, the end of the process, or this
+        object's collection (the open file's closing releases it)."""
+        if self._lock is not None:
+            return
+        self.make()
+        path = self.path / ".lock"
+        try:
+            f = open(path, "a+b")  # noqa: SIM115 - held open for the whole run
+        except OSError as e:
+            raise RunFolderError(f"{path}: cannot open the run's lock ({e.strerror or e})") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read(32).decode(errors="replace").strip() or "?"
+            f.close()
+            raise RunFolderError(
+                f"{self.path}: in use by PID {pid} (another run writes here); wait for it or pass another --out"
+            ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n".encode())
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the flock
+            self._lock = None
+
+    def start(self, cfg: Config, *, resume: bool, log_bytes: int, overwrite: bool = False) -> None:
+        """Lock the folder and make it ready: clear what a killed write left; a new run refuses a folder that
+        holds a run (or moves it aside with ``overwrite``) and writes its config and an empty log; a resumed
+        one cuts its log back to ``log_bytes`` (the lines of epochs that ``last.pt`` holds)."""
+        self.lock()
+        try:
+            if (
+                self.aside.is_dir() and not self.holds_run()
+            ):  # an overwrite killed before its first checkpoint
+                self._move(self.aside, self.path)
+                self.aside.rmdir()
+            for tmp in self.path.glob(".*.pt.*.tmp"):  # checkpoint writes killed half-way
+                tmp.unlink(missing_ok=True)
+            if resume:
+                trim_file(self.log_file, log_bytes)
+                return
+            if self.holds_run():
+                if not overwrite:
+                    raise RunFolderError(
+                        f"{self.path}: holds a training run ({', '.join(n for n in RUN_MARKS if (self.path / n).exists())}); "
+                        "continue it with --resume, or replace it with --overwrite"
+                    )
+                shutil.rmtree(self.aside, ignore_errors=True)
+                self.aside.mkdir()
+                self._move(self.path, self.aside)
+            self.demo_mark.unlink(missing_ok=True)  # a run of racnn train (the demo marks its own after)
+            self._write(self.config, lambda: save_config(cfg, self.config))
+            self._write(self.log_file, lambda: self.log_file.write_text(""))
+        except BaseException:
+            self.unlock()
+            raise
+
+    @staticmethod
+    def _move(src: Path, dst: Path) -> None:
+        for name in RUN_OUTPUTS:
+            if (src / name).exists():
+                os.replace(src / name, dst / name)
+
+    def first_checkpoint_written(self) -> None:
+        """The new run has its first ``last.pt``: what ``overwrite`` moved aside can go."""
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+    def _write(self, path: Path, write: Callable[[], Any]) -> Any:
+        """Run ``write``; an OS error (a full disk, a lost permission) becomes one line naming ``path``."""
+        try:
+            return write()
+        except OSError as e:
+            kept = f"; the previous {path.name} is kept" if path.suffix == ".pt" else ""
+            raise RunFolderError(f"{path}: could not be written ({e.strerror or e}){kept}") from None
 
     def log(self, record: dict[str, Any]) -> int:
         """Append one record to ``metrics.jsonl``; returns the file's new size."""
-        with open(self.log_file, "a") as f:
-            f.write(json.dumps(json_safe(record)) + "\n")
-            return f.tell()
+
+        def append() -> int:
+            with open(self.log_file, "a") as f:
+                f.write(json.dumps(json_safe(record)) + "\n")
+                return f.tell()
+
+        return self._write(self.log_file, append)
 
     def save_state(self, state: dict[str, Any]) -> None:
-        save_checkpoint(state, self.last)
+        self._write(self.last, lambda: save_checkpoint(state, self.last))
 
     def save_model(self, record: dict[str, Any]) -> None:
-        save_checkpoint(record, self.best)
+        self._write(self.best, lambda: save_checkpoint(record, self.best))
 
     def write_test(self, metrics: dict[str, Any]) -> None:
-        self.test.write_text(json.dumps(json_safe(metrics), indent=2))
+        self._write(self.test, lambda: self.test.write_text(json.dumps(json_safe(metrics), indent=2)))
 
 
 def trim_file(path: Path, size: int) -> None:

@@ -37,7 +37,7 @@ from ..fusion import fit_model_weights
 from ..model import RACNN, build_model
 from . import ddp, distributed, loaders, optim, runtime
 from .apn_init import apn_saturation
-from .outputs import RunFolder, TensorBoard
+from .outputs import RunFolder, RunFolderError, TensorBoard
 from .schedule import APN_INIT, CLASSIFY, JOINT, WARMUP, Phase, PhaseSchedule, set_phase
 from .step import NonFiniteWatch, epoch_record, train_step
 
@@ -51,8 +51,9 @@ class Trainer:
     (3 x S x S, normalised as ``model.transforms()`` does) and ``label`` (and, for the localisation figures,
     ``box``/``has_box``/``parts``), with ``classes`` names; ``optimizers`` the pair (classifiers, APNs).
     ``resume`` continues the run in ``out_dir`` from its ``last.pt`` with the config saved there
-    (``skip_bad_images`` may still be switched on). Nothing is written before :meth:`fit`. Under torchrun
-    every process builds one."""
+    (``skip_bad_images`` may still be switched on); a new run refuses a folder that holds a run unless
+    ``overwrite`` (:class:`racnn.training.outputs.RunFolder`). Nothing is written before :meth:`fit`, which
+    locks the folder until :meth:`close`. Under torchrun every process builds one."""
 
     def __init__(
         self,
@@ -65,15 +66,20 @@ class Trainer:
         test_set: Dataset | None = None,
         optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer] | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         progress: bool = True,
         skip_bad_images: bool = False,
     ):
+        if resume and overwrite:
+            raise ValueError(
+                "resume continues the run in the folder, overwrite replaces it: pass one of them"
+            )
         cfg = Config() if cfg is None else cfg
         self.dist = distributed.env_from_os()
         self.main = self.dist.main
         self.run = RunFolder(out_dir)
         self.out, self.last = self.run.path, self.run.last
-        self.progress = progress and self.main
+        self.progress, self.overwrite = progress and self.main, overwrite
         state = None
         if resume:
             state = load_checkpoint(self.last)
@@ -184,17 +190,30 @@ class Trainer:
         self.log_bytes = p.get("log_bytes", -1)
         runtime.set_rng_state(s["rng"])
 
-    def _start(self) -> None:
-        """What :meth:`fit` does first: join the process group, set up the run folder (rank 0) and, for a new
-        run, write its first ``last.pt`` (a run killed before its first epoch ends resumes too)."""
+    def start(self) -> None:
+        """What :meth:`fit` does first (once): join the process group, lock and set up the run folder (rank 0)
+        and, for a new run, write its first ``last.pt`` (a run killed before its first epoch ends resumes
+        too)."""
         if self.started:
             return
         self.started = True
         distributed.init(self.dist, self.device)
-        if self.main:
-            self.run.start(self.cfg, resume=self.resumed, log_bytes=self.log_bytes)
+        problem = None
+        if self.main:  # rank 0 holds the lock; every rank stops alike when it cannot
+            try:
+                self.run.start(
+                    self.cfg, resume=self.resumed, log_bytes=self.log_bytes, overwrite=self.overwrite
+                )
+            except RunFolderError as e:
+                problem = str(e)
+        problem = distributed.broadcast_object(problem, self.dist)
+        if problem:
+            self.started = False
+            raise RunFolderError(problem)
         if not self.resumed:
             self._save_last()
+            if self.main:
+                self.run.first_checkpoint_written()
         if self.cfg.train.tensorboard and self.main:
             self.tb = TensorBoard(self.run.tensorboard, purge_step=self.saved_epoch + 1)
 
@@ -217,6 +236,7 @@ class Trainer:
         self._loader = None
         if self.tb is not None:
             self.tb.close()
+        self.run.unlock()
         distributed.close(self.dist)
 
     # ---------------------------------------------------------------- data
@@ -253,7 +273,7 @@ class Trainer:
     # ---------------------------------------------------------------- phases
     def init_apns(self) -> None:
         """Sec. 3.4 step 2: regress every APN towards its initialisation box (``apn.init_box``)."""
-        self._start()
+        self.start()
         steps = self.cfg.apn.init_steps
         if steps > 0 and self.cfg.model.num_scales > 1:
             set_phase(self.model, APN_INIT)
@@ -289,7 +309,7 @@ class Trainer:
     def train_epoch(self, phase: Phase) -> dict[str, float]:
         """One epoch of ``phase``: every step through :func:`racnn.training.step.train_step`; returns the
         epoch's record (loss terms, training accuracy, speed)."""
-        self._start()
+        self.start()
         cfg, model = self.cfg, self.model
         set_phase(model, phase, cfg)
         forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
@@ -355,7 +375,7 @@ class Trainer:
     @runtime.sturdy_ctrl_c()
     def fit(self) -> dict[str, float]:
         """Train to the end of the schedule (continuing a resumed run), then evaluate ``best.pt`` on test."""
-        self._start()
+        self.start()
         fused = self.model.keys[-1]
         while (phase := self.schedule.next_phase()) is not None:
             runtime.raise_if_interrupted()
@@ -393,7 +413,7 @@ class Trainer:
 
     def test(self) -> dict[str, float]:
         """Evaluate the selected model (``best.pt``) on the test split; writes ``metrics.json``."""
-        self._start()
+        self.start()
         distributed.barrier(self.dist)  # rank 0 has written best.pt
         model = load_model(self.run.best).to(self.device) if self.run.best.is_file() else self.model
         test_set = self.test_set
