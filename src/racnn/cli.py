@@ -182,6 +182,44 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="predictions over HTTP and a web page that shows the attention (pip install 'racnn[serve]')",
+        description="Serve a model: POST /predict (multipart field 'image', repeatable) answers with the JSON "
+        "of racnn predict --json; GET / is a page that draws each scale's box, its zoomed view and the top-5 "
+        "tables; GET /info and /healthz. Binds to localhost unless --host says otherwise. See docs/serve.md.",
+    )
+    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="per request (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image (default: %(default)s)")
+    p.add_argument(
+        "--max-batch", type=int, default=16, help="images the model runs at once (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .training.runtime import resolve_device
+
+    try:
+        from .serve import ServeLimits, serve
+    except ImportError as e:
+        raise RuntimeError(str(e)) from None
+    model = load_model(a.checkpoint)
+    limits = ServeLimits(
+        max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels, max_batch=a.max_batch
+    )
+    serve(model, host=a.host, port=a.port, device=resolve_device(a.device), limits=limits)
+    return 0
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -221,6 +259,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_eval,
     _add_predict,
+    _add_serve,
     add_visualize,
     add_plot,
     _add_export,

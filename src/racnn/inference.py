@@ -55,11 +55,11 @@ def predict(
 ) -> list[dict[str, Any]]:
     """Classify ``images`` (file paths, PIL images, or preprocessed 3 x S x S tensors; one or a list).
 
-    One record per image: ``{"image", "width", "height", "top": {key: [{"class", "index", "prob"}, ...]},
-    "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``. ``top`` has every scale (``s1``..) and the fused
-    outputs (``s12``, ``s123``, by the model's fusion); box ``s`` is where scale ``s`` looked, i.e. the input
-    of scale ``s + 1``, relative to the image (``cx``, ``cy``, ``side`` in 0..1) and in its pixels. Class
-    names come from ``model.classes`` (indices when the model has none)."""
+    One record per image (:func:`records`): ``{"image", "width", "height", "top": {key: [{"class",
+    "index", "prob"}, ...]}, "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``. ``top`` has every scale
+    (``s1``..) and the fused outputs (``s12``, ``s123``, by the model's fusion); box ``s`` is where scale ``s``
+    looked, i.e. the input of scale ``s + 1``, relative to the image (``cx``, ``cy``, ``side`` in 0..1) and in
+    its pixels. Class names come from ``model.classes`` (indices when the model has none)."""
     if isinstance(images, (str, Path, Image.Image)) or (
         isinstance(images, torch.Tensor) and images.ndim == 3
     ):
@@ -68,36 +68,59 @@ def predict(
     if device is None:
         device = next(model.parameters()).device
     model.eval().to(device)
-    classes = model.classes or [str(i) for i in range(model.num_classes)]
-    k = min(topk, model.num_classes)
-    records: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
     for start in range(0, len(items), batch_size):
         x, names, sizes = _as_inputs(model, items[start : start + batch_size])
-        out = model(x.to(device))
-        probs = {key: v.float().softmax(1).cpu() for key, v in out.logits.items()}
-        views = [b.float().cpu() for b in out.views]
-        for i, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
-            top = {}
-            for key, pr in probs.items():
-                val, idx = pr[i].topk(k)
-                top[key] = [
-                    {"class": classes[j], "index": int(j), "prob": float(v)}
-                    for v, j in zip(val, idx, strict=True)
-                ]
-            boxes = []
-            for s, b in enumerate(views):
-                x0, y0, x1, y1 = box_to_xyxy(b[i]).tolist()
-                boxes.append(
-                    {
-                        "scale": s + 1,
-                        "cx": float(b[i, 0]),
-                        "cy": float(b[i, 1]),
-                        "side": float(2 * b[i, 2]),
-                        "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)],
-                    }
-                )
-            records.append({"image": name, "width": w, "height": h, "top": top, "boxes": boxes})
-    return records
+        probs, views = forward_probs(model, x.to(device))
+        out += records(model, probs, views, names, sizes, topk=topk)
+    return out
+
+
+@torch.no_grad()
+def forward_probs(model: RACNN, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The model on a preprocessed batch (B x 3 x S x S): every output's probabilities (B x K, on the CPU)
+    and the views of scales 2..N relative to the image (B x 3 each)."""
+    out = model(x)
+    return {k: v.float().softmax(1).cpu() for k, v in out.logits.items()}, [
+        b.float().cpu() for b in out.views
+    ]
+
+
+def records(
+    model: RACNN,
+    probs: dict[str, torch.Tensor],
+    views: list[torch.Tensor],
+    names: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    *,
+    topk: int = 5,
+) -> list[dict[str, Any]]:
+    """The prediction records (schema of :func:`predict`) of a batch's probabilities and views."""
+    classes = model.classes or [str(i) for i in range(model.num_classes)]
+    k = min(topk, model.num_classes)
+    result = []
+    for i, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
+        top = {}
+        for key, pr in probs.items():
+            val, idx = pr[i].topk(k)
+            top[key] = [
+                {"class": classes[j], "index": int(j), "prob": float(v)}
+                for v, j in zip(val, idx, strict=True)
+            ]
+        boxes = []
+        for s, b in enumerate(views):
+            x0, y0, x1, y1 = box_to_xyxy(b[i]).tolist()
+            boxes.append(
+                {
+                    "scale": s + 1,
+                    "cx": float(b[i, 0]),
+                    "cy": float(b[i, 1]),
+                    "side": float(2 * b[i, 2]),
+                    "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)],
+                }
+            )
+        result.append({"image": name, "width": w, "height": h, "top": top, "boxes": boxes})
+    return result
 
 
 def format_predictions(records: list[dict[str, Any]], topk: int = 5) -> str:

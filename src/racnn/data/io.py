@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from racnn.data.errors import DatasetError
 
-__all__ = ["image_size", "load_image", "to_rgb"]
+__all__ = ["ImageTooLarge", "NotAnImage", "image_size", "load_image", "to_rgb"]
 
 # Background that transparent pixels are composited onto.
 _WHITE = (255, 255, 255)
@@ -32,22 +33,43 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file fully (so truncated files fail here) and return it as RGB.
+class NotAnImage(DatasetError):
+    """The file is no image format PIL can identify."""
 
-    No EXIF rotation is applied: annotations refer to the stored pixel grid.
-    Raises :class:`DatasetError` ``"{path}: cannot read image ({reason})"`` for a missing, corrupt or
-    truncated file.
+
+class ImageTooLarge(DatasetError):
+    """The image has more pixels than the caller allows (a decompression bomb, or just too big)."""
+
+
+def load_image(
+    source: str | Path | BinaryIO, *, name: str | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Read an image (a file, or an open binary stream such as an upload) fully, so truncated files fail
+    here, and return it as RGB.
+
+    No EXIF rotation is applied: annotations refer to the stored pixel grid. ``name`` is what messages call
+    the image (default: the path). ``max_pixels``: refuse larger images from their header, before decoding
+    them (:class:`ImageTooLarge`); PIL's own decompression-bomb limit applies too.
+    Raises :class:`DatasetError` ``"{name}: cannot read image ({reason})"`` for a missing, corrupt or
+    truncated file, :class:`NotAnImage` for a file of no image format.
     """
+    name = name or str(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. PIL's "Palette images with transparency" notice
-            with Image.open(path) as image:
+            with Image.open(source) as image:
+                w, h = image.size
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageTooLarge(f"{name}: {w} x {h} pixels, over the limit of {max_pixels:,}")
                 image.load()
                 return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{name}: cannot read image ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise NotAnImage(f"{name}: cannot read image (not an image: no format PIL can read)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
-        raise DatasetError(f"{path}: cannot read image ({reason or type(exc).__name__})") from exc
+        raise DatasetError(f"{name}: cannot read image ({reason or type(exc).__name__})") from exc
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

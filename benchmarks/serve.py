@@ -1,0 +1,237 @@
+"""Serving benchmark: latency and throughput of ``racnn serve`` against the model's own batch-1 forward pass.
+
+Starts ``racnn serve`` as a user does (its own process, on a free port), then sends one-image ``POST
+/predict`` requests from 1 client and from 8 concurrent clients (threads, each sending its next request when
+its last one is answered), and times, in this process with the same number of threads, the model's forward
+pass on one preprocessed image. Prints and writes (``--json``): p50/p95 latency per client count, throughput
+in images per second, and the two targets of docs/serve.md: p50 at one client <= 1.3 x the batch-1 forward
+(the server's whole overhead: upload, decode, preprocessing, JSON), and throughput at 8 clients >= 2 x that of
+one client (decoding overlaps the model, and waiting requests run as one batch).
+
+    python benchmarks/serve.py --json benchmarks/results/serve_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_machine import cpu_name  # benchmarks/ is on sys.path when this script runs
+
+import racnn
+from racnn.checkpoint import model_record, save_checkpoint
+from racnn.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = ROOT.parent / "shared/datasets/cub200-subset/CUB_200_2011/images"
+
+
+def recipe_model(num_classes: int = 200) -> tuple[racnn.RACNN, Config]:
+    """The model of the accuracy recipe (three MobileNetV2 scales at 224 px cropped from a 448 px image) with
+    random weights: the timing does not depend on them."""
+    torch.manual_seed(0)
+    model = racnn.create_model(
+        "mobilenet_v2",
+        num_classes=num_classes,
+        input_size=224,
+        crop_from="source",
+        apn_grid=4,
+        apn_hidden=256,
+        image_size=448,
+        classes=[f"class {i}" for i in range(num_classes)],
+    )
+    cfg = Config()
+    cfg.model, cfg.data.image_size = model.cfg, model.image_size
+    return model, cfg
+
+
+def forward_time(model: racnn.RACNN, image: bytes, *, iters: int) -> float:
+    """Median seconds of the model's forward pass on one preprocessed image (batch 1, inference mode)."""
+    import io
+
+    from PIL import Image
+
+    x = model.transforms()(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(iters + 3):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= 3:  # warm-up
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url: str, name: str, data: bytes) -> float:
+    """One ``POST /predict`` of one image; returns its latency in seconds."""
+    boundary = "racnnbench"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(
+        f"{url}/predict", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        r.read()
+        if r.status != 200:
+            raise RuntimeError(f"{name}: the server answered {r.status}")
+    return time.perf_counter() - t0
+
+
+def load_clients(url: str, images: list[tuple[str, bytes]], clients: int, requests: int) -> dict[str, Any]:
+    """``clients`` threads, each sending ``requests`` one-image requests in turn (images taken in order)."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+
+    def client(c: int) -> None:
+        for r in range(requests):
+            name, data = images[(c * requests + r) % len(images)]
+            latencies[c].append(_request(url, name, data))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat = sorted(x for per in latencies for x in per)
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "p50_s": statistics.median(lat),
+        "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
+        "images_per_s": len(lat) / wall,
+        "wall_s": wall,
+    }
+
+
+def run_server(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "racnn", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"racnn serve exited: {proc.stderr.read()}") from None  # type: ignore[union-attr]
+            time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError("racnn serve did not start in 120 s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
+    p.add_argument(
+        "--checkpoint", help="model to serve (default: the accuracy recipe's model, random weights)"
+    )
+    p.add_argument(
+        "--images", default=str(DEFAULT_IMAGES), help="folder of JPEGs sent (default: %(default)s)"
+    )
+    p.add_argument("--requests", type=int, default=40, help="requests per client (default: %(default)s)")
+    p.add_argument("--many", type=int, default=8, help="the concurrent client count (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=30, help="timed forward passes (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads, here and in the server (0: all cores)"
+    )
+    p.add_argument("--json", help="write the results to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    paths = sorted(Path(args.images).rglob("*.jpg"))[:64]
+    if not paths:
+        raise SystemExit(f"{args.images}: no .jpg images to send")
+    images = [(p.name, p.read_bytes()) for p in paths]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            checkpoint = Path(args.checkpoint)
+            model = racnn.load_model(checkpoint)
+        else:
+            model, cfg = recipe_model()
+            checkpoint = Path(tmp) / "model.pt"
+            save_checkpoint(model_record(model, cfg, model.classes or []), checkpoint)
+        forward = forward_time(model, images[0][1], iters=args.iters)
+        proc, url = run_server(checkpoint, threads)
+        try:
+            _request(url, *images[0])  # warm-up
+            one = load_clients(url, images, 1, args.requests)
+            many = load_clients(url, images, args.many, args.requests)
+            with urllib.request.urlopen(f"{url}/healthz") as r:
+                health = json.loads(r.read())
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    res = {
+        "model": f"{model.cfg.backbone}, {model.cfg.num_scales} scales, {model.scale_sizes} px, image {model.image_size} px",
+        "forward_batch1_s": forward,
+        "one_client": one,
+        "many_clients": many,
+        "batches": health,
+        "p50_over_forward": one["p50_s"] / forward,
+        "throughput_ratio": many["images_per_s"] / one["images_per_s"],
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "threads": threads,
+            "torch": torch.__version__,
+        },
+        "command": " ".join(["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    res["targets"] = {
+        "p50_at_one_client": {"rule": "p50 <= 1.3 x batch-1 forward", "value": round(res["p50_over_forward"], 3),
+                              "met": res["p50_over_forward"] <= 1.3},
+        "throughput_at_many": {"rule": f"throughput at {args.many} clients >= 2 x one client",
+                               "value": round(res["throughput_ratio"], 3), "met": res["throughput_ratio"] >= 2.0},
+    }  # fmt: skip
+    print(f"model: {res['model']}; {threads} threads; {res['machine']['cpu']}")
+    print(f"batch-1 forward: {1e3 * forward:.1f} ms")
+    for row in (one, many):
+        print(
+            f"{row['clients']} client(s): p50 {1e3 * row['p50_s']:.1f} ms, p95 {1e3 * row['p95_s']:.1f} ms, "
+            f"{row['images_per_s']:.1f} images/s ({row['requests']} requests)"
+        )
+    print(f"server: {health['images']} images in {health['batches']} batches")
+    for name, t in res["targets"].items():
+        print(f"{'met' if t['met'] else 'NOT met'}: {name} ({t['rule']}; {t['value']})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
