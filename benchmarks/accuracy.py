@@ -44,7 +44,7 @@ SEEDS = (0, 1, 2)
 RECIPE: list[str] = """
 model.backbone=mobilenet_v2 model.pretrained=true model.num_scales=3 model.input_size=224
 model.crop_from=source model.mask_k=10.0 model.box_min_side=0.25 model.box_max_side=1.0
-model.apn_grid=4 model.apn_hidden=256 model.dropout=0.2 model.fusion=concat
+model.apn_grid=4 model.apn_hidden=256 model.dropout=0.2 model.fusion=mean_logprob
 data.name=cub data.image_size=448 data.val_fraction=0.1 data.num_workers=2 data.augment=true
 data.crop_scale_min=0.6
 optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 apn.lr=0.000001 apn.optimizer=adam
