@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from racnn.attention import crop_zoom
+from racnn.attention import compose_boxes, crop_zoom
 from racnn.checkpoint import load_model
 from racnn.evaluation import Accumulator
 from racnn.training import loaders
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for batch in torch.utils.data.DataLoader(data, batch_size=args.batch_size):
         x, y = batch["image"], batch["label"]
         out = model(x)
-        accs["APN boxes"].update(out.logits, out.boxes, batch, head)
+        accs["APN boxes"].update(out.logits, out.boxes, out.views, batch, head)
         x1 = model.scale_input(x)
         f1 = model.trunk(0, x1)  # B x C x h x w, scale 1's last conv map
         for name, true in (("targets, true class", True), ("targets, predicted", False)):
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             source = x if cfg.model.crop_from == "source" else x1
             f2 = model.trunk(1, crop_zoom(source, t1, model.scale_sizes[1], cfg.model.mask_k))
             c2 = y if true else model.heads[1](f2.mean((2, 3))).argmax(1)
-            accs[name].update(out.logits, [t1, apn_init_target(model, cfg, 1, f2, c2)], batch, head)
+            t2 = apn_init_target(model, cfg, 1, f2, c2)
+            accs[name].update(out.logits, [t1, t2], [t1, compose_boxes(t1, t2)], batch, head)
     res = {k: a.summary() for k, a in accs.items()}
     for k, s in res.items():
         print(

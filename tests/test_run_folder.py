@@ -86,6 +86,13 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
         k: v for k, v in old.items() if k != ".lock"
     }
     assert not (out / ".replaced").exists()
+    # the same stop, then --resume: it continues the old run (moved back first)
+    monkeypatch.setattr(RunFolder, "save_state", killed)
+    assert _train(fake_cub, out, "--overwrite") == 130
+    monkeypatch.undo()
+    assert not (out / "last.pt").exists() and (out / ".replaced" / "last.pt").is_file()
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert not (out / ".replaced").exists() and (out / "metrics.json").is_file()
 
 
 def test_path_problems_are_one_line_naming_the_path(
@@ -134,6 +141,26 @@ def test_a_full_disk_keeps_the_previous_checkpoint(
     assert not list(out.glob(".*.tmp"))
     monkeypatch.undo()
     assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0  # and the run goes on
+
+
+@pytest.mark.slow
+def test_a_real_failed_write_is_one_line_naming_the_checkpoint(fake_cub: Path, tmp_path: Path) -> None:
+    """The OS refuses the write (a file-size limit on the process, as a full disk would): torch.save fails
+    inside its C++ writer; the user gets one line naming the file, and no half-written file is left."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*_cmd(fake_cub, out), "--set", *TINY], capture_output=True, text=True, env=_env(), preexec_fn=limit
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = _one_line(proc.stderr)
+    assert line.startswith(f"racnn train: error: {out / 'last.pt'}: could not be written (")
+    assert not (out / "last.pt").exists() and not list(out.glob(".*.tmp"))
 
 
 def test_the_lock_names_the_process_that_holds_it(tmp_path: Path) -> None:
@@ -247,17 +274,25 @@ def test_torchrun_errors_are_printed_once_or_name_their_rank(
 
     from racnn.data import DatasetError
 
-    class Trainer:  # a run whose rank 1 meets an unreadable image of its own shard while training
+    raised: list[DatasetError] = []
+
+    class Trainer:  # a run whose fit() meets a dataset error
         def __init__(self, *args: object, **kwargs: object) -> None:
             self.main = False
 
         def fit(self) -> None:
-            raise DatasetError("x.jpg: not an image")
+            raise raised[0]
 
         def close(self) -> None:
             pass
 
     monkeypatch.setattr("racnn.training.trainer.Trainer", Trainer)
     monkeypatch.setenv("RANK", "1")
+    raised.append(DatasetError("CUB_200_2011/images.txt: not found"))  # every rank builds the test split
+    assert main(["train", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ""
+    one = DatasetError("x.jpg: not an image")
+    one.racnn_one_rank = True  # as the loader marks an image of this rank's shard
+    raised[0] = one
     assert main(["train", "--out", str(tmp_path / "o")]) == 2
     assert _one_line(capsys.readouterr().err) == "racnn train (rank 1/2): error: x.jpg: not an image"

@@ -129,6 +129,15 @@ def test_every_bad_input_is_a_4xx_and_the_server_goes_on() -> None:
             assert r.status_code == status, (needle, r.text)
             body = r.json()
             assert set(body) == {"error"} and needle in body["error"] and "\n" not in body["error"]
+
+        # a chunked upload (no Content-Length) is counted as it arrives and stopped at the limit
+        def chunks():
+            yield b'--x\r\nContent-Disposition: form-data; name="image"; filename="huge.jpg"\r\n\r\n'
+            for _ in range(100):
+                yield b"\xff" * 1000
+
+        r = c.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413 and "over the limit of" in r.json()["error"]
         assert c.post("/predict", files=[good]).status_code == 200  # still serving
         assert c.get("/healthz").json()["images"] == 1
 
@@ -167,6 +176,39 @@ def test_the_batcher_runs_what_waits_as_one_batch(monkeypatch: pytest.MonkeyPatc
         want, want_views = real(model, x)
         assert all(torch.allclose(probs[k], want[k], atol=1e-5) for k in want)
         assert len(views) == 2 and torch.allclose(views[0], want_views[0], atol=1e-5)
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    model = _model().eval()
+
+    async def scenario() -> tuple[list, object]:
+        batcher = serve.Batcher(model, torch.device("cpu"), max_batch=16)
+        batcher.start()
+        # two requests of different sides cannot be stacked into one batch: both fail, nothing hangs
+        bad = await asyncio.gather(
+            batcher.run(torch.zeros(1, 3, 48, 48)),
+            batcher.run(torch.zeros(1, 3, 40, 40)),
+            return_exceptions=True,
+        )
+        good = await asyncio.wait_for(batcher.run(torch.zeros(2, 3, 48, 48)), 30)
+        await batcher.stop()
+        return bad, good
+
+    bad, (probs, views) = asyncio.run(scenario())
+    assert any(isinstance(b, Exception) for b in bad)
+    assert probs["s123"].shape == (2, 3) and len(views) == 2
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation() -> None:
+    """A phone photo stored sideways with an EXIF orientation tag: the server answers (sizes and boxes) in the
+    orientation a browser shows, so the page's boxes fall where the model looked."""
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.new("RGB", (80, 60), (120, 60, 30)).save(buf, "JPEG", exif=exif)
+    with _client() as c:
+        rec = c.post("/predict", files=[("image", ("phone.jpg", buf.getvalue(), "image/jpeg"))]).json()[0]
+    assert (rec["width"], rec["height"]) == (60, 80)
 
 
 # ------------------------------------------------------------------------------------------ real server

@@ -42,15 +42,6 @@ def compose_boxes(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0 + side * inner[:, 0], y0 + side * inner[:, 1], side * inner[:, 2]], dim=1)
 
 
-def image_views(boxes: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-scale boxes, each relative to its own scale's input -> the region each of scales 2..N sees,
-    relative to scale 1's image (the first box, then each next one composed into the one before)."""
-    views: list[torch.Tensor] = []
-    for box in boxes:
-        views.append(box if not views else compose_boxes(views[-1], box))
-    return views
-
-
 class APN(nn.Module):
     """Attention proposal network: two FC layers on a scale's last conv features (released model: FC 1024, tanh,
     FC 3, sigmoid). The features are average-pooled to ``grid x grid`` first so one APN fits any input size."""

@@ -51,7 +51,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
-    from .data import DatasetError
     from .training.trainer import Trainer
 
     if a.resume:
@@ -81,7 +80,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     metrics = None
     try:
         metrics = trainer.fit()
-    except (DatasetError, OSError, RuntimeError) as e:  # met while training: may be this rank's alone
+    except (OSError, RuntimeError) as e:  # met while training (out of memory, a device): may be this rank's
         e.racnn_one_rank = True  # type: ignore[attr-defined]
         raise
     except KeyboardInterrupt:  # Ctrl-C: last.pt holds the last finished epoch (the unfinished one is dropped)
@@ -314,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 def _report(command: str, e: BaseException) -> None:
     """The error as one line on stderr. Under torchrun an error that every rank meets (a config, a path, a
     dataset folder, a checkpoint, the run folder, a non-finite loss: all decided alike on every rank) is
-    printed once, by rank 0; one met while training, which may be a single rank's (an unreadable image in
-    its shard), names the rank that printed it."""
+    printed once, by rank 0; one that may be a single rank's (an unreadable image of its shard, marked so by
+    the loader; a device or memory error while training) names the rank that printed it."""
     from .training.distributed import env_from_os
 
     try:

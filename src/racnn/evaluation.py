@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .attention import box_to_xyxy, image_views
+from .attention import box_to_xyxy
 from .model import RACNN
 
 TABLE_ROWS = [
@@ -87,12 +87,12 @@ class Accumulator:
         self,
         logits: dict[str, torch.Tensor],
         boxes: list[torch.Tensor],
+        views: list[torch.Tensor],
         batch: dict[str, Any],
         head_parts: list[int] | None = None,
-        views: list[torch.Tensor] | None = None,
     ) -> None:
-        """Count one batch: ``logits`` by output key, the APN ``boxes`` (each relative to its scale's input)
-        and the ``views`` of scales 2..N relative to the image (derived from the boxes when not given)."""
+        """Count one batch: ``logits`` by output key, the APN ``boxes`` (each relative to its scale's input,
+        for their sides) and the ``views`` of scales 2..N relative to the image (``RACNNOutput.views``)."""
         target = batch["label"].to(next(iter(logits.values())).device)
         self.n += target.numel()
         for k, v in logits.items():
@@ -105,7 +105,7 @@ class Accumulator:
             self.sides[s + 1].append((2 * box[:, 2]).float().cpu())
         if not boxes:
             return
-        views = [v.float().cpu() for v in (views if views is not None else image_views(boxes))]
+        views = [v.float().cpu() for v in views]
         has_box = (
             batch["has_box"].bool().cpu()
             if "has_box" in batch
@@ -196,7 +196,7 @@ def accumulate(
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
             out = model(images)
         logits = {k: v.float() for k, v in (out.logits | model.fusion_variants(out)).items()}
-        acc.update(logits, out.boxes, batch, head_parts, out.views)
+        acc.update(logits, out.boxes, out.views, batch, head_parts)
     model.train(was_training)
     return acc
 

@@ -38,7 +38,7 @@ def _as_inputs(
             names.append(getattr(image, "filename", "") or f"image {i}")
         else:
             names.append(str(image))
-            image = load_image(image)
+            image = load_image(image, upright=True)  # a photo as a viewer shows it (EXIF orientation)
         sizes.append(image.size)
         batch.append(transform(image))
     return torch.stack(batch), names, sizes
@@ -53,7 +53,8 @@ def predict(
     device: torch.device | str | None = None,
     batch_size: int = 16,
 ) -> list[dict[str, Any]]:
-    """Classify ``images`` (file paths, PIL images, or preprocessed 3 x S x S tensors; one or a list).
+    """Classify ``images`` (file paths, PIL images, or preprocessed 3 x S x S tensors; one or a list). Files
+    are turned upright by their EXIF orientation, as a viewer shows them.
 
     One record per image (:func:`records`): ``{"image", "width", "height", "top": {key: [{"class",
     "index", "prob"}, ...]}, "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``. ``top`` has every scale
@@ -67,12 +68,16 @@ def predict(
     items = list(images)
     if device is None:
         device = next(model.parameters()).device
+    was_training = model.training
     model.eval().to(device)
     out: list[dict[str, Any]] = []
-    for start in range(0, len(items), batch_size):
-        x, names, sizes = _as_inputs(model, items[start : start + batch_size])
-        probs, views = forward_probs(model, x.to(device))
-        out += records(model, probs, views, names, sizes, topk=topk)
+    try:
+        for start in range(0, len(items), batch_size):
+            x, names, sizes = _as_inputs(model, items[start : start + batch_size])
+            probs, views = forward_probs(model, x.to(device))
+            out += records(model, probs, views, names, sizes, topk=topk)
+    finally:
+        model.train(was_training)  # as it was (a model in training stays in training mode)
     return out
 
 

@@ -89,16 +89,16 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             items = [await self.queue.get()]
-            n = len(items[0][0])
-            while n < self.max_batch and not self.queue.empty():
-                items.append(self.queue.get_nowait())
-                n += len(items[-1][0])
-            batch = torch.cat([x for x, _ in items])
-            self.batches, self.images = self.batches + 1, self.images + len(batch)
-            self.recent.append(len(batch))
             try:
+                n = len(items[0][0])
+                while n < self.max_batch and not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                    n += len(items[-1][0])
+                batch = torch.cat([x for x, _ in items])
+                self.batches, self.images = self.batches + 1, self.images + len(batch)
+                self.recent.append(len(batch))
                 probs, views = await loop.run_in_executor(self.pool, self._forward, batch)
-            except Exception as e:  # the requests fail, the server goes on
+            except Exception as e:  # these requests fail; the worker and the server go on
                 for _, future in items:
                     if not future.done():
                         future.set_exception(e)
@@ -196,10 +196,24 @@ async def _uploads(request: Request, limits: ServeLimits) -> list[tuple[UploadFi
         raise BadInput(413, f"the upload is {int(length) / 2**20:.1f} MB, over the limit of {mb:.0f} MB")
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise BadInput(400, "send the images as multipart/form-data, each in a field named 'image'")
+    # the body is counted as it arrives (a chunked upload has no Content-Length; the parser spools files
+    # without a bound): past the limit the request stops there
+    received = 0
+
+    async def receive() -> Any:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limits.max_upload_bytes:
+            raise BadInput(413, f"the upload is over the limit of {mb:.0f} MB")
+        return message
+
     try:
-        form = await request.form(
+        form = await Request(request.scope, receive).form(
             max_files=limits.max_images, max_fields=8, max_part_size=limits.max_upload_bytes
         )
+    except BadInput:
+        raise
     except Exception as e:  # the multipart parser's own complaint (too many files, a part too large, ...)
         text = str(getattr(e, "detail", None) or e or type(e).__name__)
         if "too many files" in text.lower():
@@ -209,12 +223,9 @@ async def _uploads(request: Request, limits: ServeLimits) -> list[tuple[UploadFi
     files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
     if not files:
         raise BadInput(400, "no image: send one or more files in the multipart field 'image'")
-    uploads, total = [], 0
+    uploads = []
     for f in files:
-        data = await f.read(limits.max_upload_bytes + 1)
-        total += len(data)
-        if total > limits.max_upload_bytes:
-            raise BadInput(413, f"{f.filename}: the upload is over the limit of {mb:.0f} MB")
+        data = await f.read()
         if not data:
             raise BadInput(400, f"{f.filename or 'image'}: empty file")
         uploads.append((f, data))
@@ -227,7 +238,7 @@ def _decode(
     """One upload decoded and preprocessed (in a worker thread): the model's input and the image's size."""
     name = upload.filename or "image"
     try:
-        image = load_image(io.BytesIO(data), name=name, max_pixels=limits.max_pixels)
+        image = load_image(io.BytesIO(data), name=name, max_pixels=limits.max_pixels, upright=True)
     except NotAnImage as e:
         raise BadInput(415, str(e)) from None
     except ImageTooLarge as e:

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from racnn.data.errors import DatasetError
 
@@ -42,12 +42,17 @@ class ImageTooLarge(DatasetError):
 
 
 def load_image(
-    source: str | Path | BinaryIO, *, name: str | None = None, max_pixels: int | None = None
+    source: str | Path | BinaryIO,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    upright: bool = False,
 ) -> Image.Image:
     """Read an image (a file, or an open binary stream such as an upload) fully, so truncated files fail
     here, and return it as RGB.
 
-    No EXIF rotation is applied: annotations refer to the stored pixel grid. ``name`` is what messages call
+    No EXIF rotation is applied unless ``upright`` (datasets: their annotations refer to the stored pixel grid;
+    a user's photo, as ``predict`` and ``serve`` read it: turned as a viewer shows it). ``name`` is what messages call
     the image (default: the path). ``max_pixels``: refuse larger images from their header, before decoding
     them (:class:`ImageTooLarge`); PIL's own decompression-bomb limit applies too.
     Raises :class:`DatasetError` ``"{name}: cannot read image ({reason})"`` for a missing, corrupt or
@@ -62,7 +67,7 @@ def load_image(
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageTooLarge(f"{name}: {w} x {h} pixels, over the limit of {max_pixels:,}")
                 image.load()
-                return to_rgb(image)
+                return to_rgb(ImageOps.exif_transpose(image) if upright else image)
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{name}: cannot read image ({exc})") from exc
     except UnidentifiedImageError as exc:

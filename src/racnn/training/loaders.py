@@ -108,7 +108,9 @@ class Loader(DataLoader):
             except StopIteration:
                 return
             except DatasetError as e:
-                raise DatasetError(_last_line(e)) from None
+                error = DatasetError(_last_line(e))
+                error.racnn_one_rank = True  # type: ignore[attr-defined]  # an image of this rank's shard
+                raise error from None
             raise_if_interrupted()
             if "bad" in batch:
                 self.bad_images += int(batch["bad"].sum())

@@ -107,10 +107,11 @@ class RunFolder:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            pid = f.read(32).decode(errors="replace").strip() or "?"
+            pid = f.read(32).decode(errors="replace").strip()
             f.close()
+            who = f"PID {pid}" if pid else "another process"  # (it has the lock but not yet its PID written)
             raise RunFolderError(
-                f"{self.path}: in use by PID {pid} (another run writes here); wait for it or pass another --out"
+                f"{self.path}: in use by {who} (another run writes here); wait for it or pass another --out"
             ) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n".encode())
@@ -140,9 +141,10 @@ class RunFolder:
                 return
             if self.holds_run():
                 if not overwrite:
+                    held = ", ".join(n for n in RUN_MARKS if (self.path / n).exists())
                     raise RunFolderError(
-                        f"{self.path}: holds a training run ({', '.join(n for n in RUN_MARKS if (self.path / n).exists())}); "
-                        "continue it with --resume, or replace it with --overwrite"
+                        f"{self.path}: holds a training run ({held}); continue it with --resume (resume=True), "
+                        "or replace it with --overwrite (overwrite=True)"
                     )
                 shutil.rmtree(self.aside, ignore_errors=True)
                 self.aside.mkdir()
@@ -168,9 +170,10 @@ class RunFolder:
         """Run ``write``; an OS error (a full disk, a lost permission) becomes one line naming ``path``."""
         try:
             return write()
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
             kept = f"; the previous {path.name} is kept" if path.suffix == ".pt" else ""
-            raise RunFolderError(f"{path}: could not be written ({e.strerror or e}){kept}") from None
+            raise RunFolderError(f"{path}: could not be written ({reason}){kept}") from None
 
     def log(self, record: dict[str, Any]) -> int:
         """Append one record to ``metrics.jsonl``; returns the file's new size."""
@@ -190,6 +193,11 @@ class RunFolder:
 
     def write_test(self, metrics: dict[str, Any]) -> None:
         self._write(self.test, lambda: self.test.write_text(json.dumps(json_safe(metrics), indent=2)))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
 
 
 def trim_file(path: Path, size: int) -> None:

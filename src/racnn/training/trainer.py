@@ -74,7 +74,8 @@ class Trainer:
             raise ValueError(
                 "resume continues the run in the folder, overwrite replaces it: pass one of them"
             )
-        cfg = Config() if cfg is None else cfg
+        # a copy: the run owns its config (the caller's object is left as it was)
+        cfg = Config() if cfg is None else Config.from_dict(cfg.to_dict())
         self.dist = distributed.env_from_os()
         self.main = self.dist.main
         self.run = RunFolder(out_dir)
@@ -82,7 +83,10 @@ class Trainer:
         self.progress, self.overwrite = progress and self.main, overwrite
         state = None
         if resume:
-            state = load_checkpoint(self.last)
+            # an --overwrite stopped before the new run's first checkpoint left the old run aside: resume it
+            # (start() moves it back)
+            aside = self.run.aside / self.last.name
+            state = load_checkpoint(aside if not self.last.exists() and aside.is_file() else self.last)
             if state.get("format") != TRAIN_FORMAT:
                 raise CheckpointError(f"{self.last}: not a training state (resume needs a last.pt)")
             cfg = Config.from_dict(
@@ -231,8 +235,15 @@ class Trainer:
         kept = f"{self.last} keeps the last good state ({kept})"
         return NonFiniteWatch(self.device, self.dist, self.cfg.train.log_every, where, kept)
 
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Stop the training loader's workers, flush TensorBoard and leave the process group."""
+        """Stop the training loader's workers, flush TensorBoard, release the run folder's lock and leave the
+        process group (``with racnn.Trainer(...) as trainer:`` does it at the end of the block)."""
         self._loader = None
         if self.tb is not None:
             self.tb.close()
@@ -330,8 +341,8 @@ class Trainer:
             acc.update(
                 {k: v.detach() for k, v in out.logits.items()},
                 [b.detach() for b in out.boxes],
+                [v.detach() for v in out.views],
                 batch,
-                views=[v.detach() for v in out.views],
             )
             steps += 1
             seen += batch["label"].numel()
