@@ -133,3 +133,22 @@ def test_export_traces_the_eager_crop_of_a_compile_crop_model(
         want = RACNNOnnxWrapper(model.eval())(images)
     for g, w in zip(got, want, strict=True):
         assert np.abs(g - w.numpy()).max() < 1e-4
+
+
+@pytest.mark.parametrize("fusion", ["mean_logprob", "weighted"])
+def test_the_configured_fusion_is_what_the_graph_fuses(tmp_path: Path, fusion: str) -> None:
+    """The fused outputs of the graph are the model's fusion (model.fusion), fitted weights included."""
+    cfg = load_config(None, [*OVERRIDES, f"model.fusion={fusion}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=4).eval()
+    with torch.no_grad():
+        model.fusion_weights.copy_(torch.tensor([[0.9, 0.1, 0.0], [0.2, 1.5, 0.3]]))  # as if fitted
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    _check_outputs(session, model, images)
+    with torch.no_grad():
+        out = model(images)
+    want = model.fusion_variants(out)[f"s123_{fusion}"]
+    got = session.run(["logits_s123"], {"images": images.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() < 1e-4
