@@ -137,19 +137,29 @@ def git_commit() -> str:
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def run_training(cfg: Config, out: Path, *, threads: int, progress: bool) -> dict[str, Any]:
+def run_training(cfg: Config, out: Path, *, threads: int, progress: bool, commit: str) -> dict[str, Any]:
     """``racnn train`` of ``cfg`` into ``out`` as its own process (``threads`` torch threads), or the run that
-    is already there: finished with the same config, its metrics; killed, resumed. A folder holding a run of
-    another config is an error (the benchmark never replaces a run). Returns the test metrics and wall time."""
+    is already there: finished with the same config and the same code (``commit``), its metrics; killed,
+    resumed. A folder holding a run of another config or commit is an error (the benchmark never replaces a
+    run, and never reports one commit's figures under another's). Returns the test metrics, the wall time of
+    the training process and whether the run was ``reused`` or ``resumed``."""
     wanted = out.with_suffix(".yaml")  # next to the run folder: what this benchmark asks of it
+    stamp = out.with_suffix(".commit")  # the code the run was started with
     save_config(cfg, wanted)
     done = out / "metrics.json"
     if (out / "config.yaml").is_file():
         if load_config(out / "config.yaml").to_dict() != cfg.to_dict():
             raise SystemExit(f"{out}: holds a run of another config; pass another --runs folder")
+        recorded = stamp.read_text().strip() if stamp.is_file() else "unknown"
+        if recorded != commit:
+            raise SystemExit(
+                f"{out}: holds a run of commit {recorded}, not of this one ({commit}); pass another --runs folder"
+            )
         if done.is_file():
             print(f"  {out.name}: finished before, reused", flush=True)
-            return json.loads(done.read_text())
+            return json.loads(done.read_text()) | {"reused": True}
+    else:
+        stamp.write_text(commit + "\n")
     resume = (out / "last.pt").is_file()
     cmd = [sys.executable, "-m", "racnn", "train", "--out", str(out)]
     cmd += ["--resume"] if resume else ["--config", str(wanted)]
@@ -162,14 +172,17 @@ def run_training(cfg: Config, out: Path, *, threads: int, progress: bool) -> dic
     if code != 0 or not done.is_file():
         raise SystemExit(f"{out}: racnn train exited with {code}; its output is in {out.with_suffix('.log')}")
     metrics = json.loads(done.read_text())
-    metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)
+    metrics["wall_time_s"] = round(time.perf_counter() - t0, 1)  # of this process (after a resume: its part)
+    metrics["resumed"] = resume
     done.write_text(json.dumps(metrics, indent=2))
     accs = {k: round(v, 4) for k, v in metrics.items() if k in ("acc_s1", "acc_s2", "acc_s3", "acc_s123")}
     print(f"  {out.name}: {json.dumps(accs)} in {metrics['wall_time_s']:.0f} s", flush=True)
     return metrics
 
 
-def run_all(jobs: list[tuple[str, Config]], runs: Path, *, workers: int, progress: bool) -> dict[str, Any]:
+def run_all(
+    jobs: list[tuple[str, Config]], runs: Path, *, workers: int, progress: bool, commit: str
+) -> dict[str, Any]:
     """Every ``(name, config)`` job in ``runs/name``, ``workers`` at a time (longest first: RA-CNN before the
     baselines, so the cores stay busy to the end)."""
     runs.mkdir(parents=True, exist_ok=True)
@@ -177,7 +190,9 @@ def run_all(jobs: list[tuple[str, Config]], runs: Path, *, workers: int, progres
     order = sorted(jobs, key=lambda j: -j[1].model.num_scales)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
-            name: pool.submit(run_training, cfg, runs / name, threads=threads, progress=progress)
+            name: pool.submit(
+                run_training, cfg, runs / name, threads=threads, progress=progress, commit=commit
+            )
             for name, cfg in order
         }
         return {name: futures[name].result() for name, _ in jobs}
@@ -219,12 +234,13 @@ def table_entry(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> dic
     return out
 
 
-def mean_std(values: list[Any]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation of the measured values (None: not measured; one value: std 0)."""
+def mean_std(values: list[Any]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation and count of the measured values (None/NaN: not measured; one value:
+    std 0)."""
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not xs:
-        return None, None
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return None, None, 0
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
 
 
 def check_targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -281,18 +297,19 @@ def build_result(
     entries = {s: table_entry(racnn[s], baselines[s]) for s in seeds}
     result: dict[str, Any] = {"seeds": seeds, "fusion": fusion, "ensemble3": ensemble3}
     std: dict[str, float | None] = {}
+    count: dict[str, int] = {}  # seeds that measured each figure (fewer than `seeds`: see per_seed)
     for key, _, _ in ROWS:
         if key == "ensemble3":
             continue
-        result[key], std[key] = mean_std([entries[s][key] for s in seeds])
+        result[key], std[key], count[key] = mean_std([entries[s][key] for s in seeds])
     result["loc_centre_hit"] = mean_std([entries[s]["loc_centre_hit"] for s in seeds])[0]
     result["baseline_std"], result["acc_s123_std"] = std["baseline"], std["acc_s123"]
-    result["std"] = std
+    result["std"], result["n"] = std, count
     result["per_seed"] = {
         str(s): {
             **entries[s],
-            "wall_time_s": racnn[s].get("wall_time_s"),
-            "baseline_wall_time_s": baselines[s].get("wall_time_s"),
+            **{k: racnn[s].get(k) for k in ("wall_time_s", "resumed", "reused")},
+            **{f"baseline_{k}": baselines[s].get(k) for k in ("wall_time_s", "resumed", "reused")},
         }
         for s in seeds
     }
@@ -327,8 +344,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             continue
         cells = [_cell(result["per_seed"][s].get(key), kind) for s in seeds]
         recipe = " **(the recipe's)**" if key == f"acc_s123_{result['fusion']}" else ""
+        n = result.get("n", {}).get(key, len(seeds))
+        fewer = f" ({n} of {len(seeds)} seeds)" if n < len(seeds) else ""
         lines.append(
-            f"| {label}{recipe} | {_pm(result.get(key), result['std'].get(key), kind)} | "
+            f"| {label}{recipe} | {_pm(result.get(key), result['std'].get(key), kind)}{fewer} | "
             + " | ".join(cells)
             + " |"
         )
@@ -486,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [(f"racnn_seed{s}", seeded(cfg, s)) for s in args.seeds]
     todo += [(f"baseline_seed{s}", seeded(baseline_config(cfg), s)) for s in args.seeds]
     print(f"{len(todo)} runs of {cfg.train.epochs} epochs, {jobs} at a time, in {runs}", flush=True)
-    metrics = run_all(todo, runs, workers=jobs, progress=args.progress)
+    metrics = run_all(todo, runs, workers=jobs, progress=args.progress, commit=info["commit"])
     ensemble = ensemble_accuracy([runs / f"baseline_seed{s}" for s in args.seeds])
     info["images"] = _split_sizes(cfg)
     info["load_avg_1m_end"] = load()

@@ -71,7 +71,8 @@ def test_result_holds_seed_means_stds_and_every_fusion() -> None:
         acc.build_result(
             {0: {}}, {1: fake_metrics()}, ensemble3=None, fusion="concat", wall_time_s=1, info={}
         )
-    assert acc.mean_std([None, math.nan]) == (None, None) and acc.mean_std([0.5]) == (0.5, 0.0)
+    assert acc.mean_std([None, math.nan]) == (None, None, 0) and acc.mean_std([0.5, None]) == (0.5, 0.0, 1)
+    assert r["n"]["acc_s1"] == 3
 
 
 def test_targets() -> None:
@@ -87,6 +88,8 @@ def test_targets() -> None:
     assert collapsed["no_collapse_s1"]["value"] == [0.25, 0.001]
     missing = result(head_hit_s2=math.nan)
     assert missing["head_hit_s2"] is None and not missing["targets"]["head_hit_s2"]["met"]
+    assert missing["n"]["head_hit_s2"] == 0
+    assert "(0 of 3 seeds)" in acc.markdown_table(missing)
 
 
 def test_markdown_and_files(tmp_path: Path) -> None:
@@ -149,6 +152,9 @@ def test_micro_run_end_to_end(fake_cub: Path, tmp_path: Path, capsys: pytest.Cap
     assert capsys.readouterr().out.count("finished before, reused") == 4
     again = json.loads((tmp_path / "res" / "accuracy_cub_quick.json").read_text())
     assert again["acc_s123"] == r["acc_s123"] and again["ensemble3"] == r["ensemble3"]
-    # a run folder holding another config is never replaced
+    # a run folder holding another config, or a run of other code, is never reused nor replaced
     with pytest.raises(SystemExit, match="racnn_seed0: holds a run of another config"):
         acc.main([*args, "--figures", "", "--set", *tiny, "train.batch_size=2"])
+    (runs / "racnn_seed0.commit").write_text("0123abc\n")
+    with pytest.raises(SystemExit, match="racnn_seed0: holds a run of commit 0123abc, not of this one"):
+        acc.main([*args, "--figures", "", "--set", *tiny])

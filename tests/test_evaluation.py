@@ -41,3 +41,14 @@ def test_views_on_the_object_and_the_head() -> None:
     assert m["head_hit_s2"] == 0.5  # (0.5, 0.3) lies in image 0's scale-2 box, not in image 1's
     assert math.isclose(m["loc_acc_iou50"], 0.5)
     torch.testing.assert_close(views[1], torch.tensor([[0.5, 0.35, 0.15], [0.2, 0.2, 0.2]]))
+
+
+def test_kept_scores_are_the_scales_only() -> None:
+    """With every fusion kind among the outputs, the kept scores are the N scales' (not s12, a fused output)."""
+    acc = Accumulator(keep_scores=True)
+    keys = ["s1", "s2", "s3", "s12", "s123"] + [f"s123_k{i}" for i in range(8)]
+    logits = {k: torch.randn(4, 5) for k in keys}
+    acc.update(logits, [], [], {"label": torch.arange(4)})
+    logp, target = acc.scores()
+    assert logp.shape == (3, 4, 5) and torch.allclose(logp[2], logits["s3"].log_softmax(1))
+    assert torch.equal(target, torch.arange(4))

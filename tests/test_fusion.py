@@ -73,6 +73,25 @@ def test_fitted_weights_find_the_scale_that_generalises() -> None:
     assert alone - 3 <= correct <= len(y) and correct > unweighted + 5
 
 
+def test_cross_fitting_never_judges_an_image_by_weights_fitted_on_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from racnn import fusion
+
+    logp, y = _scales_with_one_informative(m=20)
+    fitted_on: list[set[tuple[float, ...]]] = []
+    real = fusion.fit_weights
+
+    def spy(lp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        fitted_on.append({tuple(row.tolist()) for row in lp[0]})  # the images (scale 1's rows) of this fit
+        return real(lp, target)
+
+    monkeypatch.setattr(fusion, "fit_weights", spy)
+    fusion.cross_fitted_correct(logp, y, folds=5)
+    assert len(fitted_on) == 5
+    for f, rows in enumerate(fitted_on):
+        held = [tuple(logp[0, i].tolist()) for i in range(20) if i % 5 == f]
+        assert len(rows) == 16 and not rows.intersection(held)
+
+
 def test_fitting_degenerate_splits_keeps_uniform_weights() -> None:
     logp, y = _scales_with_one_informative(m=1)
     assert torch.isfinite(fit_weights(logp, y)).all()
@@ -135,6 +154,14 @@ def test_a_checkpoint_without_fusion_weights_loads_with_uniform_ones(tmp_path: P
     assert loaded.cfg.fusion == "concat"
     assert torch.allclose(loaded.fusion_weights[1], torch.full((3,), 1 / 3))
     assert torch.allclose(loaded.fusion_weights[0], torch.tensor([0.5, 0.5, 0.0]))
+
+
+def test_the_weighted_fusion_needs_a_validation_split(fake_cub: Path, tmp_path: Path) -> None:
+    from racnn.config import ConfigError
+
+    cfg = tiny_config(fake_cub, **{"model.fusion": "weighted", "data.val_fraction": 0.0})
+    with pytest.raises(ConfigError, match=r"model\.fusion=weighted fits its weights on the validation split"):
+        Trainer(cfg, tmp_path / "run", progress=False)
 
 
 def test_training_fits_the_weights_on_validation_and_logs_every_kind(fake_cub: Path, tmp_path: Path) -> None:

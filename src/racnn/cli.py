@@ -146,6 +146,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     head_parts = getattr(dataset, "head_parts", None)
     metrics = evaluate(model.to(device), loader, device=device, head_parts=head_parts)
     metrics["split"] = a.split
+    if a.split in ("val", "trainval") and model.cfg.num_scales > 1:
+        print(
+            f"note: acc_*_weighted on the {a.split} split is in-sample (the weighted fusion's weights were "
+            "fitted on the validation split)",
+            file=sys.stderr,
+        )
     if a.skip_bad_images:
         metrics["bad_images"] = loader.bad_images
         print(f"skipped {loader.bad_images} unreadable image(s)", file=sys.stderr)

@@ -98,7 +98,10 @@ class Accumulator:
         for k, v in logits.items():
             self.correct[k] += int((v.argmax(1) == target).sum())
         if self.keep_scores:
-            scales = [logits[f"s{i}"] for i in range(1, len(logits) + 1) if f"s{i}" in logits]  # s1 .. sN
+            scales, i = [], 1
+            while f"s{i}" in logits and i < 10:  # s1 .. sN (s12, s123 are fused outputs, not scales)
+                scales.append(logits[f"s{i}"])
+                i += 1
             self.logprobs.append(torch.stack([z.float().log_softmax(1).cpu() for z in scales]))
             self.targets.append(target.cpu())
         for s, box in enumerate(boxes):

@@ -34,9 +34,9 @@ def loss_terms(
     """The loss terms of one batch, as a dict (a task module's answer): ``loss``, what ``phase`` minimises,
     and its parts for the log. The APN initialisation: ``box``, every APN's smooth-L1 to its initialisation
     box. Every other phase: ``cls`` (the per-scale and concat-fusion cross-entropies ``ce_*``, Eq. 7), ``rank``
-    (Eq. 8, plus ``loss.prior_weight`` times the object ``prior``), ``rank_active`` (the share of active
-    hinges); the attention phase minimises ``rank``, the classifier phases ``cls``, the joint phase
-    ``cls + loss.rank_weight * rank``."""
+    (Eq. 8), ``rank_active`` (the share of active hinges) and, with ``loss.prior_weight``, the object
+    ``prior``; the classifier phases minimise ``cls``, the attention phase ``rank + prior_weight * prior``,
+    the joint phase ``cls + rank_weight * rank + prior_weight * prior``."""
     if "box" in phase.losses:
         box = sum(
             box_regression_loss(b.float(), apn_init_target(model, cfg, s, fmap, y))
@@ -51,16 +51,17 @@ def loss_terms(
     hinges = ranking_hinges(probs, lc.rank_margin, detach_coarse=lc.rank_detach_coarse, ceiling=ceiling)
     rank = sum((h.mean() for h in hinges), cls.new_zeros(()))
     extra = {"rank_active": sum((h > 0).float().mean() for h in hinges) / len(hinges)} if hinges else {}
+    attend = rank if phase.losses == ("rank",) else lc.rank_weight * rank
     if needs_maps(phase, cfg, n_scales):  # the scale-1 box stays near the object scale 1's own map shows
         box_min, box_max = model.cfg.box_min_side, model.cfg.box_max_side
         extra["prior"] = box_regression_loss(out.boxes[0].float(), aolm_boxes(out.maps[0], box_min, box_max))
-        rank = rank + lc.prior_weight * extra["prior"]
-    if phase.losses == ("rank",):
-        loss = rank
-    elif "rank" in phase.losses:
-        loss = cls + lc.rank_weight * rank
-    else:
+        attend = attend + lc.prior_weight * extra["prior"]
+    if "rank" not in phase.losses:
         loss = cls
+    elif "cls" in phase.losses:
+        loss = cls + attend
+    else:
+        loss = attend
     return {"loss": loss, "cls": cls, "rank": rank, **extra, **terms}
 
 

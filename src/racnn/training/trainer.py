@@ -31,7 +31,7 @@ from ..checkpoint import (
     load_model,
     model_record,
 )
-from ..config import Config
+from ..config import Config, ConfigError
 from ..evaluation import Accumulator, accumulate, epoch_line, format_table
 from ..fusion import fit_model_weights
 from ..model import RACNN, build_model
@@ -109,6 +109,11 @@ class Trainer:
             val_set = self._dataset("val", prep, train=False)
         self.val_set = val_set
         self.test_set = test_set
+        if cfg.model.fusion == "weighted" and val_set is None:
+            raise ConfigError(
+                "model.fusion=weighted fits its weights on the validation split, and this run has none: "
+                "set data.val_fraction > 0 (or pass val_set), or choose mean_logprob"
+            )
         self._loader: loaders.Loader | None = None
         self.classes: list[str] = _classes(self.train_set, model)
         if model is None:
