@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
@@ -69,7 +68,6 @@ class Batcher:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="racnn-model")
         self.task: asyncio.Task[None] | None = None
         self.batches, self.images = 0, 0  # run so far (GET /healthz)
-        self.recent: deque[int] = deque(maxlen=64)  # sizes of the last batches
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._work())
@@ -96,7 +94,6 @@ class Batcher:
                     n += len(items[-1][0])
                 batch = torch.cat([x for x, _ in items])
                 self.batches, self.images = self.batches + 1, self.images + len(batch)
-                self.recent.append(len(batch))
                 probs, views = await loop.run_in_executor(self.pool, self._forward, batch)
             except Exception as e:  # these requests fail; the worker and the server go on
                 for _, future in items:
