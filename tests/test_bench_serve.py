@@ -49,7 +49,8 @@ def test_serve_benchmark_writes_latency_throughput_and_targets(tmp_path: Path) -
     assert written["one_client"]["requests"] == 3 and written["many_clients"]["requests"] == 6
     for row in ("one_client", "many_clients"):
         assert 0 < written[row]["p50_s"] <= written[row]["p95_s"] and written[row]["images_per_s"] > 0
-    assert written["forward_batch1_s"] > 0 and written["batches"]["images"] == 1 + 3 + 6  # warm-up included
+    assert written["forward_batch1_s"] > 0 and written["batches"]["images"] == 3 + 3 + 6  # warm-up included
+    assert "1" in written["server_forward_ms"] and written["model_throughput_ratio"] > 0
     assert set(written["targets"]) == {"p50_at_one_client", "throughput_at_many"}
     assert res["p50_over_forward"] == pytest.approx(
         written["one_client"]["p50_s"] / written["forward_batch1_s"]

@@ -66,7 +66,7 @@ def _client(**limits: int) -> TestClient:
 
 def test_info_healthz_and_page() -> None:
     with _client() as c:
-        assert c.get("/healthz").json() == {"status": "ok", "batches": 0, "images": 0}
+        assert c.get("/healthz").json() == {"status": "ok", "batches": 0, "images": 0, "forward_ms": {}}
         info = c.get("/info").json()
         assert info["classes"] == CLASSES and info["backbone"] == "tiny" and info["num_scales"] == 3
         assert info["scale_sizes"] == [32, 32, 32] and info["image_size"] == 48
@@ -99,7 +99,11 @@ def test_predict_answers_what_racnn_predict_answers(tmp_path: Path) -> None:
         assert [b["scale"] for b in g["boxes"]] == [1, 2]
         for a, b in zip(g["boxes"], w["boxes"], strict=True):
             assert a["xyxy_px"] == pytest.approx(b["xyxy_px"], abs=0.11)
-    assert health == {"status": "ok", "batches": 1, "images": 2}  # one request, one batch
+    assert {k: health[k] for k in ("batches", "images")} == {
+        "batches": 1,
+        "images": 2,
+    }  # one request, one batch
+    assert list(health["forward_ms"]) == ["2"] and health["forward_ms"]["2"] > 0
 
 
 def test_every_bad_input_is_a_4xx_and_the_server_goes_on() -> None:

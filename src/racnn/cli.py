@@ -206,6 +206,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-batch", type=int, default=16, help="images the model runs at once (default: %(default)s)"
     )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC convolutions, faster on a CPU (default: on)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -221,7 +227,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     limits = ServeLimits(
         max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels, max_batch=a.max_batch
     )
-    serve(model, host=a.host, port=a.port, device=resolve_device(a.device), limits=limits)
+    device = resolve_device(a.device)
+    serve(model, host=a.host, port=a.port, device=device, limits=limits, channels_last=a.channels_last)
     return 0
 
 
