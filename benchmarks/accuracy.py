@@ -49,9 +49,9 @@ data.name=cub data.image_size=448 data.val_fraction=0.1 data.num_workers=2 data.
 data.crop_scale_min=0.6
 optim.name=sgd optim.lr=0.01 optim.backbone_lr_mult=0.1 apn.lr=0.000001 apn.optimizer=adam
 optim.momentum=0.9 optim.weight_decay=0.0001 optim.scheduler=cosine loss.label_smoothing=0.1
-schedule.mode=alternate schedule.warmup_epochs=2 apn.init_response=cam
+schedule.mode=alternate schedule.warmup_epochs=2 apn.init_response=sum
 apn.init_steps=80 apn.init_lr=0.00001 apn.init_side=0.6
-apn.init_box=region,peak apn.init_threshold=0.5
+apn.init_box=aolm,peak apn.init_threshold=0.5
 schedule.classify_epochs=2 schedule.attend_epochs=1 loss.rank_margin=0.05
 loss.rank_detach_coarse=true schedule.converge_tol=0.0
 train.epochs=16 train.batch_size=16 train.seed=0 runtime.device=cpu runtime.channels_last=true train.select=last

@@ -5,19 +5,23 @@ regresses towards (``racnn.training.apn_init.apn_init_target``; with the recipe 
 ``benchmarks/accuracy.py``: scale 1, the ``region`` box of scale 1's class activation map; scale 2, a
 ``peak`` square on the map of the crop that box cuts). Prints the scale-1 IoU >= 0.5 rate, the mean IoU,
 the head-in-scale-2-box rate and the box sides, with the true class's map (what the initialisation uses)
-and with the predicted class's.
+and with the predicted class's, and, where the loader's images are larger than scale 1's input
+(``crop_from=source``), with scale 1's map of the full-size image (the same rule on a finer grid). ``--set`` measures the targets of another initialisation on the same model
+(``--set apn.init_response=sum apn.init_box=aolm,peak``).
 
-    python benchmarks/init_ceiling.py runs/bench_accuracy/racnn_source/best.pt --data DIR [--split val]
+    python benchmarks/init_ceiling.py runs/bench_accuracy/racnn_source/best.pt --data DIR [--split val] [--set ...]
 """
 
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 
 import torch
 
 from racnn.attention import compose_boxes, crop_zoom
 from racnn.checkpoint import load_model
+from racnn.config import apply_overrides
 from racnn.evaluation import Accumulator
 from racnn.training import loaders
 from racnn.training.apn_init import apn_init_target
@@ -30,27 +34,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--data", required=True, help="CUB-layout folder")
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (apn.init_*): other targets"
+    )
     args = p.parse_args(argv)
     model = load_model(args.checkpoint)
-    cfg = model.training_config
+    cfg = apply_overrides(model.training_config, args.set)
     cfg.data.root, cfg.data.num_workers = args.data, 0
     data = loaders.make_dataset(cfg, args.split, model.preprocessing, train=False)
     head = getattr(data, "head_parts", None)
     model.eval()
-    accs = {
-        "APN boxes": Accumulator(),
-        "targets, true class": Accumulator(),
-        "targets, predicted": Accumulator(),
-    }
+    accs: dict[str, Accumulator] = defaultdict(Accumulator)
     for batch in torch.utils.data.DataLoader(data, batch_size=args.batch_size):
         x, y = batch["image"], batch["label"]
         out = model(x)
         accs["APN boxes"].update(out.logits, out.boxes, out.views, batch, head)
         x1 = model.scale_input(x)
         f1 = model.trunk(0, x1)  # B x C x h x w, scale 1's last conv map
-        for name, true in (("targets, true class", True), ("targets, predicted", False)):
+        rows = [("targets, true class", True, f1), ("targets, predicted", False, f1)]
+        if x.shape[-1] > x1.shape[-1]:  # the loader's image is larger: the same rule on its finer map
+            rows.append(("targets, full-size map", True, model.trunk(0, x)))  # e.g. 14 x 14 at 448 px
+        for name, true, fmap in rows:
             c1 = y if true else model.heads[0](f1.mean((2, 3))).argmax(1)
-            t1 = apn_init_target(model, cfg, 0, f1, c1)
+            t1 = apn_init_target(model, cfg, 0, fmap, c1)
             source = x if cfg.model.crop_from == "source" else x1
             f2 = model.trunk(1, crop_zoom(source, t1, model.scale_sizes[1], cfg.model.mask_k))
             c2 = y if true else model.heads[1](f2.mean((2, 3))).argmax(1)
