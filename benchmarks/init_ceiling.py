@@ -1,15 +1,16 @@
-"""How good are the APN initialisation's targets? (docs/results.md, experiment 9)
+"""How good are the APN initialisation's targets? (docs/results.md, "Localisation" and experiment 9)
 
 For a checkpoint, evaluates on a split, next to the APN's own boxes, the boxes the APN initialisation
 regresses towards (``racnn.training.apn_init.apn_init_target``; with the recipe of
-``benchmarks/accuracy.py``: scale 1, the ``region`` box of scale 1's class activation map; scale 2, a
-``peak`` square on the map of the crop that box cuts). Prints the scale-1 IoU >= 0.5 rate, the mean IoU,
-the head-in-scale-2-box rate and the box sides, with the true class's map (what the initialisation uses)
-and with the predicted class's, and, where the loader's images are larger than scale 1's input
-(``crop_from=source``), with scale 1's map of the full-size image (the same rule on a finer grid). ``--set`` measures the targets of another initialisation on the same model
-(``--set apn.init_response=sum apn.init_box=aolm,peak``).
+``benchmarks/accuracy.py``: scale 1, the ``aolm`` box of scale 1's channel sum; scale 2, a ``peak``
+square on the map of the crop that box cuts). Prints the scale-1 IoU >= 0.5 rate, the mean IoU, the
+head-in-scale-2-box rate and the box sides, with the true class's map and the predicted class's (the same
+boxes for the channel sum), and, where the loader's images are larger than scale 1's input
+(``crop_from=source``), with scale 1's map of the full-size image (the same rule on a finer grid).
+``--set`` measures the targets of another initialisation on the same model
+(``--set apn.init_response=cam apn.init_box=region,peak``).
 
-    python benchmarks/init_ceiling.py runs/bench_accuracy/racnn_source/best.pt --data DIR [--split val] [--set ...]
+    python benchmarks/init_ceiling.py runs/bench_accuracy/racnn_seed0/last.pt --data DIR [--split val] [--set ...]
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     p.add_argument("--split", default="val", choices=("train", "val", "test"))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides (apn.init_*): other targets"
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides (apn.init_*): other targets",
     )
     args = p.parse_args(argv)
     model = load_model(args.checkpoint)

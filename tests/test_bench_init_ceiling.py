@@ -48,8 +48,12 @@ def test_init_ceiling_set_measures_other_targets(fake_cub: Path, tmp_path: Path)
     ckpt = tmp_path / "best.pt"
     save_checkpoint(model_record(build_model(cfg.model, num_classes=3), cfg, ["a", "b", "c"]), ckpt)
     args = [str(ckpt), "--data", str(fake_cub), "--split", "test"]
-    res = ceiling.main([*args, "--set", "apn.init_response=sum", "apn.init_box=aolm,peak", "apn.init_side=0.7"])
+    res = ceiling.main(
+        [*args, "--set", "apn.init_response=sum", "apn.init_box=aolm,peak", "apn.init_side=0.7"]
+    )
     true, pred = res["targets, true class"], res["targets, predicted"]
     assert math.isclose(true["box_side_s2"], 0.7, abs_tol=1e-6)
     for key in ("loc_acc_iou50", "loc_iou_mean", "box_side_s1", "head_hit_s2"):
-        assert math.isclose(true[key], pred[key], abs_tol=1e-9) or (math.isnan(true[key]) and math.isnan(pred[key]))
+        assert math.isclose(true[key], pred[key], abs_tol=1e-9) or (
+            math.isnan(true[key]) and math.isnan(pred[key])
+        )
