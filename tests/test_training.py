@@ -269,3 +269,31 @@ def test_resume_keeps_the_fused_flag_of_the_new_optimizer() -> None:
     plain = torch.optim.Adam([w], lr=0.1)
     plain.load_state_dict(old.state_dict())
     assert plain.param_groups[0]["fused"] is None  # what load_state_dict alone would have done to `new`
+
+
+def test_apn_init_full_size_reads_scale_1s_map_of_the_full_image(fake_cub: Path, tmp_path: Path) -> None:
+    """``apn.init_full_size``: APN 1's initialisation target comes from scale 1's map of the loader's 64 px
+    image (a finer grid than its 32 px input's); APN 2's stays on its own scale's map."""
+    import contextlib
+
+    from racnn.training.schedule import APN_INIT, set_phase
+    from racnn.training.step import loss_terms, train_step
+
+    keys = {"model.crop_from": "source", "data.image_size": 64, "apn.init_box": "aolm,peak"}
+    cfg = tiny_config(fake_cub, **keys, **{"apn.init_full_size": "true"})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=3)
+    set_phase(model, APN_INIT)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    with torch.no_grad():
+        out = model(x, detach_crops=True, return_maps=True)
+        full = model.trunk(0, x)
+    assert full.shape[-1] > out.maps[0].shape[-1]  # the finer grid
+    want = loss_terms(model, out, y, APN_INIT, cfg, full_map=full)["box"]
+    plain = loss_terms(model, out, y, APN_INIT, cfg)["box"]
+    opt = {"apn_init": torch.optim.SGD([p for p in model.apns.parameters()], lr=0.0)}
+    terms, _ = train_step(model, model, x, y, APN_INIT, cfg, opt, autocast=contextlib.nullcontext())
+    assert torch.allclose(terms["box"], want) and not torch.allclose(want, plain)
+    cfg.apn.init_full_size = False  # off: the scale's own input map, as before
+    terms, _ = train_step(model, model, x, y, APN_INIT, cfg, opt, autocast=contextlib.nullcontext())
+    assert torch.allclose(terms["box"], plain)

@@ -92,6 +92,9 @@ class APNConfig:
     init_side: float = 0.5  # side of the "peak" square, fraction of the input side
     init_threshold: float = 0.5  # "region": fraction of the (min, max) response range a cell must reach
     init_response: str = "sum"  # "sum": channel sum of the last conv layer (paper); "cam": class activation
+    # scale 1's initialisation box from its map of the loader's full-size image (14 x 14 at 448 px against
+    # 7 x 7 at 224): a finer grid for the box; only where the images are larger than scale 1's input
+    init_full_size: bool = False
 
 
 @dataclass

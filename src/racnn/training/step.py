@@ -29,18 +29,26 @@ Forward = Callable[..., RACNNOutput]  # the model, or its DDP wrapper
 
 
 def loss_terms(
-    model: RACNN, out: RACNNOutput, y: torch.Tensor, phase: Phase, cfg: Config
+    model: RACNN,
+    out: RACNNOutput,
+    y: torch.Tensor,
+    phase: Phase,
+    cfg: Config,
+    *,
+    full_map: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch, as a dict (a task module's answer): ``loss``, what ``phase`` minimises,
     and its parts for the log. The APN initialisation: ``box``, every APN's smooth-L1 to its initialisation
     box. Every other phase: ``cls`` (the per-scale and concat-fusion cross-entropies ``ce_*``, Eq. 7), ``rank``
     (Eq. 8), ``rank_active`` (the share of active hinges) and, with ``loss.prior_weight``, the object
     ``prior``; the classifier phases minimise ``cls``, the attention phase ``rank + prior_weight * prior``,
-    the joint phase ``cls + rank_weight * rank + prior_weight * prior``."""
+    the joint phase ``cls + rank_weight * rank + prior_weight * prior``. ``full_map``: scale 1's map of the
+    full-size image, which then gives APN 1's initialisation box (``apn.init_full_size``)."""
     if "box" in phase.losses:
+        maps = list(out.maps) if full_map is None else [full_map, *out.maps[1:]]
         box = sum(
             box_regression_loss(b.float(), apn_init_target(model, cfg, s, fmap, y))
-            for s, (b, fmap) in enumerate(zip(out.boxes, out.maps, strict=False))
+            for s, (b, fmap) in enumerate(zip(out.boxes, maps, strict=False))
         )
         return {"loss": box, "box": box}
     lc, n_scales = cfg.loss, model.cfg.num_scales
@@ -94,7 +102,11 @@ def train_step(
             detach_crops=phase.detach_crops,
             return_maps=needs_maps(phase, cfg, model.cfg.num_scales),
         )
-    terms = loss_terms(model, out, y, phase, cfg)
+    full_map = None
+    if "box" in phase.losses and cfg.apn.init_full_size and x.shape[-1] > model.cfg.input_size:
+        with torch.no_grad(), autocast:  # a target: no graph; the backbones are frozen (eval) in this phase
+            full_map = model.trunk(0, x)  # B x C x h' x w', finer than out.maps[0]
+    terms = loss_terms(model, out, y, phase, cfg, full_map=full_map)
     loss = terms["loss"]
     opts = [optimizers[name] for name in phase.optimizers]
     for o in opts:
