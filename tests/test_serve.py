@@ -363,3 +363,20 @@ def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         assert "not an image" in page.inner_text("#status")
         assert page.locator("#result").is_hidden()
         browser.close()
+
+
+def test_main_thread_executor_fails_a_call_and_goes_on_but_stops_on_ctrl_c() -> None:
+    """An error in one call fails that request only; Ctrl-C during a call fails it and stops the loop
+    (``racnn serve`` then shuts the web server down), instead of being swallowed as a request error."""
+    ex = serve.MainThreadExecutor()
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    bad, ok, stop = ex.submit(lambda: 1 / 0), ex.submit(lambda: 42), ex.submit(interrupted)
+    later = ex.submit(lambda: 7)
+    checks = iter(range(10))  # a bound, so a swallowed Ctrl-C fails the test instead of hanging it
+    with pytest.raises(KeyboardInterrupt):
+        ex.run_while(lambda: next(checks, None) is not None)
+    assert isinstance(bad.exception(), ZeroDivisionError) and ok.result() == 42
+    assert isinstance(stop.exception(), RuntimeError) and not later.done()

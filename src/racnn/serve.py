@@ -177,8 +177,11 @@ class MainThreadExecutor(Executor):
             if future.set_running_or_notify_cancel():
                 try:
                     future.set_result(call())
-                except BaseException as e:  # the request fails; the server goes on
+                except Exception as e:  # the request fails; the server goes on
                     future.set_exception(e)
+                except BaseException:  # Ctrl-C during a forward pass: this request fails, the server stops
+                    future.set_exception(RuntimeError("the server is stopping"))
+                    raise
 
 
 def page() -> str:
