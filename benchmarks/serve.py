@@ -8,7 +8,9 @@ process than in another, so a forward timed here would not be the server's. Prin
 p50/p95 latency per client count, throughput in images per second, and the two targets of docs/serve.md: p50
 at one client <= 1.3 x the batch-1 forward (the server's whole overhead: upload, decode, preprocessing, JSON),
 and throughput at 8 clients >= 2 x that of one client, next to what batching could give at best (the model's
-own images per second at its best batch size, over batch 1).
+own images per second at its best batch size, over batch 1). Then it sends 2,000 requests in a row and prints
+the server's resident memory (its ``process_resident_memory_bytes`` in ``GET /metrics``) after the first 100 of
+them and after all: the third target, a ratio <= 1.1 (no memory that grows with the requests served).
 
     python benchmarks/serve.py --json benchmarks/results/serve_cpu.json
 """
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 from bench_machine import cpu_name  # benchmarks/ is on sys.path when this script runs
+from prometheus_client.parser import text_string_to_metric_families
 
 import racnn
 from racnn.checkpoint import model_record, save_checkpoint
@@ -134,11 +137,43 @@ def load_clients(url: str, images: list[tuple[str, bytes]], clients: int, reques
     }
 
 
-def run_server(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def memory(url: str, images: list[tuple[str, bytes]], requests: int, first: int) -> dict[str, Any]:
+    """The server's resident memory after ``first`` and after ``requests`` one-image requests in a row."""
+    rss = {}
+    for i in range(requests):
+        _request(url, *images[i % len(images)])
+        if i + 1 in (first, requests):
+            rss[i + 1] = _rss(url)
+    return {
+        "requests": requests,
+        "first": first,
+        "rss_mb_after_first": rss[first] / 2**20,
+        "rss_mb_after_all": rss[requests] / 2**20,
+        "ratio": rss[requests] / rss[first],
+    }
+
+
+def _rss(url: str) -> float:
+    """The server's resident memory in bytes, as its ``GET /metrics`` reports it."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "process_resident_memory_bytes":
+                return sample.value
+    raise RuntimeError(
+        "GET /metrics has no process_resident_memory_bytes (it is read from /proc: Linux only)"
+    )
+
+
+def run_server(checkpoint: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    """``racnn serve`` on a free port, once it answers. Its log goes to ``log``: a pipe nobody reads would
+    block the server once full (an access-log line per request)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "racnn", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -147,7 +182,7 @@ def run_server(checkpoint: Path, threads: int) -> tuple[subprocess.Popen, str]:
                 return proc, url
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"racnn serve exited: {proc.stderr.read()}") from None  # type: ignore[union-attr]
+                raise RuntimeError(f"racnn serve exited: {log.read_text()}") from None
             time.sleep(0.3)
     proc.terminate()
     raise RuntimeError("racnn serve did not start in 120 s")
@@ -165,6 +200,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--many", type=int, default=8, help="the concurrent client count (default: %(default)s)")
     p.add_argument("--iters", type=int, default=30, help="timed forward passes (default: %(default)s)")
     p.add_argument(
+        "--memory-requests",
+        type=int,
+        default=2000,
+        help="requests in a row for the memory measurement (default: %(default)s)",
+    )
+    p.add_argument(
+        "--memory-first",
+        type=int,
+        default=100,
+        help="the memory after this many of them is the reference (default: %(default)s)",
+    )
+    p.add_argument(
         "--threads", type=int, default=0, help="torch threads, here and in the server (0: all cores)"
     )
     p.add_argument("--json", help="write the results to this file")
@@ -178,6 +225,8 @@ def _health(url: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if not 0 < args.memory_first < args.memory_requests:
+        raise SystemExit("--memory-first must be between 0 and --memory-requests")
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     paths = sorted(Path(args.images).rglob("*.jpg"))[:64]
@@ -194,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save_checkpoint(model_record(model, cfg, model.classes or []), checkpoint)
         # the same pass in this process, for reference (on a shared VM two processes can differ by a quarter)
         here = forward_time(model, images[0][1], iters=args.iters)
-        proc, url = run_server(checkpoint, threads)
+        proc, url = run_server(checkpoint, threads, Path(tmp) / "serve.log")
         try:
             for _ in range(3):
                 _request(url, *images[0])  # warm-up
@@ -202,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             alone = _health(url)["forward_ms"]  # the server's own forward passes so far: batch 1
             many = load_clients(url, images, args.many, args.requests)
             health = _health(url)
+            mem = memory(url, images, args.memory_requests, args.memory_first)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -219,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "one_client": one,
         "many_clients": many,
         "batches": {k: health[k] for k in ("batches", "images")},
+        "memory": mem,
         "p50_over_forward": one["p50_s"] / forward,
         "throughput_ratio": many["images_per_s"] / one["images_per_s"],
         "machine": {
@@ -234,6 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "met": res["p50_over_forward"] <= 1.3},
         "throughput_at_many": {"rule": f"throughput at {args.many} clients >= 2 x one client",
                                "value": round(res["throughput_ratio"], 3), "met": res["throughput_ratio"] >= 2.0},
+        "memory_after_many_requests": {
+            "rule": f"RSS after {mem['requests']} requests in a row <= 1.1 x after the first {mem['first']}",
+            "value": round(mem["ratio"], 3), "met": mem["ratio"] <= 1.1},
     }  # fmt: skip
     print(f"model: {res['model']}; {threads} threads; {res['machine']['cpu']}")
     print(
@@ -248,6 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     print(f"server: {health['images']} images in {health['batches']} batches; forward ms by batch size: "
           f"{health['forward_ms']}")  # fmt: skip
+    print(f"memory: RSS {mem['rss_mb_after_first']:.1f} MB after {mem['first']} requests in a row, "
+          f"{mem['rss_mb_after_all']:.1f} MB after {mem['requests']}: {mem['ratio']:.3f} x")  # fmt: skip
     for name, t in res["targets"].items():
         print(f"{'met' if t['met'] else 'NOT met'}: {name} ({t['rule']}; {t['value']})")
     if args.json:

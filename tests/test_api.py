@@ -80,6 +80,17 @@ def test_trainer_writes_nothing_before_fit_and_uses_what_it_is_given(tmp_path: P
     assert "runtime" not in torch.load(out / "best.pt", weights_only=True)["config"]  # not part of a model
 
 
+def same_top(a: dict, b: dict, tol: float = 1e-5) -> bool:
+    """Two records' ``top`` tables: the same outputs and classes in the same order, probabilities within ``tol``."""
+    if list(a) != list(b):
+        return False
+    return all(
+        [r["class"] for r in a[k]] == [r["class"] for r in b[k]]
+        and all(abs(r["prob"] - q["prob"]) <= tol for r, q in zip(a[k], b[k], strict=True))
+        for k in a
+    )
+
+
 def test_predict_takes_paths_pil_images_and_tensors(tmp_path: Path) -> None:
     model = racnn.create_model(
         "tiny", num_classes=3, input_size=32, apn_grid=2, apn_hidden=8, classes=["a", "b", "c"], image_size=40
@@ -92,7 +103,10 @@ def test_predict_takes_paths_pil_images_and_tensors(tmp_path: Path) -> None:
     by_path, by_image = racnn.predict(model, [path, image], topk=2)
     (by_tensor,) = racnn.predict(model, tensor, topk=2)
     assert by_path["image"] == str(path) and (by_path["width"], by_path["height"]) == (80, 60)
-    assert by_path["top"] == by_image["top"] == by_tensor["top"]  # the same pixels, the same answer
+    # the same pixels, the same answer: equal classes, probabilities within float noise (a batch of two and a
+    # batch of one may run different CPU kernels)
+    for other in (by_image, by_tensor):
+        assert same_top(by_path["top"], other["top"])
     assert list(by_path["top"]) == ["s1", "s2", "s3", "s12", "s123"] and len(by_path["top"]["s1"]) == 2
     assert by_path["top"]["s1"][0]["class"] in {"a", "b", "c"}
     assert [b["scale"] for b in by_path["boxes"]] == [1, 2]

@@ -43,6 +43,10 @@ def test_serve_benchmark_writes_latency_throughput_and_targets(tmp_path: Path) -
         "2",
         "--iters",
         "3",
+        "--memory-requests",
+        "12",
+        "--memory-first",
+        "4",
     ]
     res = bench.main([*args, "--threads", "1", "--json", str(out)])
     written = json.loads(out.read_text())
@@ -51,7 +55,14 @@ def test_serve_benchmark_writes_latency_throughput_and_targets(tmp_path: Path) -
         assert 0 < written[row]["p50_s"] <= written[row]["p95_s"] and written[row]["images_per_s"] > 0
     assert written["forward_batch1_s"] > 0 and written["batches"]["images"] == 3 + 3 + 6  # warm-up included
     assert "1" in written["server_forward_ms"] and written["model_throughput_ratio"] > 0
-    assert set(written["targets"]) == {"p50_at_one_client", "throughput_at_many"}
+    assert set(written["targets"]) == {
+        "p50_at_one_client",
+        "throughput_at_many",
+        "memory_after_many_requests",
+    }
+    mem = written["memory"]
+    assert (mem["requests"], mem["first"]) == (12, 4) and mem["rss_mb_after_first"] > 10
+    assert mem["ratio"] == pytest.approx(mem["rss_mb_after_all"] / mem["rss_mb_after_first"])
     assert res["p50_over_forward"] == pytest.approx(
         written["one_client"]["p50_s"] / written["forward_batch1_s"]
     )

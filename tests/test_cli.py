@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from conftest import REAL_CUB
+from conftest import REAL_CUB, TINY_MODEL
 from racnn.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,8 +141,56 @@ def test_fake_tree_train_then_resume_finished_run(
     ]
     assert main(args) == 0
     first = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert first["top5_s123"] == 1.0  # top-5 of 3 classes
     assert main(["train", "--out", str(tmp_path / "r"), "--resume", "--no-progress"]) == 0
     assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == first
+
+
+def test_eval_reports_top5_per_class_confusions_and_flip_tta(
+    fake_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from racnn.checkpoint import model_record, save_checkpoint
+    from racnn.config import load_config
+    from racnn.data import CUB200
+    from racnn.model import build_model
+
+    cfg = load_config(None, [*TINY_MODEL, "data.num_workers=0"])
+    classes = CUB200(fake_cub, "test", None).classes
+    torch.manual_seed(0)
+    ckpt = tmp_path / "best.pt"
+    save_checkpoint(model_record(build_model(cfg.model, num_classes=3), cfg, classes), ckpt)
+    base = [
+        "eval",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(fake_cub),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+    ]
+    assert main([*base, "--json", str(tmp_path / "plain.json")]) == 0
+    assert (
+        main([*base, "--json", str(tmp_path / "tta.json"), "--tta", "flip", "--figures", str(tmp_path)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "flip TTA" in out and "top-5" in out and "mean per-class accuracy" in out
+    plain, tta = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("plain", "tta"))
+    assert plain["tta"] is None and tta["tta"] == "flip"
+    for m in (plain, tta):
+        assert all(m[f"top5_{k}"] == 1.0 for k in ("s1", "s2", "s3", "s12", "s123"))  # 3 classes
+        assert list(m["per_class_acc"]) == classes
+        # one test image per class: each class's accuracy is its image's hit
+        hits = round(3 * m["acc_s123"])
+        assert sorted(m["per_class_acc"].values()) == [0.0] * (3 - hits) + [1.0] * hits
+        assert m["mean_per_class_acc"] == pytest.approx(m["acc_s123"])
+        assert sum(n for *_, n in m["most_confused"]) == 3 - hits
+        assert all(t in classes and p in classes and t != p for t, p, _ in m["most_confused"])
+    with Image.open(tmp_path / "confusion.png") as figure:
+        assert figure.format == "PNG"
 
 
 @pytest.mark.parametrize(

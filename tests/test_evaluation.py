@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from racnn.attention import compose_boxes
@@ -52,3 +53,86 @@ def test_kept_scores_are_the_scales_only() -> None:
     logp, target = acc.scores()
     assert logp.shape == (3, 4, 5) and torch.allclose(logp[2], logits["s3"].log_softmax(1))
     assert torch.equal(target, torch.arange(4))
+
+
+def _ranked(orders: list[list[int]]) -> torch.Tensor:
+    """Logits whose row i ranks the classes as ``orders[i]`` (best first)."""
+    out = torch.zeros(len(orders), len(orders[0]))
+    for i, order in enumerate(orders):
+        out[i, order] = -torch.arange(len(order), dtype=torch.float)
+    return out
+
+
+def test_top5_per_class_and_confusions_against_a_hand_count() -> None:
+    labels = [0, 1, 2, 2, 5]
+    fused = _ranked(
+        [
+            [0, 1, 2, 3, 4, 5],  # right
+            [2, 3, 4, 5, 0, 1],  # taken for 2; the label is 6th: not in the top 5
+            [1, 2, 3, 4, 5, 0],  # taken for 1; 2nd
+            [2, 0, 1, 3, 4, 5],  # right
+            [0, 1, 2, 3, 5, 4],  # taken for 0; 5th
+        ]
+    )
+    scale1 = torch.nn.functional.one_hot(torch.tensor(labels), 6).float()  # always right: not what is counted
+    parts = []
+    for rows in (slice(0, 3), slice(3, 5)):  # two evaluation shards, merged
+        acc = Accumulator()
+        batch = {"label": torch.tensor(labels[rows])}
+        acc.update({"s1": scale1[rows], "s123": fused[rows], "s123_concat": scale1[rows]}, [], [], batch)
+        parts.append(acc)
+    acc = Accumulator.merged(parts)
+    m = acc.summary()
+    assert (m["acc_s123"], m["top5_s123"], m["acc_s1"], m["top5_s1"]) == (2 / 5, 4 / 5, 1.0, 1.0)
+    assert m["top5_s123_concat"] == 1.0
+    names = ["a", "b", "c", "d", "e", "f"]
+    report = acc.class_report(names)
+    assert report["per_class_acc"] == {"a": 1.0, "b": 0.0, "c": 0.5, "d": None, "e": None, "f": 0.0}
+    assert m["mean_per_class_acc"] == report["mean_per_class_acc"] == (1 + 0 + 0.5 + 0) / 4
+    assert report["most_confused"] == [["b", "c", 1], ["c", "b", 1], ["f", "a", 1]]  # ties in class order
+    assert acc.confusion is not None and int(acc.confusion.sum()) == 5 and acc.confusion[2, 2] == 1
+
+
+def _tiny_model() -> torch.nn.Module:
+    import racnn
+
+    torch.manual_seed(0)
+    return racnn.create_model("tiny", num_classes=3, input_size=32, apn_grid=2, apn_hidden=8)
+
+
+def test_flip_tta_on_symmetric_images_equals_no_tta_and_else_averages_the_views() -> None:
+    from racnn.evaluation import accumulate
+
+    model = _tiny_model()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 1])
+    symmetric = [{"image": (x + x.flip(3)) / 2, "label": labels}]
+    plain, tta = (accumulate(model, symmetric, progress=False, tta=t).summary() for t in (None, "flip"))
+    assert {k: v for k, v in tta.items() if k.startswith(("acc_", "top5_"))} == {
+        k: v for k, v in plain.items() if k.startswith(("acc_", "top5_"))
+    }
+    for k in (k for k in plain if k.startswith("pt_")):
+        assert tta[k] == pytest.approx(plain[k], abs=1e-6), k
+    # an image that is not symmetric: the true class's probability is the mean of the two views'
+    m = accumulate(model, [{"image": x, "label": labels}], progress=False, tta="flip").summary()
+    assert model.training  # restored after the evaluation
+    with torch.no_grad():
+        model.eval()
+        views = [model(v).logits["s123"].softmax(1).gather(1, labels[:, None]) for v in (x, x.flip(3))]
+    assert m["pt_s123"] == pytest.approx(float((views[0] + views[1]).mean() / 2), abs=1e-6)
+
+
+@pytest.mark.slow  # 200 class names twice: about 10 s of text rendering on a busy CPU
+def test_confusion_figure_of_200_classes(tmp_path) -> None:
+    from PIL import Image
+
+    from racnn.visualization import confusion_figure
+
+    gen = torch.Generator().manual_seed(0)
+    confusion = torch.diag(torch.randint(5, 30, (200,), generator=gen)) + (
+        torch.rand(200, 200, generator=gen) > 0.995
+    )
+    names = [f"{i:03d}.Some_long_bird_name_{i}" for i in range(200)]
+    out = confusion_figure(confusion, names, [(names[3], names[7], 4)], tmp_path / "figs" / "confusion.png")
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width >= 2500 and image.height >= 2000  # room for 200 names

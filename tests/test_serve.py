@@ -4,10 +4,12 @@ free port, and the page in a real headless Chromium (Debian's, driven by Playwri
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -16,6 +18,11 @@ import threading
 import time
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -29,6 +36,7 @@ from racnn.config import Config
 
 pytest.importorskip("fastapi", reason="racnn serve needs the serve extra: pip install 'racnn[serve]'")
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from racnn import serve
 
@@ -60,8 +68,37 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-def _client(**limits: int) -> TestClient:
-    return TestClient(serve.create_app(_model(), limits=serve.ServeLimits(**limits)))
+def _client(**limits: float) -> TestClient:
+    return TestClient(serve.create_app(_model(), limits=serve.ServeLimits(**limits)))  # type: ignore[arg-type]
+
+
+def _assert_answers_as_racnn_predict(got: list[dict], files: list[Path]) -> None:
+    """The server's records are those of ``racnn.predict`` on the same files, in the same order."""
+    want = racnn.predict(_model(), files)
+    for g, w in zip(got, want, strict=True):
+        assert g["image"] == Path(w["image"]).name and (g["width"], g["height"]) == (w["width"], w["height"])
+        assert list(g["top"]) == list(w["top"]) and len(g["top"]["s123"]) == 3
+        for key in g["top"]:
+            assert [e["class"] for e in g["top"][key]] == [e["class"] for e in w["top"][key]]
+            for a, b in zip(g["top"][key], w["top"][key], strict=True):
+                assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+        assert [b["scale"] for b in g["boxes"]] == [1, 2]
+        for a, b in zip(g["boxes"], w["boxes"], strict=True):
+            assert a["xyxy_px"] == pytest.approx(b["xyxy_px"], abs=0.11)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a ``/metrics`` answer, read by prometheus_client's own parser: (name, labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _one_line_error(body: object, needle: str) -> None:
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert needle in body["error"] and "\n" not in body["error"], body
 
 
 def test_info_healthz_and_page() -> None:
@@ -87,18 +124,9 @@ def test_predict_answers_what_racnn_predict_answers(tmp_path: Path) -> None:
         assert r.status_code == 200
         got = r.json()
         health = c.get("/healthz").json()
-    want = racnn.predict(_model(), files)
     assert [g["image"] for g in got] == ["bird0.jpg", "bird1.jpg"]
-    for g, w in zip(got, want, strict=True):
-        assert (g["width"], g["height"]) == (w["width"], w["height"]) == (80, 60)
-        assert list(g["top"]) == list(w["top"]) and len(g["top"]["s123"]) == 3
-        for key in g["top"]:
-            assert [e["class"] for e in g["top"][key]] == [e["class"] for e in w["top"][key]]
-            for a, b in zip(g["top"][key], w["top"][key], strict=True):
-                assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
-        assert [b["scale"] for b in g["boxes"]] == [1, 2]
-        for a, b in zip(g["boxes"], w["boxes"], strict=True):
-            assert a["xyxy_px"] == pytest.approx(b["xyxy_px"], abs=0.11)
+    assert [(g["width"], g["height"]) for g in got] == [(80, 60)] * 2
+    _assert_answers_as_racnn_predict(got, files)
     assert {k: health[k] for k in ("batches", "images")} == {
         "batches": 1,
         "images": 2,
@@ -215,6 +243,90 @@ def test_photos_are_turned_upright_by_their_exif_orientation() -> None:
     assert (rec["width"], rec["height"]) == (60, 80)
 
 
+def test_unknown_paths_and_methods_are_one_line_json_errors() -> None:
+    with _client() as c:
+        r = c.get("/nowhere")
+        assert r.status_code == 404
+        _one_line_error(r.json(), "not found: GET /nowhere")
+        r = c.get("/predict")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        _one_line_error(r.json(), "method not allowed: GET /predict (allowed: POST)")
+
+
+def test_metrics_parse_and_count_what_was_sent() -> None:
+    jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
+    with _client() as c:
+        for n in (1, 2, 1):
+            assert c.post("/predict", files=[jpeg] * n).status_code == 200
+        assert c.post("/predict", files=[("image", ("a.txt", b"text", "text/plain"))]).status_code == 415
+        assert c.get("/nowhere").status_code == 404 and c.get("/healthz").status_code == 200
+        health = c.get("/healthz").json()
+        r = c.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    got = _samples(r.text)
+
+    def requests(path: str, status: int) -> float:
+        return got[("racnn_requests_total", (("path", path), ("status", str(status))))]
+
+    assert requests("/predict", 200) == 3 and requests("/predict", 415) == 1
+    assert requests("other", 404) == 1 and requests("/healthz", 200) == 2
+    assert ("racnn_requests_total", (("path", "/nowhere"), ("status", "404"))) not in got
+    assert got[("racnn_request_seconds_count", (("path", "/predict"),))] == 4
+    assert got[("racnn_images_total", ())] == 4 == health["images"]
+    assert got[("racnn_batch_size_count", ())] == health["batches"] and got[("racnn_batch_size_sum", ())] == 4
+    assert got[("racnn_forward_seconds_count", ())] == health["batches"]
+    assert got[("racnn_forward_seconds_sum", ())] > 0 and got[("racnn_queue_depth", ())] == 0
+    assert got[("process_resident_memory_bytes", ())] > 10 * 2**20  # the server process's own RSS
+
+
+def test_a_request_past_its_deadline_gets_a_504_and_leaves_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Request A's forward pass is held; B waits in the queue behind it. Both get a 504 at the deadline, and B's
+    images are not run once the model is free: they left the queue with B."""
+    release, calls = threading.Event(), []
+    real = serve.forward_probs
+
+    def held(model, batch):  # every forward pass waits until released (at most 30 s)
+        calls.append(len(batch))
+        release.wait(30)
+        return real(model, batch)
+
+    monkeypatch.setattr(serve, "forward_probs", held)
+    jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
+    with _client(timeout_s=0.5) as c, ThreadPoolExecutor(2) as pool:
+        a = pool.submit(c.post, "/predict", files=[jpeg])
+        _wait_for(lambda: calls == [1], "request A never reached the model")
+        b = pool.submit(c.post, "/predict", files=[jpeg, jpeg])
+        for r in (a.result(timeout=30), b.result(timeout=30)):
+            assert r.status_code == 504
+            _one_line_error(r.json(), "no answer within 0.5 s")
+        assert _samples(c.get("/metrics").text)[("racnn_queue_depth", ())] == 0
+        release.set()
+        assert c.post("/predict", files=[jpeg]).status_code == 200
+    assert calls == [1, 1]  # A, then the last request; B's two images never ran
+
+
+def test_readyz_turns_503_once_draining_and_new_predictions_are_refused() -> None:
+    app = serve.create_app(_model())
+    with TestClient(app) as c:
+        assert c.get("/readyz").json() == {"status": "ready"}
+        c.portal.call(app.state.drain.start, 60.0)  # what SIGTERM does, in the app's event loop
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        _one_line_error(r.json(), "shutting down")
+        r = c.post("/predict", files=[("image", ("a.jpg", _jpeg(), "image/jpeg"))])
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        _one_line_error(r.json(), "shutting down")
+        assert c.get("/healthz").status_code == 200  # still alive: liveness is not readiness
+
+
+def _wait_for(condition: Callable[[], bool], failure: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(failure)
+        time.sleep(0.02)
+
+
 # ------------------------------------------------------------------------------------------ real server
 
 
@@ -233,51 +345,115 @@ def _multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def _post(url: str, files: list[tuple[str, bytes]]) -> tuple[int, object]:
+@dataclass
+class Answer:
+    status: int
+    body: object
+    headers: Message  # looked up whatever the case
+
+
+def _post(url: str, files: list[tuple[str, bytes]]) -> Answer:
+    """One ``POST``; an empty reply or a refused connection raises (an ``OSError``)."""
     body, ctype = _multipart(files)
     req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
+            return Answer(r.status, json.loads(r.read()), r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        return Answer(e.code, json.loads(e.read()), e.headers)
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    """``racnn serve`` of a tiny checkpoint, as a user starts it, on a free port: yields its URL."""
+# ``racnn serve`` whose forward passes wait for a file: a request is in the model for as long as a test needs,
+# whatever the machine's speed. The forward is replaced in the server's own process, which then runs the CLI
+# as a user does; it writes ``forward-<n>`` when a batch of n images reaches the model.
+GATED_SERVE = """
+import os, sys, time
+from pathlib import Path
+from racnn import serve
+from racnn.cli import main
+
+gate, real = Path(os.environ["RACNN_TEST_GATE"]), serve.forward_probs
+
+def gated(model, batch):
+    (gate / f"forward-{len(batch)}").touch()
+    deadline = time.monotonic() + 120  # never a hung server
+    while not (gate / "open").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return real(model, batch)
+
+serve.forward_probs = gated
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    url: str
+    gate: Path  # create gate / "open" to let a gated server's model go on
+
+
+@contextmanager
+def _served(tmp_path: Path, *flags: str, gated: bool = False) -> Iterator[Served]:
+    """``racnn serve`` of a tiny checkpoint, as a user starts it, on a free port, once it answers; killed at the
+    end if still running. Its log goes to a file (a pipe nobody reads would block it once full)."""
     cfg = Config()
     cfg.model = _model().cfg
     cfg.data.image_size = 48
     ckpt = tmp_path / "best.pt"
     save_checkpoint(model_record(_model(), cfg, CLASSES), ckpt)
-    port = _free_port()
-    cmd = [sys.executable, "-m", "racnn", "serve", "--checkpoint", str(ckpt), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    port, gate, log = _free_port(), tmp_path / "gate", tmp_path / "serve.log"
+    gate.mkdir()
+    args = ["serve", "--checkpoint", str(ckpt), "--port", str(port), *flags]
+    cmd = [sys.executable, "-c", GATED_SERVE, *args] if gated else [sys.executable, "-m", "racnn", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RACNN_TEST_GATE": str(gate)}
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"racnn serve exited: {proc.stderr.read()}")  # type: ignore[union-attr]
-            time.sleep(0.2)
-    else:
-        pytest.fail("racnn serve did not answer in time")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        _wait_for(lambda: _answers(f"{url}/healthz") or proc.poll() is not None, "racnn serve did not answer")
+        if proc.poll() is not None:
+            pytest.fail(f"racnn serve exited: {log.read_text()}")
+        yield Served(proc, url, gate)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _not_ready(url: str) -> bool:
+    """``/readyz`` answers 503 (draining), or nothing takes the connection any more."""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5):
+            return False
+    except urllib.error.HTTPError as e:
+        return e.code == 503
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    """The URL of ``racnn serve`` of a tiny checkpoint (:func:`_served`); stopped with SIGTERM at the end."""
+    with _served(tmp_path) as s:
+        yield s.url
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
 
 
 @pytest.mark.slow
 def test_the_real_server_answers_good_and_bad_requests_in_parallel(server: str) -> None:
-    status, body = _post(f"{server}/predict", [("a.txt", b"hello")])
-    assert status == 415 and "a.txt" in body["error"]  # type: ignore[index]
-    results: list[tuple[int, object]] = [None] * 8  # type: ignore[list-item]
+    bad = _post(f"{server}/predict", [("a.txt", b"hello")])
+    assert bad.status == 415 and "a.txt" in bad.body["error"]  # type: ignore[index]
+    results: list[Answer] = [None] * 8  # type: ignore[list-item]
 
     def client(i: int) -> None:
         results[i] = _post(f"{server}/predict", [(f"{i}.jpg", _jpeg(60 + i, 50))])
@@ -287,11 +463,110 @@ def test_the_real_server_answers_good_and_bad_requests_in_parallel(server: str) 
         t.start()
     for t in threads:
         t.join(60)
-    assert all(status == 200 for status, _ in results)
-    assert [body[0]["width"] for _, body in results] == [60 + i for i in range(8)]  # type: ignore[index]
+    assert all(r.status == 200 for r in results)
+    assert [r.body[0]["width"] for r in results] == [60 + i for i in range(8)]  # type: ignore[index]
     with urllib.request.urlopen(f"{server}/healthz") as r:
         health = json.loads(r.read())
     assert health["images"] == 8 and 1 <= health["batches"] <= 8
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_request_in_flight_refuses_new_ones_and_exits_0(tmp_path: Path) -> None:
+    """What a process manager does to restart the service: SIGTERM while a 16-image request is in the model."""
+    photos = [(f"{i}.jpg", _jpeg(40 + i, 30)) for i in range(16)]
+    with _served(tmp_path, gated=True) as s, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_post, f"{s.url}/predict", photos)
+        _wait_for((s.gate / "forward-16").exists, "the 16 images never reached the model")
+        s.proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: _not_ready(s.url), "/readyz did not turn 503 on SIGTERM")
+        try:
+            late = _post(f"{s.url}/predict", [("late.jpg", _jpeg())])
+            assert late.status == 503 and late.headers["Retry-After"]
+            _one_line_error(late.body, "shutting down")
+        except urllib.error.URLError as e:  # the usual case: the listening socket is closed
+            assert isinstance(e.reason, ConnectionRefusedError), e
+        assert s.proc.poll() is None  # still running: the 16 images are in the model
+        (s.gate / "open").touch()
+        got = answer.result(timeout=60)
+        assert got.status == 200 and [r["width"] for r in got.body] == [40 + i for i in range(16)]  # type: ignore[attr-defined]
+        assert s.proc.wait(timeout=60) == 0
+
+
+@pytest.mark.slow
+def test_a_request_still_running_at_the_drain_deadline_gets_a_503(tmp_path: Path) -> None:
+    with _served(tmp_path, "--drain-seconds", "1", gated=True) as s, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_post, f"{s.url}/predict", [("a.jpg", _jpeg())])
+        _wait_for((s.gate / "forward-1").exists, "the image never reached the model")
+        s.proc.send_signal(signal.SIGTERM)
+        got = answer.result(timeout=60)  # the model is still held: the deadline answers
+        assert got.status == 503 and got.headers["Retry-After"] == "1"
+        _one_line_error(got.body, "drain deadline")
+        (s.gate / "open").touch()  # the forward pass in progress ends, then the process
+        assert s.proc.wait(timeout=60) == 0
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
+    with _served(tmp_path, gated=True) as s, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(_post, f"{s.url}/predict", [("a.jpg", _jpeg())])
+        _wait_for((s.gate / "forward-1").exists, "the image never reached the model")
+        s.proc.send_signal(signal.SIGINT)
+        _wait_for(lambda: _not_ready(s.url), "/readyz did not turn 503 on Ctrl-C")
+        assert s.proc.poll() is None  # draining: it waits for the request in the model
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(timeout=30) == 130  # the model is still held: nothing waited for it
+        try:  # the request in the model fails: a 503 if it got out before the process ended, else nothing
+            dropped = answer.result(timeout=60)
+            assert dropped.status == 503
+            _one_line_error(dropped.body, "the server is stopping")
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_64_clients_against_a_queue_of_32(tmp_path: Path) -> None:
+    """The model holds a first image; 64 clients send one image each at once: 32 fit in the queue and are
+    answered once the model goes on, 32 get a 503 with Retry-After at once. /healthz answers throughout and
+    /metrics counts it all."""
+    paths = []
+    for i in range(64):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(_jpeg(40 + i, 30 + i % 9, (4 * i, 120, 250 - 3 * i)))
+    with _served(tmp_path, "--max-queue", "32", gated=True) as s, ThreadPoolExecutor(66) as pool:
+        first = pool.submit(_post, f"{s.url}/predict", [("first.jpg", _jpeg())])
+        _wait_for((s.gate / "forward-1").exists, "the first image never reached the model")
+        live, health = threading.Event(), []
+
+        def probe() -> None:  # /healthz, every 50 ms, while the clients run
+            while not live.wait(0.05):
+                health.append(_answers(f"{s.url}/healthz"))
+
+        prober = pool.submit(probe)
+        answers = [pool.submit(_post, f"{s.url}/predict", [(p.name, p.read_bytes())]) for p in paths]
+        _wait_for(lambda: sum(a.done() for a in answers) >= 32, "32 clients were not refused at once")
+        refused = [a.result() for a in answers if a.done()]
+        assert len(refused) == 32 and all(a.status == 503 for a in refused)
+        metrics = _samples(urllib.request.urlopen(f"{s.url}/metrics", timeout=10).read().decode())
+        assert metrics[("racnn_queue_depth", ())] == 32
+        (s.gate / "open").touch()
+        got = [a.result(timeout=120) for a in answers]
+        live.set()
+        prober.result(timeout=30)
+        assert first.result(timeout=60).status == 200
+        text = urllib.request.urlopen(f"{s.url}/metrics", timeout=10).read().decode()
+    ok = [(p, a.body[0]) for p, a in zip(paths, got, strict=True) if a.status == 200]  # type: ignore[index]
+    busy = [a for a in got if a.status != 200]
+    assert len(ok) == 32 and len(busy) == 32 and all(a.status == 503 for a in busy)
+    for a in busy:
+        assert int(a.headers["Retry-After"]) >= 1
+        _one_line_error(a.body, "the server is busy")
+    _assert_answers_as_racnn_predict([record for _, record in ok], [p for p, _ in ok])  # each its own rows
+    assert len(health) >= 3 and all(health), health
+    metrics = _samples(text)
+    assert metrics[("racnn_requests_total", (("path", "/predict"), ("status", "200")))] == 33
+    assert metrics[("racnn_requests_total", (("path", "/predict"), ("status", "503")))] == 32
+    assert metrics[("racnn_images_total", ())] == 33 == metrics[("racnn_batch_size_sum", ())]
+    assert metrics[("racnn_queue_depth", ())] == 0
 
 
 # ---------------------------------------------------------------------------------------------- browser
@@ -337,6 +612,8 @@ def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         page = browser.new_page()
         choosers: list = []
         page.on("filechooser", lambda chooser: choosers.append(chooser))  # set up before anything happens
+        failed: list[str] = []  # every answer of 400 or more (the browser's own favicon.ico request too)
+        page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
         page.goto(server)
         page.wait_for_function("document.getElementById('model').textContent.includes('tiny')")
         # the keyboard opens the file chooser: Tab to the button, press Enter
@@ -355,6 +632,44 @@ def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         assert page.locator("table").count() == 5  # s1, s2, s3, s12, s123
         assert page.locator("table[data-output='s1'] tr").count() == 1 + 3  # header + top-3 of 3 classes
         assert "%" in page.inner_text("#status")
+        # several photos at once, a text file among them: one card each, in the order given
+        photos = []
+        for i, (w, h) in enumerate([(90, 60), (50, 70), (64, 64)]):
+            photos.append(tmp_path / f"photo{i}.jpg")
+            photos[-1].write_bytes(_jpeg(w, h, (40 * i, 120, 200 - 50 * i)))
+        (tmp_path / "readme.txt").write_text("not a bird")
+        chosen = [photos[0], tmp_path / "readme.txt", photos[1], photos[2]]
+        page.set_input_files("#file", [str(f) for f in chosen])
+        page.wait_for_function(
+            "document.querySelectorAll('.card.done, .card.failed').length === 4", timeout=30_000
+        )
+        cards = page.locator(".card")
+        assert [cards.nth(i).get_attribute("data-image") for i in range(4)] == [
+            "photo0.jpg",
+            None,
+            "photo1.jpg",
+            "photo2.jpg",
+        ]
+        assert "not an image" in cards.nth(1).inner_text() and "%" in cards.nth(3).inner_text()
+        assert (
+            page.locator(".card.done table").count() == 3 * 5
+            and page.locator(".card.done rect.box").count() == 6
+        )
+        assert "3 of 4 files classified" in page.inner_text("#status")
+        # dropped: two photos, in the order of the drop
+        drop = page.evaluate_handle(
+            """async (urls) => { const dt = new DataTransfer();
+                 for (const [name, url] of urls) {
+                   const blob = await (await fetch(url)).blob();
+                   dt.items.add(new File([blob], name, { type: "image/jpeg" }));
+                 }
+                 return dt; }""",
+            [["b.jpg", "data:image/jpeg;base64," + base64.b64encode(_jpeg(30, 40)).decode()],
+             ["a.jpg", "data:image/jpeg;base64," + base64.b64encode(_jpeg(40, 30)).decode()]],
+        )  # fmt: skip
+        page.dispatch_event("#drop", "drop", {"dataTransfer": drop})
+        page.wait_for_function("document.querySelectorAll('.card.done').length === 2", timeout=30_000)
+        assert [cards.nth(i).get_attribute("data-image") for i in range(2)] == ["b.jpg", "a.jpg"]
         # a file that is not an image: one clear line, no result
         notes = tmp_path / "notes.txt"
         notes.write_text("not a bird")
@@ -362,6 +677,10 @@ def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         page.wait_for_function("document.getElementById('status').className === 'error'")
         assert "not an image" in page.inner_text("#status")
         assert page.locator("#result").is_hidden()
+        assert page.evaluate(
+            "fetch('favicon.ico').then(r => r.status + ' ' + r.headers.get('content-type'))"
+        ) == ("200 image/png")
+        assert not failed, failed  # no 404 in the console: the favicon is served
         browser.close()
 
 
@@ -379,4 +698,5 @@ def test_main_thread_executor_fails_a_call_and_goes_on_but_stops_on_ctrl_c() -> 
     with pytest.raises(KeyboardInterrupt):
         ex.run_while(lambda: next(checks, None) is not None)
     assert isinstance(bad.exception(), ZeroDivisionError) and ok.result() == 42
-    assert isinstance(stop.exception(), RuntimeError) and not later.done()
+    assert isinstance(stop.exception(), serve.BadInput) and stop.exception().status == 503  # type: ignore[union-attr]
+    assert not later.done()

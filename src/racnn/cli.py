@@ -7,9 +7,11 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .cli_analyze import add_analyze
 from .cli_pictures import add_demo, add_plot, add_visualize
+from .cli_predict import add_predict
 
 EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
 
@@ -106,8 +108,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate a checkpoint (paper table + localisation)",
-        description="Top-1 of every scale and fusion, scale-1 box IoU with the object box, "
-        "box sides. Accepts a .pt checkpoint or an exported folder.",
+        description="Top-1 and top-5 of every scale and fusion, mean per-class accuracy, scale-1 box IoU "
+        "with the object box, box sides; --json adds each class's accuracy and the most confused pairs of the "
+        "fused output. Accepts a .pt checkpoint or an exported folder.",
         epilog=EPILOG,
     )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
@@ -118,13 +121,25 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
+    p.add_argument(
+        "--tta",
+        choices=["flip"],
+        help="test-time augmentation: flip averages the probabilities of each image and its mirror image "
+        "(boxes and localisation: the original image's)",
+    )
+    p.add_argument(
+        "--figures",
+        metavar="DIR",
+        help="write DIR/confusion.png: the fused output's confusion matrix, classes sorted by accuracy, "
+        "the most confused pairs beside it",
+    )
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, load_model
     from .config import apply_overrides
-    from .evaluation import evaluate, format_table, json_safe
+    from .evaluation import accumulate, format_table, json_safe
     from .training import loaders, runtime
 
     model = load_model(a.checkpoint)
@@ -144,8 +159,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         )
     loader = loaders.make_loader(dataset, cfg)
     head_parts = getattr(dataset, "head_parts", None)
-    metrics = evaluate(model.to(device), loader, device=device, head_parts=head_parts)
-    metrics["split"] = a.split
+    acc = accumulate(model.to(device), loader, device=device, head_parts=head_parts, tta=a.tta)
+    metrics: dict[str, Any] = acc.summary()
+    report = acc.class_report(list(classes))
+    metrics |= {"split": a.split, "tta": a.tta}
     if a.split in ("val", "trainval") and model.cfg.num_scales > 1:
         print(
             f"note: acc_*_weighted on the {a.split} split is in-sample (the weighted fusion's weights were "
@@ -155,35 +172,20 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.skip_bad_images:
         metrics["bad_images"] = loader.bad_images
         print(f"skipped {loader.bad_images} unreadable image(s)", file=sys.stderr)
-    print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images)"))
+    tta = ", flip TTA" if a.tta else ""
+    print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images{tta})"))
+    for true, pred, n in report["most_confused"][:5]:
+        print(f"confused: {n} x {true} taken for {pred}")
+    if a.figures and acc.confusion is not None:  # None: no image was readable
+        from .visualization import confusion_figure
+
+        pairs = report["most_confused"][:20]  # beside the matrix; the JSON has more
+        figure = confusion_figure(acc.confusion, list(classes), pairs, Path(a.figures) / "confusion.png")
+        print(f"wrote {figure}")
     if a.json:
-        Path(a.json).write_text(json.dumps(json_safe(metrics), indent=2))
+        per_class = {"per_class_acc": report["per_class_acc"], "most_confused": report["most_confused"]}
+        Path(a.json).write_text(json.dumps(json_safe(metrics) | per_class, indent=2))
         print(f"wrote {a.json}")
-    return 0
-
-
-def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "predict",
-        help="top-5 per scale and fused, with attention boxes",
-        description="Classify images; boxes are given in each image's pixel coordinates.",
-    )
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
-    p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=cmd_predict)
-
-
-def cmd_predict(a: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .inference import format_predictions, predict
-    from .training.runtime import resolve_device
-
-    model = load_model(a.checkpoint)
-    records = predict(model, a.images, topk=a.topk, device=resolve_device(a.device))
-    print(json.dumps(records, indent=2) if a.json else format_predictions(records, a.topk))
     return 0
 
 
@@ -193,7 +195,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="predictions over HTTP and a web page that shows the attention (pip install 'racnn[serve]')",
         description="Serve a model: POST /predict (multipart field 'image', repeatable) answers with the JSON "
         "of racnn predict --json; GET / is a page that draws each scale's box, its zoomed view and the top-5 "
-        "tables; GET /info and /healthz. Binds to localhost unless --host says otherwise. See docs/serve.md.",
+        "tables; GET /info, /healthz (liveness), /readyz (readiness) and /metrics (Prometheus). Binds to "
+        "localhost unless --host says otherwise. SIGTERM or Ctrl-C drains: new connections are refused, the "
+        "requests received are answered, then it exits 0; a second Ctrl-C stops at once. See docs/serve.md.",
     )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
     p.add_argument(
@@ -205,6 +209,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image (default: %(default)s)")
     p.add_argument(
         "--max-batch", type=int, default=16, help="images the model runs at once (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="images received and not yet run by the model; past it POST /predict answers 503 with "
+        "Retry-After at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout-seconds",
+        type=float,
+        default=30.0,
+        help="a request not answered this long after its upload is in gets a 504 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM or Ctrl-C, how long the requests received may still run; those running then get a "
+        "503 (default: %(default)s)",
     )
     p.add_argument(
         "--channels-last",
@@ -223,12 +247,26 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from .serve import ServeLimits, serve
     except ImportError as e:
         raise RuntimeError(str(e)) from None
-    model = load_model(a.checkpoint)
+    if not a.drain_seconds >= 0:
+        raise ValueError(f"--drain-seconds must be 0 or more, not {a.drain_seconds}")
     limits = ServeLimits(
-        max_upload_bytes=int(a.max_upload_mb * 2**20), max_pixels=a.max_pixels, max_batch=a.max_batch
-    )
+        max_upload_bytes=int(a.max_upload_mb * 2**20),
+        max_pixels=a.max_pixels,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        timeout_s=a.timeout_seconds,
+    )  # checked before the model loads: a bad flag fails at once
+    model = load_model(a.checkpoint)
     device = resolve_device(a.device)
-    serve(model, host=a.host, port=a.port, device=device, limits=limits, channels_last=a.channels_last)
+    serve(
+        model,
+        host=a.host,
+        port=a.port,
+        device=device,
+        limits=limits,
+        channels_last=a.channels_last,
+        drain_seconds=a.drain_seconds,
+    )
     return 0
 
 
@@ -270,7 +308,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_demo,
     _add_train,
     _add_eval,
-    _add_predict,
+    add_predict,
     _add_serve,
     add_visualize,
     add_plot,

@@ -23,6 +23,7 @@ TABLE_ROWS = [
     ("acc_s3", "scale 3"),
     ("acc_s12", "scale 1+2"),
     ("acc_s123", "scale 1+2+3"),
+    ("mean_per_class_acc", "mean per-class accuracy (fused)"),
     ("loc_iou_mean", "scale-1 box IoU (mean)"),
     ("loc_acc_iou50", "scale-1 box IoU >= 0.5"),
     ("loc_centre_hit", "scale-1 box holds the object centre"),
@@ -66,12 +67,21 @@ def head_hits(
     return (inside | ~vis).all(1) & vis.any(1), vis.any(1)
 
 
+TOP5 = 5  # the second figure every fine-grained table reports besides top-1
+TTA_KINDS = ("flip",)  # test-time augmentations of accumulate() and racnn.predict
+
+
 class Accumulator:
     """Sums over batches; ``summary()`` turns them into the metrics dict. ``keep_scores``: also keep every
     scale's log-probabilities and the labels (:meth:`scores`), for fusion weights fitted on this split."""
 
     def __init__(self, *, keep_scores: bool = False) -> None:
         self.correct: dict[str, int] = defaultdict(int)
+        self.correct5: dict[str, int] = defaultdict(int)  # the label among the 5 highest scores
+        # true class x predicted class counts of the fused output (the longest key without a fusion kind)
+        self.confusion: torch.Tensor | None = None
+        self.fused_key = ""
+        self.pt: dict[str, float] = defaultdict(float)  # summed softmax probability of the true class
         self.n = 0
         self.ious: list[torch.Tensor] = []
         self.centre_hits: list[torch.Tensor] = []
@@ -97,6 +107,11 @@ class Accumulator:
         self.n += target.numel()
         for k, v in logits.items():
             self.correct[k] += int((v.argmax(1) == target).sum())
+            top = v.topk(min(TOP5, v.shape[1]), dim=1).indices
+            self.correct5[k] += int((top == target[:, None]).any(1).sum())
+            if "_" not in k:  # the model's outputs (not every fusion kind): the ranking loss's p_t
+                self.pt[k] += float(v.float().softmax(1).gather(1, target[:, None]).sum())
+        self._confuse(logits, target)
         if self.keep_scores:
             scales, i = [], 1
             while f"s{i}" in logits and i < 10:  # s1 .. sN (s12, s123 are fused outputs, not scales)
@@ -126,6 +141,49 @@ class Accumulator:
             self.head_hit += int(hit.sum())
             self.head_n += int(has.sum())
 
+    def _confuse(self, logits: dict[str, torch.Tensor], target: torch.Tensor) -> None:
+        """Add the batch to the confusion matrix of the fused output (``s12..N``: the model's outputs are
+        ``s1..sN`` and the fused ones, every other fusion kind carries a ``_kind`` suffix)."""
+        self.fused_key = max((k for k in logits if "_" not in k), key=len)
+        scores = logits[self.fused_key]
+        k = scores.shape[1]
+        pairs = target.long() * k + scores.argmax(1)
+        counts = torch.bincount(pairs, minlength=k * k).reshape(k, k).cpu()
+        self.confusion = counts if self.confusion is None else self.confusion + counts
+
+    def per_class_acc(self) -> torch.Tensor:
+        """Top-1 accuracy of the fused output per true class (K; NaN for a class without images)."""
+        if self.confusion is None:
+            return torch.zeros(0)
+        seen = self.confusion.sum(1).double()
+        return torch.where(seen > 0, self.confusion.diag().double() / seen.clamp(min=1), math.nan)
+
+    def class_report(self, classes: list[str], pairs: int = 50) -> dict[str, Any]:
+        """What an error analysis needs, by class name: ``per_class_acc`` (fused output; None for a class
+        without images), ``mean_per_class_acc`` and ``most_confused``: up to ``pairs`` (true class, predicted
+        class, count) of the off-diagonal confusion counts, the largest first."""
+        acc = self.per_class_acc()
+        if self.confusion is not None and len(classes) != len(acc):
+            raise ValueError(f"{len(classes)} class names for a confusion matrix of {len(acc)} classes")
+        per_class = {c: (None if math.isnan(a) else a) for c, a in zip(classes, acc.tolist(), strict=True)}
+        return {
+            "per_class_acc": per_class,
+            "mean_per_class_acc": _nanmean(acc),
+            "most_confused": [[classes[t], classes[p], n] for t, p, n in self.most_confused(pairs)],
+        }
+
+    def most_confused(self, pairs: int) -> list[tuple[int, int, int]]:
+        """The ``pairs`` largest off-diagonal confusion counts as (true index, predicted index, count); ties
+        in class order."""
+        if self.confusion is None:
+            return []
+        off = self.confusion.clone()
+        off.fill_diagonal_(0)
+        counts, order = off.flatten().sort(descending=True, stable=True)  # stable: ties in class order
+        k = off.shape[1]
+        top = zip(counts[:pairs].tolist(), order[:pairs].tolist(), strict=True)
+        return [(i // k, i % k, n) for n, i in top if n > 0]
+
     @classmethod
     def merged(cls, parts: list[Accumulator]) -> Accumulator:
         """One accumulator holding the counts of ``parts`` (evaluation shards), in their order."""
@@ -133,6 +191,13 @@ class Accumulator:
         for p in parts:
             for k, c in p.correct.items():
                 out.correct[k] += c
+            for k, c in p.pt.items():
+                out.pt[k] += c
+            for k, c in p.correct5.items():
+                out.correct5[k] += c
+            if p.confusion is not None:
+                out.fused_key = p.fused_key
+                out.confusion = p.confusion if out.confusion is None else out.confusion + p.confusion
             out.n += p.n
             out.ious += p.ious
             out.centre_hits += p.centre_hits
@@ -155,6 +220,9 @@ class Accumulator:
     def summary(self) -> dict[str, float]:
         n = max(self.n, 1)
         out = {("acc_" + k): c / n for k, c in self.correct.items()}
+        out |= {("pt_" + k): c / n for k, c in self.pt.items()}
+        out |= {("top5_" + k): c / n for k, c in self.correct5.items()}
+        out["mean_per_class_acc"] = _nanmean(self.per_class_acc())
         if self.ious:
             iou = torch.cat(self.ious)
             out["loc_iou_mean"] = float(iou.mean())
@@ -185,9 +253,13 @@ def accumulate(
     desc: str = "eval",
     progress: bool = True,
     keep_scores: bool = False,
+    tta: str | None = None,
 ) -> Accumulator:
     """Run ``model`` (in eval mode, restored after) over ``loader`` and sum the evaluation counts: every
-    output, every fusion kind (``acc_s123_<kind>``), the boxes."""
+    output, every fusion kind (``acc_s123_<kind>``), the boxes. ``tta="flip"``: every output's scores are
+    the mean probabilities of the image and its mirror image (:func:`flip_tta_logits`); the boxes are the
+    original image's."""
+    check_tta(tta)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -198,10 +270,36 @@ def accumulate(
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
             out = model(images)
+            mirrored = model(images.flip(3)) if tta == "flip" else None
         logits = {k: v.float() for k, v in (out.logits | model.fusion_variants(out)).items()}
+        if mirrored is not None:
+            logits = flip_tta_logits(logits, mirrored.logits | model.fusion_variants(mirrored))
         acc.update(logits, out.boxes, out.views, batch, head_parts)
     model.train(was_training)
     return acc
+
+
+def check_tta(tta: str | None) -> None:
+    """A known test-time augmentation or None (ValueError naming the known ones)."""
+    if tta is not None and tta not in TTA_KINDS:
+        raise ValueError(f"unknown test-time augmentation {tta!r} (known: {', '.join(TTA_KINDS)})")
+
+
+def flip_tta_logits(
+    logits: dict[str, torch.Tensor], mirrored: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Flip TTA: each output's log of the mean of the two views' probabilities (each view ran the whole
+    model, its own boxes included). A log-probability is a logit: argmax, top-k and softmax read it alike."""
+    return {
+        k: torch.logaddexp(v.float().log_softmax(1), mirrored[k].float().log_softmax(1)) - math.log(2)
+        for k, v in logits.items()
+    }
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    """Mean of the finite entries (NaN when there are none)."""
+    finite = values[~values.isnan()]
+    return float(finite.mean()) if finite.numel() else math.nan
 
 
 def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], **kwargs: Any) -> dict[str, float]:
@@ -226,11 +324,12 @@ def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
     for key, label in TABLE_ROWS:
         if key in metrics and not (isinstance(metrics[key], float) and math.isnan(metrics[key])):
             v = metrics[key]
-            lines.append(
-                f"{label:<{width}}  {100 * v:7.2f}%"
-                if key.startswith(("acc", "loc", "head", "view"))
-                else f"{label:<{width}}  {v:8.3f}"
-            )
+            if not key.startswith(("acc", "mean_per", "loc", "head", "view")):
+                lines.append(f"{label:<{width}}  {v:8.3f}")
+                continue
+            line = f"{label:<{width}}  {100 * v:7.2f}%"
+            top5 = metrics.get(key.replace("acc_", "top5_", 1)) if key.startswith("acc_") else None
+            lines.append(line + (f"   top-5 {100 * top5:6.2f}%" if top5 is not None else ""))
     return "\n".join(lines)
 
 

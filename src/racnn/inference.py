@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from .attention import box_to_xyxy
 from .data import load_image
+from .evaluation import check_tta, flip_tta_logits
 from .model import RACNN
 
 ImageLike = str | Path | Image.Image | torch.Tensor
@@ -52,43 +54,58 @@ def predict(
     topk: int = 5,
     device: torch.device | str | None = None,
     batch_size: int = 16,
+    tta: str | None = None,
 ) -> list[dict[str, Any]]:
     """Classify ``images`` (file paths, PIL images, or preprocessed 3 x S x S tensors; one or a list). Files
-    are turned upright by their EXIF orientation, as a viewer shows them.
+    are turned upright by their EXIF orientation, as a viewer shows them. ``tta="flip"``: probabilities are
+    the mean of the image's and its mirror image's (:func:`forward_probs`).
 
     One record per image (:func:`records`): ``{"image", "width", "height", "top": {key: [{"class",
     "index", "prob"}, ...]}, "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``. ``top`` has every scale
     (``s1``..) and the fused outputs (``s12``, ``s123``, by the model's fusion); box ``s`` is where scale ``s``
     looked, i.e. the input of scale ``s + 1``, relative to the image (``cx``, ``cy``, ``side`` in 0..1) and in
     its pixels. Class names come from ``model.classes`` (indices when the model has none)."""
+    check_tta(tta)
     if isinstance(images, (str, Path, Image.Image)) or (
         isinstance(images, torch.Tensor) and images.ndim == 3
     ):
         images = [images]
     items = list(images)
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval().to(device)
     out: list[dict[str, Any]] = []
-    try:
+    with evaluating(model, device) as device:
         for start in range(0, len(items), batch_size):
             x, names, sizes = _as_inputs(model, items[start : start + batch_size])
-            probs, views = forward_probs(model, x.to(device))
+            probs, views = forward_probs(model, x.to(device), tta=tta)
             out += records(model, probs, views, names, sizes, topk=topk)
-    finally:
-        model.train(was_training)  # as it was (a model in training stays in training mode)
     return out
 
 
+@contextlib.contextmanager
+def evaluating(model: RACNN, device: torch.device | str | None) -> Iterator[torch.device]:
+    """``model`` in eval mode on ``device`` (default: where its parameters are) inside; its training mode as
+    it was after (a model in training stays in training mode). Yields the device."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        yield device
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
-def forward_probs(model: RACNN, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def forward_probs(
+    model: RACNN, x: torch.Tensor, *, tta: str | None = None
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The model on a preprocessed batch (B x 3 x S x S): every output's probabilities (B x K, on the CPU)
-    and the views of scales 2..N relative to the image (B x 3 each)."""
+    and the views of scales 2..N relative to the image (B x 3 each). ``tta="flip"``: each output's
+    probabilities are the mean of the batch's and of its mirror image's, each view zoomed into by its own
+    boxes; the views returned are the original image's."""
     out = model(x)
-    return {k: v.float().softmax(1).cpu() for k, v in out.logits.items()}, [
-        b.float().cpu() for b in out.views
-    ]
+    logits = out.logits
+    if tta == "flip":
+        logits = flip_tta_logits(logits, model(x.flip(3)).logits)
+    return {k: v.float().softmax(1).cpu() for k, v in logits.items()}, [b.float().cpu() for b in out.views]
 
 
 def records(

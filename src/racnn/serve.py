@@ -7,31 +7,39 @@ FastAPI on uvicorn (``pip install 'racnn[serve]'``); see docs/serve.md. Endpoint
   fusion, and every box in the image's pixels.
 - ``GET /info``: the model (classes, backbone, scales, input sizes, fusion) and the server's limits.
 - ``GET /healthz``: ``{"status": "ok", "batches": n, "images": m, "forward_ms": {batch size: median ms}}``
-  (what the model has run so far, and how long its forward passes took).
+  (what the model has run so far, and how long its forward passes took): the liveness probe.
+- ``GET /readyz``: ``{"status": "ready"}``, or a 503 once the server drains (the readiness probe).
+- ``GET /metrics``: Prometheus metrics (:class:`Metrics`).
 - ``GET /``: the page (one HTML file, no build step, nothing fetched from elsewhere).
 
 Bad input (no image, a non-image, a truncated or corrupt file, a pixel bomb, an upload over the size limit) is
 a 4xx answer ``{"error": "<one line>"}``, and the server goes on serving. Requests share one model: images are
 decoded in worker threads while a :class:`Batcher` runs the model on what is waiting, one batch at a time.
+Overload is refused at once: past ``max_queue`` waiting images a request gets a 503 with ``Retry-After``; one
+that waited ``timeout_s`` gets a 504. On SIGTERM or a first Ctrl-C the server drains (:class:`Drain`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+import logging
+import math
 import queue
+import signal
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .data.errors import DatasetError
 from .data.io import ImageTooLarge, NotAnImage, load_image
@@ -42,11 +50,25 @@ Inputs = Any  # list[PIL.Image.Image] (decoded) or torch.Tensor (n x 3 x S x S, 
 
 try:
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        ProcessCollector,
+        generate_latest,
+    )
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
 except ImportError as e:  # pragma: no cover - the serve extra is not installed
-    raise ImportError("racnn serve needs FastAPI and uvicorn: pip install 'racnn[serve]'") from e
+    raise ImportError(
+        "racnn serve needs FastAPI, uvicorn and prometheus_client: pip install 'racnn[serve]'"
+    ) from e
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: the drain's lines sit among its lines
 
 
 @dataclass(frozen=True)
@@ -56,14 +78,115 @@ class ServeLimits:
     max_images: int = 32  # per request
     max_batch: int = 16  # images the model runs at once
     topk: int = 5
+    max_queue: int = 64  # images received and not yet in a forward pass; past it a request gets a 503
+    timeout_s: float = 30.0  # from a request's upload being in to its answer; past it a 504
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_pixels", "max_images", "max_batch", "topk", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, not {self.timeout_s}")
+
+    @property
+    def images_per_request(self) -> int:
+        """The most images one request may send: a request must fit in the queue."""
+        return min(self.max_images, self.max_queue)
 
 
 class BadInput(Exception):
-    """A request the server refuses: HTTP ``status`` and a one-line message."""
+    """A request the server refuses: HTTP ``status``, a one-line message and any headers of the answer
+    (``retry_after``: seconds, for a 503)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = {} if retry_after is None else {"Retry-After": str(retry_after)}
+
+
+class Slot:
+    """``n`` images counted in the batcher's queue, from the moment their request is admitted until the batcher
+    takes them into a batch or the request ends (:meth:`release`, called by both, counts them once)."""
+
+    def __init__(self, batcher: Batcher, n: int) -> None:
+        self.batcher, self.n = batcher, n
+
+    def release(self) -> None:
+        self.batcher.queued -= self.n
+        self.n = 0
+
+
+class Metrics:
+    """The Prometheus metrics of one app, in a registry of its own (two apps in one process count apart):
+
+    - ``racnn_requests_total{path, status}``: HTTP answers (``path`` is the route, ``other`` for unknown paths);
+    - ``racnn_request_seconds{path}``: their latency, from arrival to the last byte of the answer;
+    - ``racnn_images_total``, ``racnn_batch_size``: images the model ran, and per forward pass;
+    - ``racnn_forward_seconds``: the forward passes (model and softmax; the ``forward_ms`` of ``/healthz``);
+    - ``racnn_queue_depth``: images received and not yet in a forward pass (bounded by ``max_queue``);
+    - ``process_*``: the server process's memory, CPU time and open files (``prometheus_client``'s own)."""
+
+    def __init__(self, max_batch: int) -> None:
+        self.registry = r = CollectorRegistry()
+        seconds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+        self.requests = Counter(
+            "racnn_requests", "HTTP answers by path and status", ["path", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "racnn_request_seconds", "HTTP request latency by path", ["path"], buckets=seconds, registry=r
+        )
+        self.images = Counter("racnn_images", "images the model has run", registry=r)
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, max_batch})
+        self.batch_size = Histogram("racnn_batch_size", "images per forward pass", buckets=sizes, registry=r)
+        self.forward_seconds = Histogram(
+            "racnn_forward_seconds", "forward pass time (model and softmax)", buckets=seconds, registry=r
+        )
+        self.queue_depth = Gauge(
+            "racnn_queue_depth", "images received and not yet in a forward pass", registry=r
+        )
+        ProcessCollector(registry=r)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Drain:
+    """Graceful shutdown, the app's side. Once :meth:`start` is called (``racnn serve``: on SIGTERM or a first
+    Ctrl-C) ``GET /readyz`` answers 503 and a new ``POST /predict`` gets a 503; the requests already received
+    go on, and those still running ``seconds`` later are answered 503 (:meth:`guard`), never dropped."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.started = False
+        self.expired: asyncio.Future[None] | None = None  # done at the drain deadline
+
+    def bind(self) -> None:
+        """At the app's startup, in its event loop."""
+        self.loop, self.started = asyncio.get_running_loop(), False
+        self.expired = self.loop.create_future()
+
+    def start(self, seconds: float) -> None:
+        """Begin draining; call it in the app's event loop (``loop.call_soon_threadsafe`` from elsewhere)."""
+        if self.started or self.loop is None:
+            return
+        self.started = True
+        self.loop.call_later(seconds, lambda: self.expired.done() or self.expired.set_result(None))  # type: ignore[union-attr]
+
+    async def guard(self, work: Awaitable[Any]) -> Any:
+        """``work``'s result, or a 503 if the drain deadline comes first (``work`` is then cancelled)."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait([task, self.expired], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[list-item]
+        finally:  # also when this request is cancelled: its work stops with it
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return task.result()
+        raise BadInput(
+            503,
+            "the server shut down before this request was answered (drain deadline); retry",
+            retry_after=1,
+        )
 
 
 class Batcher:
@@ -77,7 +200,11 @@ class Batcher:
     (default: a thread of its own; ``racnn serve``: the process's main thread, :class:`MainThreadExecutor`).
     Each thread that runs torch operations gets its own OpenMP thread team, and on a CPU a second team slows
     the first: the recipe's model took 41 ms a forward pass in the main thread alone, 50 ms in another
-    thread alone, and 112 ms in another thread once the main thread had built the model."""
+    thread alone, and 112 ms in another thread once the main thread had built the model.
+
+    The queue is bounded: :meth:`admit` counts a request's images in ``queued`` (received, not yet in a
+    forward pass) or refuses it with a 503 when ``max_queue`` would be passed (0: no bound), so latency and
+    memory stop growing with the load. A request that has gone (its deadline passed) leaves the queue unrun."""
 
     def __init__(
         self,
@@ -88,14 +215,18 @@ class Batcher:
         transform: Any = None,
         channels_last: bool = False,
         executor: Executor | None = None,
+        max_queue: int = 0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model, self.device, self.max_batch = model, device, max_batch
         self.transform, self.channels_last = transform or model.transforms(), channels_last
-        self.queue: asyncio.Queue[tuple[Inputs, asyncio.Future[Any]]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Inputs, asyncio.Future[Any], Slot | None]] = asyncio.Queue()
         self.pool = executor or ThreadPoolExecutor(1, thread_name_prefix="racnn-model")
         self.task: asyncio.Task[None] | None = None
         self.batches, self.images = 0, 0  # run so far (GET /healthz)
         self.forward_s: dict[int, deque[float]] = {}  # the last forward passes' seconds, by batch size
+        self.max_queue, self.queued, self.metrics = max_queue, 0, metrics
+        self.s_per_image = 0.0  # the last forward pass's seconds per image: the Retry-After estimate
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._work())
@@ -105,31 +236,63 @@ class Batcher:
             self.task.cancel()
         self.pool.shutdown(wait=True)
 
-    async def run(self, x: Inputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    def admit(self, n: int) -> Slot:
+        """Count ``n`` images in the queue, or refuse them when they do not fit (:meth:`refuse_if_full`)."""
+        self.refuse_if_full(n)
+        self.queued += n
+        return Slot(self, n)
+
+    def refuse_if_full(self, n: int = 1) -> None:
+        """A 503 with ``Retry-After`` when ``n`` more images would not fit in the queue."""
+        if self.max_queue and self.queued + n > self.max_queue:
+            wait = max(1, math.ceil(self.queued * self.s_per_image))  # the queue's work at the last pace
+            raise BadInput(
+                503,
+                f"the server is busy: {self.queued} images wait for the model, the queue holds "
+                f"{self.max_queue}; retry in {wait} s",
+                retry_after=wait,
+            )
+
+    async def run(
+        self, x: Inputs, slot: Slot | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
         """The model's probabilities and views for ``x``: decoded RGB images (a list; preprocessed in the model's
-        thread) or preprocessed ones (n x 3 x S x S)."""
+        thread) or preprocessed ones (n x 3 x S x S). ``slot``: their place in the queue (:meth:`admit`)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self.queue.put((x, future))
+        await self.queue.put((x, future, slot))
         return await future
+
+    def _take(self, item: tuple[Inputs, asyncio.Future[Any], Slot | None]) -> bool:
+        """Take ``item`` out of the queue; whether its request still waits for it (not gone on a timeout)."""
+        if item[2] is not None:
+            item[2].release()
+        return not item[1].done()
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            items = [await self.queue.get()]
+            item = await self.queue.get()
+            if not self._take(item):
+                continue
+            items, n = [item], len(item[0])
             try:
-                n = len(items[0][0])
                 while n < self.max_batch and not self.queue.empty():
-                    items.append(self.queue.get_nowait())
-                    n += len(items[-1][0])
+                    item = self.queue.get_nowait()
+                    if self._take(item):
+                        items.append(item)
+                        n += len(item[0])
                 self.batches, self.images = self.batches + 1, self.images + n
-                probs, views = await loop.run_in_executor(self.pool, self._forward, [x for x, _ in items])
+                if self.metrics is not None:
+                    self.metrics.images.inc(n)
+                    self.metrics.batch_size.observe(n)
+                probs, views = await loop.run_in_executor(self.pool, self._forward, [x for x, _, _ in items])
             except Exception as e:  # these requests fail; the worker and the server go on
-                for _, future in items:
+                for _, future, _ in items:
                     if not future.done():
                         future.set_exception(e)
                 continue
             start = 0
-            for x, future in items:
+            for x, future, _ in items:
                 rows = slice(start, start + len(x))
                 start += len(x)
                 if not future.done():  # the client may have gone
@@ -147,7 +310,11 @@ class Batcher:
                 x = x.contiguous(memory_format=torch.channels_last)
             t0 = time.perf_counter()
             out = forward_probs(self.model, x.to(self.device))
-            self.forward_s.setdefault(len(x), deque(maxlen=256)).append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            self.forward_s.setdefault(len(x), deque(maxlen=256)).append(seconds)
+            self.s_per_image = seconds / len(x)
+            if self.metrics is not None:
+                self.metrics.forward_seconds.observe(seconds)
             return out
 
     def forward_ms(self) -> dict[int, float]:
@@ -180,13 +347,26 @@ class MainThreadExecutor(Executor):
                 except Exception as e:  # the request fails; the server goes on
                     future.set_exception(e)
                 except BaseException:  # Ctrl-C during a forward pass: this request fails, the server stops
-                    future.set_exception(RuntimeError("the server is stopping"))
+                    future.set_exception(BadInput(503, "the server is stopping; retry", retry_after=1))
                     raise
 
 
 def page() -> str:
     """The HTML page of ``GET /`` (``racnn/resources/serve.html``)."""
     return (resources.files("racnn") / "resources" / "serve.html").read_text(encoding="utf-8")
+
+
+@functools.cache
+def favicon() -> bytes:
+    """``GET /favicon.ico``: a 32 px PNG of three nested boxes in the page's scale colours (browsers ask for
+    it; without it their console shows a 404)."""
+    image = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    for inset, colour in ((1, "#ffd400"), (7, "#00c8ff"), (12, "#ff4fa0")):
+        draw.rectangle((inset, inset, 31 - inset, 31 - inset), outline=colour, width=3)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def create_app(
@@ -199,23 +379,35 @@ def create_app(
 ) -> FastAPI:
     """The web app serving ``model`` (a model that carries its classes: ``racnn.load_model``).
     ``channels_last``: run the convolutions in NHWC (on a CPU 1.4 times faster for the recipe's model).
-    ``executor``: where the model runs (default: a thread of the batcher's own; see :class:`Batcher`)."""
+    ``executor``: where the model runs (default: a thread of the batcher's own; see :class:`Batcher`).
+    ``app.state.drain`` (:class:`Drain`) starts its graceful shutdown; ``app.state.metrics`` (:class:`Metrics`)."""
     limits = limits or ServeLimits()
     device = torch.device(device)
     model = model.eval().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     state: dict[str, Batcher] = {}
+    metrics, drain = Metrics(limits.max_batch), Drain()
+    metrics.queue_depth.set_function(lambda: state["batcher"].queued if "batcher" in state else 0)
 
     async def lifespan(app: FastAPI) -> Any:
         state["batcher"] = app.state.batcher = Batcher(
-            model, device, limits.max_batch, channels_last=channels_last, executor=executor
+            model,
+            device,
+            limits.max_batch,
+            channels_last=channels_last,
+            executor=executor,
+            max_queue=limits.max_queue,
+            metrics=metrics,
         )
         state["batcher"].start()
+        drain.bind()
         yield
         await state["batcher"].stop()
 
     app = FastAPI(title="racnn serve", description="RA-CNN predictions and attention", lifespan=lifespan)
+    app.state.metrics, app.state.drain = metrics, drain
+    app.add_middleware(Measure, metrics=metrics, paths=lambda: {route.path for route in app.routes})  # type: ignore[attr-defined]
     info = {
         "classes": model.classes or [str(i) for i in range(model.num_classes)],
         "backbone": model.cfg.backbone,
@@ -227,13 +419,22 @@ def create_app(
         "outputs": model.keys,
         "max_upload_bytes": limits.max_upload_bytes,
         "max_pixels": limits.max_pixels,
-        "max_images": limits.max_images,
+        "max_images": limits.images_per_request,
         "topk": limits.topk,
+        "max_queue": limits.max_queue,
+        "timeout_seconds": limits.timeout_s,
     }
 
     @app.exception_handler(BadInput)
     async def bad_input(request: Request, e: BadInput) -> JSONResponse:
-        return JSONResponse({"error": str(e)}, status_code=e.status)
+        return JSONResponse({"error": str(e)}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)  # the router's 404 and 405, in the same JSON as the rest
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path  # as sent: one line
+        allowed = f" (allowed: {e.headers['Allow']})" if e.headers and "Allow" in e.headers else ""
+        error = f"{str(e.detail).lower()}: {request.method} {path}{allowed}"
+        return JSONResponse({"error": error}, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:  # never a crash: one line, a 500
@@ -242,6 +443,10 @@ def create_app(
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
         return page()
+
+    @app.get("/favicon.ico")
+    async def get_favicon() -> Response:
+        return Response(favicon(), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -253,20 +458,74 @@ def create_app(
             "forward_ms": batcher.forward_ms(),
         }
 
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if drain.started:
+            return JSONResponse({"error": "the server is shutting down"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/info")
     async def get_info() -> dict[str, Any]:
         return info
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
+        if drain.started:  # received after the drain began: another instance (or this one restarted) answers
+            raise BadInput(503, "the server is shutting down; retry", retry_after=1)
+        return await drain.guard(_predict(request))
+
+    async def _predict(request: Request) -> JSONResponse:
+        batcher = state["batcher"]
+        batcher.refuse_if_full()  # a full queue refuses at once, before the upload is read
         uploads = await _uploads(request, limits)
-        images = [await run_in_threadpool(_decode, upload, data, limits) for upload, data in uploads]
-        probs, views = await state["batcher"].run(images)
+        slot = batcher.admit(len(uploads))
+        try:  # the deadline runs from here: the upload is in, the images wait for a decoder and the model
+            images, (probs, views) = await asyncio.wait_for(_run(uploads, slot), limits.timeout_s)
+        except asyncio.TimeoutError:
+            raise BadInput(
+                504, f"no answer within {limits.timeout_s:g} s: the server is busy; retry later"
+            ) from None
+        finally:
+            slot.release()
         names = [upload.filename or f"image {i}" for i, (upload, _) in enumerate(uploads)]
         sizes = [image.size for image in images]
         return JSONResponse(records(model, probs, views, names, sizes, topk=limits.topk))
 
+    async def _run(uploads: list[tuple[UploadFile, bytes]], slot: Slot) -> tuple[list[Image.Image], Any]:
+        images = [await run_in_threadpool(_decode, upload, data, limits) for upload, data in uploads]
+        return images, await state["batcher"].run(images, slot)
+
     return app
+
+
+class Measure:
+    """ASGI middleware: counts every HTTP answer by path and status and times it (:class:`Metrics`). ``paths``:
+    the app's routes; any other path counts as ``other``, so a scan of random URLs adds no series."""
+
+    def __init__(self, app: Any, metrics: Metrics, paths: Callable[[], set[str]]) -> None:
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500  # 500: the app failed before it answered
+
+        async def measured_send(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, measured_send)
+        finally:
+            path = scope["path"] if scope["path"] in self.paths() else "other"
+            self.metrics.requests.labels(path, str(status)).inc()
+            self.metrics.request_seconds.labels(path).observe(time.perf_counter() - t0)
 
 
 async def _uploads(request: Request, limits: ServeLimits) -> list[tuple[UploadFile, bytes]]:
@@ -291,14 +550,14 @@ async def _uploads(request: Request, limits: ServeLimits) -> list[tuple[UploadFi
 
     try:
         form = await Request(request.scope, receive).form(
-            max_files=limits.max_images, max_fields=8, max_part_size=limits.max_upload_bytes
+            max_files=limits.images_per_request, max_fields=8, max_part_size=limits.max_upload_bytes
         )
     except BadInput:
         raise
     except Exception as e:  # the multipart parser's own complaint (too many files, a part too large, ...)
         text = str(getattr(e, "detail", None) or e or type(e).__name__)
         if "too many files" in text.lower():
-            raise BadInput(413, f"more than {limits.max_images} images in one request") from None
+            raise BadInput(413, f"more than {limits.images_per_request} images in one request") from None
         status = 413 if "large" in text.lower() or "exceed" in text.lower() else 400
         raise BadInput(status, f"bad upload: {text}") from None
     files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
@@ -334,20 +593,60 @@ def serve(
     device: torch.device | str,
     limits: ServeLimits,
     channels_last: bool = True,
+    drain_seconds: float = 30.0,
 ) -> None:
-    """Run the app with uvicorn until Ctrl-C: the web server in a thread, the model in this (main) thread."""
+    """Run the app with uvicorn: the web server in a thread, the model in this (main) thread.
+
+    SIGTERM or a first Ctrl-C drains: the listening socket closes at once (new connections are refused),
+    ``/readyz`` answers 503, every request already received is answered, and this returns once they all
+    are, within ``drain_seconds`` (uvicorn's graceful shutdown; a request still running at that deadline gets a
+    503, :class:`Drain`). A second Ctrl-C stops at once (``KeyboardInterrupt``); a second SIGTERM changes
+    nothing."""
     import uvicorn
 
     executor = MainThreadExecutor()
     app = create_app(model, device=device, limits=limits, channels_last=channels_last, executor=executor)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    drain: Drain = app.state.drain
+    # uvicorn cancels what still runs a little after the drain deadline, once the 503s have gone out
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=math.ceil(drain_seconds) + 2
+    )
+    server = uvicorn.Server(config)
     web = threading.Thread(target=server.run, name="racnn-serve-http", daemon=True)
+    signalled: list[int] = []
+
+    def begin_drain(name: str) -> None:  # in the web server's event loop
+        log.info("%s: draining for at most %g s (Ctrl-C again to stop at once)", name, drain_seconds)
+        drain.start(drain_seconds)
+        for listener in getattr(server, "servers", []):  # stop accepting now, not at uvicorn's next tick
+            listener.close()
+        server.should_exit = True  # uvicorn's graceful shutdown: it waits for the requests in flight
+
+    def on_signal(sig: int, frame: Any) -> None:  # in this thread, between two Python instructions
+        if signalled:
+            if sig == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        signalled.append(sig)
+        try:
+            loop = drain.loop
+            if loop is None:  # not started yet: uvicorn stops right after its startup
+                raise RuntimeError("no event loop yet")
+            loop.call_soon_threadsafe(begin_drain, signal.Signals(sig).name)
+        except RuntimeError:  # no loop, or it has closed
+            server.should_exit = True
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()  # signals can only be set up there
+    previous = {sig: signal.signal(sig, on_signal) for sig in handled} if in_main else {}
     web.start()
     try:
         executor.run_while(web.is_alive)
-    except KeyboardInterrupt:
-        server.should_exit = True
-        web.join(timeout=10)
-        return
+    except KeyboardInterrupt:  # the second Ctrl-C: requests in flight are dropped
+        server.should_exit = server.force_exit = True
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not server.started:  # uvicorn said why (a port in use, an address it cannot bind) and stopped
         raise RuntimeError(f"could not serve on {host}:{port} (see the line above)")

@@ -187,3 +187,51 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def confusion_figure(
+    confusion: torch.Tensor,
+    classes: list[str],
+    most_confused: list[tuple[str, str, int]],
+    out: str | Path,
+    *,
+    title: str = "confusion of the fused output",
+) -> Path:
+    """The confusion matrix (rows: true class, K x K counts) as a picture readable for 200 classes: each row
+    as shares of its class's images, classes sorted by their accuracy (the weakest at the top left, classes
+    without images last), a square-root colour scale so that rare confusions show, and the ``most_confused``
+    (true class, predicted class, count) pairs listed beside it."""
+    from matplotlib.colors import PowerNorm
+
+    plt = _plt()
+    counts = confusion.double()
+    seen = counts.sum(1)
+    rates = counts / seen.clamp(min=1)[:, None]
+    order = torch.argsort(torch.where(seen > 0, rates.diag(), 2.0), stable=True)  # 2: after every accuracy
+    k = len(classes)
+    side = min(24.0, max(5.0, 0.085 * k + 2.5))  # inches: about 6 pt per class row at 200 classes
+    fig = plt.figure(figsize=(side + 7.5, side))
+    # the matrix, its colour bar, room for the bar's label, the list of pairs
+    grid = fig.add_gridspec(1, 4, width_ratios=(side, 0.25, 1.0, 6.0), wspace=0.05)
+    ax, cax, ax_list = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[3])
+    shares = np.ma.masked_equal(rates[order][:, order].numpy(), 0)  # no image: white, not the scale's end
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="white")
+    image = ax.imshow(shares, cmap=cmap, norm=PowerNorm(0.5, vmin=0, vmax=1), interpolation="none")
+    names = [classes[i] for i in order.tolist()]
+    font = min(9.0, max(3.0, 900 / max(k, 1)))  # 4.5 pt at 200 classes: a row is about 6 pt high
+    ax.set_xticks(range(k), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(k), names, fontsize=font)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (sorted by accuracy, weakest first)")
+    ax.set_title(title)
+    fig.colorbar(image, cax=cax, label="share of the true class's images")
+    lines = [f"{n:>4}  {true[:30]}\n      -> {pred[:30]}" for true, pred, n in most_confused]
+    ax_list.axis("off")
+    ax_list.set_title("most confused: images, true class -> predicted", fontsize=10, loc="left")
+    text = "\n".join(lines) or "no confusions"
+    ax_list.text(0, 1, text, family="monospace", fontsize=8, va="top", transform=ax_list.transAxes)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return out
