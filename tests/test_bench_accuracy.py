@@ -34,6 +34,16 @@ def fake_metrics(s1: float = 0.70, **kw: Any) -> dict[str, Any]:
         "box_side_std_s2": 0.05,
         "best_epoch": 3,
         "wall_time_s": 100.0,
+        # the same classifiers with the initial boxes
+        "acc_s2_init": s1 + 0.01,
+        "acc_s3_init": s1 - 0.01,
+        "acc_s123_init": s1 + 0.06,
+        "pt_s2": 0.60,
+        "pt_s2_init": 0.55,
+        "pt_s3": 0.62,
+        "pt_s3_init": 0.50,
+        "head_hit_s2_init": 0.65,
+        "loc_acc_iou50_init": 0.55,
     }
     for kind in FUSIONS:
         m[f"acc_s123_{kind}"] = s1 + 0.08 if kind == "concat" else s1 + 0.06
@@ -75,7 +85,8 @@ def test_result_holds_seed_means_stds_and_every_fusion() -> None:
     assert r["n"]["acc_s1"] == 3
 
 
-def test_targets() -> None:
+def test_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(acc, "FUSED_FLOOR", 0.75)  # the fabricated runs' fused mean is 0.78
     t = result()["targets"]
     assert all(v["met"] for v in t.values()), t
     assert t["fused_vs_baseline"]["value"] == pytest.approx(0.11)
@@ -86,6 +97,15 @@ def test_targets() -> None:
     collapsed = result(box_side_s1=0.25, box_side_std_s1=0.001, box_side_s2=0.99)["targets"]
     assert not collapsed["no_collapse_s1"]["met"] and not collapsed["no_collapse_s2"]["met"]
     assert collapsed["no_collapse_s1"]["value"] == [0.25, 0.001]
+    # issue 18: the learned boxes against the initial ones under the same classifiers
+    assert t["learned_vs_init_s2"]["value"] == pytest.approx(-0.02)  # acc_s2 0.69 against 0.71
+    t = result()["targets"]
+    assert t["learned_vs_init_s2"]["value"] == pytest.approx(0.02)
+    assert t["head_hit_s2_vs_init"]["value"] == pytest.approx([0.10, 0.75])
+    stuck = result(acc_s2_init=0.725, pt_s2_init=0.60, head_hit_s2_init=0.72)["targets"]
+    assert not stuck["learned_vs_init_s2"]["met"] and not stuck["pt_s2_vs_init"]["met"]
+    assert not stuck["head_hit_s2_vs_init"]["met"] and stuck["learned_vs_init_s3"]["met"]
+    assert not result(acc_s123=0.74)["targets"]["fused_no_loss"]["met"]
     missing = result(head_hit_s2=math.nan)
     assert missing["head_hit_s2"] is None and not missing["targets"]["head_hit_s2"]["met"]
     assert missing["n"]["head_hit_s2"] == 0

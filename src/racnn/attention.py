@@ -42,6 +42,29 @@ def compose_boxes(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0 + side * inner[:, 0], y0 + side * inner[:, 1], side * inner[:, 2]], dim=1)
 
 
+def box_candidates(
+    box: torch.Tensor, *, shift: float, zoom: float, min_side: float, max_side: float
+) -> torch.Tensor:
+    """The boxes one step around each box: itself (index 0), its centre moved by ``shift`` times its side left,
+    right, up and down (1-4), and its side times ``zoom`` and divided by it (5, 6), each kept inside the
+    image and within ``[min_side, max_side]`` as the APN's boxes are. B x 3 -> B x 7 x 3.
+
+    A step of the APN's search update (``apn.update=search``): the finer scale judges these boxes, and the
+    APN moves towards the one it ranks best."""
+    cx, cy, half = box.unbind(1)
+    step = shift * 2 * half
+    zero = torch.zeros_like(cx)
+    dx = torch.stack([zero, -step, step, zero, zero, zero, zero], 1)  # B x 7
+    dy = torch.stack([zero, zero, zero, -step, step, zero, zero], 1)
+    gain = box.new_tensor([1.0, 1.0, 1.0, 1.0, 1.0, zoom, 1.0 / zoom])  # 7
+    h = (half[:, None] * gain).clamp(min_side / 2, max_side / 2)  # B x 7
+    x = torch.minimum(torch.maximum(cx[:, None] + dx, h), 1 - h)
+    y = torch.minimum(torch.maximum(cy[:, None] + dy, h), 1 - h)
+    out = torch.stack([x, y, h], 2)
+    out[:, 0] = box  # the box itself, unchanged even where it lies a rounding error past a bound
+    return out
+
+
 class APN(nn.Module):
     """Attention proposal network: two FC layers on a scale's last conv features (released model: FC 1024, tanh,
     FC 3, sigmoid). The features are average-pooled to ``grid x grid`` first so one APN fits any input size."""

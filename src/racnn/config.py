@@ -95,6 +95,15 @@ class APNConfig:
     # scale 1's initialisation box from its map of the loader's full-size image (14 x 14 at 448 px against
     # 7 x 7 at 224): a finer grid for the box; only where the images are larger than scale 1's input
     init_full_size: bool = False
+    # how the attention phases move the APNs: "gradient", the ranking loss's gradient through the crop (paper);
+    # "search", each APN regressed (smooth-L1, at apn.lr) towards the box among itself and its neighbours
+    # (centre moved by search_shift of the side, side times or over search_zoom) on which the frozen finer
+    # scale best meets the ranking loss, when that beats the box itself by more than search_min_gain in p_t
+    update: str = "gradient"
+    search_shift: float = 0.1
+    search_zoom: float = 1.15
+    search_min_gain: float = 0.0
+    search_candidates: int = 6  # neighbours the finer scale judges per image and step (of 6, drawn at random)
 
 
 @dataclass
@@ -293,6 +302,7 @@ _CHOICES = {
     "optim.scheduler": ("cosine", "step", "none"),
     "apn.optimizer": ("adam", "sgd"),
     "apn.init_response": ("sum", "cam"),
+    "apn.update": ("gradient", "search"),
     "schedule.mode": ("alternate", "joint"),
     "train.select": ("val", "last"),
 }
@@ -349,6 +359,10 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (0.0 <= cfg.apn.init_threshold < 1.0, "apn.init_threshold must be in [0, 1)"),
         (0.0 <= cfg.loss.label_smoothing < 1.0, "loss.label_smoothing must be in [0, 1)"),
         (cfg.loss.prior_weight >= 0.0, "loss.prior_weight must be >= 0"),
+        (0.0 < cfg.apn.search_shift < 1.0, "apn.search_shift must be in (0, 1)"),
+        (cfg.apn.search_zoom > 1.0, "apn.search_zoom must be > 1"),
+        (cfg.apn.search_min_gain >= 0.0, "apn.search_min_gain must be >= 0"),
+        (1 <= cfg.apn.search_candidates <= 6, "apn.search_candidates must be in 1..6"),
     ]
     for ok, msg in checks:
         if not ok:

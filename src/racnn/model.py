@@ -228,7 +228,6 @@ class RACNN(nn.Module):
         ``detach_crops`` cuts only the crops' path: the returned boxes keep their gradient but nothing of
         scale s+1 depends on APN s through autograd (APN initialisation: each APN learns its own target).
         """
-        sizes = self.scale_sizes
         x = self.scale_input(images)
         view = None  # the region of `images` that the current scale sees (None: all of it)
         zoom = _crop_function(self.compile_crop, images)
@@ -249,14 +248,30 @@ class RACNN(nn.Module):
             boxes.append(box)
             if detach_crops:
                 box = box.detach()
-            size = sizes[s + 1]  # side of the next scale's input
             view = box if view is None else compose_boxes(view, box)
             views.append(view)
-            # B x 3 x S x S: "source" cuts the real pixels of the source image, "previous" (the paper) zooms the
-            # previous scale's input
-            x = crop(images, view, size) if self.cfg.crop_from == "source" else crop(x, box, size)
+            x = self.zoom_in(s, images, x, box, view, crop=crop)
             crops.append(x)
         return RACNNFeatures(pooled, boxes, crops, maps, views)
+
+    def zoom_in(
+        self,
+        s: int,
+        images: torch.Tensor,
+        x: torch.Tensor,
+        box: torch.Tensor,
+        view: torch.Tensor,
+        *,
+        crop: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Scale ``s + 1``'s input (B x 3 x S' x S'): ``crop_from="source"`` cuts the region ``view`` (B x 3,
+        relative to ``images``) from the real pixels of ``images``; ``"previous"`` (the paper) zooms ``box``
+        (B x 3, relative to scale ``s``'s input ``x``) out of ``x``."""
+        if crop is None:
+            zoom = _crop_function(self.compile_crop, images)
+            crop = partial(soft_box_gradient, zoom, k=self.cfg.mask_k, k_grad=self.cfg.mask_k_backward)
+        size = self.scale_sizes[s + 1]
+        return crop(images, view, size) if self.cfg.crop_from == "source" else crop(x, box, size)
 
     def _heads(self, feats: RACNNFeatures) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-scale logits ``s1..sN`` and the concat heads' ``s12, s123, ...``, B x K each."""

@@ -24,9 +24,9 @@ class Phase:
 
     name: str
     trains: frozenset[str]  # parameter groups (RACNN.parameter_groups): "backbone", "head", "apn"
-    losses: tuple[
-        str, ...
-    ]  # "cls": the cross-entropies; "rank": Eq. 8 (and the object prior); "box": APN init
+    # "cls": the cross-entropies; "rank": Eq. 8 (and the object prior); "box": APN init; "search": the
+    # search update's regression (racnn.training.search)
+    losses: tuple[str, ...]
     optimizers: tuple[str, ...]  # "cls" (optim), "apn" (apn.lr), "apn_init" (apn.init_lr)
     detach_boxes: bool = False  # the crops are cut with fixed boxes: no gradient reaches the APNs
     detach_crops: bool = False  # the boxes keep their gradient, but nothing of scale s+1 depends on APN s
@@ -49,8 +49,16 @@ WARMUP = Phase("warmup", CLASSIFIERS, ("cls",), ("cls",), detach_boxes=True)
 APN_INIT = Phase("apn_init", frozenset({"apn"}), ("box",), ("apn_init",), detach_crops=True)
 CLASSIFY = Phase("classify", CLASSIFIERS, ("cls",), ("cls",), detach_boxes=True)  # APNs fixed
 ATTEND = Phase("attend", frozenset({"apn"}), ("rank",), ("apn",))  # classifiers fixed, BatchNorm too
+# the attention phase of apn.update=search (racnn.training.search): each APN regresses towards the neighbouring
+# box the finer scale ranks best; the crops are cut with detached boxes, so each APN learns its own target
+ATTEND_SEARCH = Phase("attend", frozenset({"apn"}), ("search",), ("apn",), detach_crops=True)
 JOINT = Phase("joint", CLASSIFIERS | {"apn"}, ("cls", "rank"), ("cls", "apn"))  # both losses every step
 PHASES = {p.name: p for p in (WARMUP, APN_INIT, CLASSIFY, ATTEND, JOINT)}
+
+
+def attend_phase(cfg: Config) -> Phase:
+    """The attention phase that ``apn.update`` asks for: the ranking loss's gradient, or the search update."""
+    return ATTEND_SEARCH if cfg.apn.update == "search" else ATTEND
 
 
 @dataclass
@@ -61,6 +69,7 @@ class PhaseSchedule:
 
     cfg: ScheduleConfig
     epochs: int
+    attend: Phase = ATTEND  # the attention phase's kind (attend_phase)
     # state (checkpointed)
     epoch: int = 0  # epochs finished
     phase: str = ""  # name of the phase of the epoch in progress / last finished
@@ -84,8 +93,8 @@ class PhaseSchedule:
         if self.phase in ("", WARMUP.name):
             return CLASSIFY
         if self.phase_epoch < self._length(self.phase):
-            return PHASES[self.phase]
-        return ATTEND if self.phase == CLASSIFY.name else CLASSIFY
+            return self.attend if self.phase == ATTEND.name else PHASES[self.phase]
+        return self.attend if self.phase == CLASSIFY.name else CLASSIFY
 
     def start_epoch(self, phase: Phase) -> None:
         if phase.name != self.phase or self.phase_epoch >= self._length(phase.name):
@@ -120,13 +129,14 @@ class PhaseSchedule:
         full, rest = divmod(self.epochs - warm, cycle)
         if phase is CLASSIFY:
             return full * self.cfg.classify_epochs + min(rest, self.cfg.classify_epochs)
-        if phase is ATTEND:
+        if phase.name == ATTEND.name:
             return full * self.cfg.attend_epochs + max(0, rest - self.cfg.classify_epochs)
         return 0
 
     def state_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("cfg")
+        d.pop("attend")
         return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:

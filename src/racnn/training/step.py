@@ -24,6 +24,7 @@ from ..model import RACNN, RACNNOutput
 from .apn_init import apn_init_target
 from .distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_object, gather_accumulator
 from .schedule import Phase
+from .search import search_loss
 
 Forward = Callable[..., RACNNOutput]  # the model, or its DDP wrapper
 
@@ -36,6 +37,7 @@ def loss_terms(
     cfg: Config,
     *,
     full_map: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The loss terms of one batch, as a dict (a task module's answer): ``loss``, what ``phase`` minimises,
     and its parts for the log. The APN initialisation: ``box``, every APN's smooth-L1 to its initialisation
@@ -52,6 +54,12 @@ def loss_terms(
         )
         return {"loss": box, "box": box}
     lc, n_scales = cfg.loss, model.cfg.num_scales
+    if "search" in phase.losses:  # the search update; the ranking loss of the current boxes for the log
+        assert images is not None, "the search update needs the batch's images"
+        probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
+        rank = sum((h.mean() for h in ranking_hinges(probs, lc.rank_margin, detach_coarse=True)), 0.0)
+        terms = search_loss(model, images, out, y, cfg)
+        return {"loss": terms["search"], "rank": torch.as_tensor(rank), **terms}
     terms = classification_losses(out.trained_logits, y, label_smoothing=lc.label_smoothing)
     cls = total_classification(terms, num_scales=n_scales, fusion_weight=lc.fusion_weight)
     probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
@@ -106,14 +114,14 @@ def train_step(
     if "box" in phase.losses and cfg.apn.init_full_size and x.shape[-1] > model.cfg.input_size:
         with torch.no_grad(), autocast:  # a target: no graph; the backbones are frozen (eval) in this phase
             full_map = model.trunk(0, x)  # B x C x h' x w', finer than out.maps[0]
-    terms = loss_terms(model, out, y, phase, cfg, full_map=full_map)
+    terms = loss_terms(model, out, y, phase, cfg, full_map=full_map, images=x)
     loss = terms["loss"]
     opts = [optimizers[name] for name in phase.optimizers]
     for o in opts:
         o.zero_grad(set_to_none=True)
     if loss.requires_grad:
         loss.backward()
-        if cfg.optim.grad_clip and "box" not in phase.losses:
+        if cfg.optim.grad_clip and not {"box", "search"} & set(phase.losses):
             params = [p for p in model.parameters() if p.requires_grad]
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         for o in opts:

@@ -13,6 +13,7 @@ holds the last finished one). A non-finite loss raises :class:`FloatingPointErro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ from ..model import RACNN, build_model
 from . import ddp, distributed, loaders, optim, runtime
 from .apn_init import apn_saturation
 from .outputs import RunFolder, RunFolderError, TensorBoard
-from .schedule import APN_INIT, CLASSIFY, JOINT, WARMUP, Phase, PhaseSchedule, set_phase
+from .schedule import APN_INIT, CLASSIFY, JOINT, WARMUP, Phase, PhaseSchedule, attend_phase, set_phase
 from .step import NonFiniteWatch, epoch_record, train_step
 
 
@@ -138,12 +139,14 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.forward_model = ddp.PhaseDDP(self.model, self.device, self.dist)
         self.cls_opt, self.apn_opt = optimizers or optim.make_optimizers(self.model, cfg)
-        self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs)
+        self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs, attend=attend_phase(cfg))
         cls_epochs = self.schedule.planned_epochs(WARMUP) + self.schedule.planned_epochs(
             JOINT if cfg.schedule.mode == JOINT.name else CLASSIFY
         )
         self.cls_sched = optim.make_scheduler(self.cls_opt, cfg.optim, cls_epochs)
         self.apn_init_done, self.best, self.best_epoch = False, -math.inf, -1
+        # the APNs' state right after their initialisation: the test compares their boxes with the learned ones
+        self.apn_init_state: dict[str, torch.Tensor] | None = None
         self.log_bytes, self.saved_epoch = 0, 0  # metrics.jsonl's size and the epochs done, in last.pt
         self.resumed = state is not None
         if state is not None:
@@ -174,6 +177,7 @@ class Trainer:
                 "log_bytes": self.log_bytes,
             },
             "rng": runtime.rng_state(),
+            **({"apn_init": self.apn_init_state} if self.apn_init_state is not None else {}),
         }
 
     def _load_state(self, s: dict[str, Any]) -> None:
@@ -195,6 +199,7 @@ class Trainer:
         p = s["progress"]
         self.schedule.load_state_dict(p["schedule"])
         self.apn_init_done, self.best, self.best_epoch = p["apn_init_done"], p["best"], p["best_epoch"]
+        self.apn_init_state = s.get("apn_init")
         self.saved_epoch = self.schedule.epoch
         self.log_bytes = p.get("log_bytes", -1)
         runtime.set_rng_state(s["rng"])
@@ -319,6 +324,7 @@ class Trainer:
             mean = float(distributed.all_reduce_sum(loss_sum, self.dist)) / (done * self.dist.world_size)
             rec = {"phase": APN_INIT.name, "epoch": 0, "steps": done, "loss": mean}
             self._log(rec | apn_saturation(self.model, x))
+            self.apn_init_state = {k: v.detach().clone() for k, v in self.model.apns.state_dict().items()}
         self.apn_init_done = True
         self._save_last()
 
@@ -438,6 +444,12 @@ class Trainer:
                 self.cfg, "test", model.preprocessing, train=False, classes=self.classes
             )
         metrics = self._evaluate(model, test_set, "test")
+        if (
+            self.apn_init_state is not None
+        ):  # what the attention phases added: the same classifiers, init boxes
+            with initial_apns(model, self.apn_init_state):
+                init = self._evaluate(model, test_set, "test, initial boxes")
+            metrics |= {f"{k}_init": v for k, v in init.items() if k != "num_images"}
         metrics = {**metrics, "best_epoch": self.best_epoch, "split": "test"}
         if self.main:
             self.run.write_test(metrics)
@@ -446,6 +458,18 @@ class Trainer:
         if self.progress:
             tqdm.write(format_table(metrics, title=f"RA-CNN test ({len(test_set)} images)"))
         return metrics
+
+
+@contextlib.contextmanager
+def initial_apns(model: RACNN, state: dict[str, torch.Tensor]) -> Iterator[RACNN]:
+    """``model`` with its APNs set to ``state`` (their state after the APN initialisation) inside, its own
+    APNs restored after: the learned boxes against the initial ones under the same classifiers."""
+    learned = {k: v.detach().clone() for k, v in model.apns.state_dict().items()}
+    model.apns.load_state_dict(state)
+    try:
+        yield model
+    finally:
+        model.apns.load_state_dict(learned)
 
 
 def _classes(dataset: Dataset, model: RACNN | None) -> list[str]:

@@ -1,0 +1,151 @@
+"""The APN's search update (apn.update=search) and the measurement of what the attention phases add (the final
+classifiers with the APNs' initial state: the ``*_init`` figures)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from racnn.attention import box_candidates
+from racnn.checkpoint import load_checkpoint
+from racnn.model import RACNNOutput, build_model
+from racnn.training.schedule import ATTEND, ATTEND_SEARCH, CLASSIFY, PhaseSchedule, attend_phase
+from racnn.training.search import search_targets
+from racnn.training.trainer import Trainer, initial_apns
+from test_training import _same, _snapshot, tiny_config
+
+
+def test_box_candidates_are_the_box_and_its_neighbours_inside_the_bounds() -> None:
+    box = torch.tensor([[0.5, 0.5, 0.2], [0.3, 0.7, 0.3], [0.5, 0.5, 0.5]])
+    c = box_candidates(box, shift=0.1, zoom=1.25, min_side=0.25, max_side=0.9)
+    assert c.shape == (3, 7, 3)
+    assert torch.equal(c[:, 0], box)
+    # image 0: centre moved by a tenth of its side (0.04) left, right, up, down; side times and over 1.25
+    want = torch.tensor(
+        [
+            [0.46, 0.5, 0.2],
+            [0.54, 0.5, 0.2],
+            [0.5, 0.46, 0.2],
+            [0.5, 0.54, 0.2],
+            [0.5, 0.5, 0.25],
+            [0.5, 0.5, 0.16],
+        ]
+    )
+    torch.testing.assert_close(c[0, 1:], want)
+    # image 1: the box touches the left and bottom edges: a move out of the image stays at the edge
+    torch.testing.assert_close(c[1, 1, :2], torch.tensor([0.3, 0.7]))
+    torch.testing.assert_close(c[1, 4, :2], torch.tensor([0.3, 0.7]))
+    # image 2: the whole image, side 1 > max_side 0.9: the larger candidate is clamped to 0.45
+    assert float(c[2, 5, 2]) == pytest.approx(0.45)
+    half = c[..., 2]
+    assert bool(((half >= 0.125 - 1e-6) & (half <= 0.5)).all())
+    inside = (c[..., :2] - half[..., None] >= -1e-6) & (c[..., :2] + half[..., None] <= 1 + 1e-6)
+    assert bool(inside[:, 1:].all())
+
+
+def _rigged(monkeypatch: pytest.MonkeyPatch, scale2_logit: float):
+    """A 3-scale tiny model whose scale 2 answers, on any crop, a true-class logit that grows with the crop's
+    mean of channel 0 (the image is bright on its right half), and a forward output made by hand: the
+    current boxes, scale 1's p_t from ``scale2_logit``-free logits."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(Path(".")).model, num_classes=2).eval()
+    real = model.forward_scale
+
+    def forward_scale(s: int, x: torch.Tensor) -> torch.Tensor:
+        if s != 1:
+            return real(s, x)
+        z = 10 * (x[:, 0].mean(dim=(1, 2)) - 0.5)  # bright crops: class 0
+        return torch.stack([z, -z], dim=1)
+
+    monkeypatch.setattr(model, "forward_scale", forward_scale)
+    images = torch.zeros(2, 3, 32, 32)
+    images[:, 0, :, 16:] = 1.0  # channel 0 bright on the right half
+    box = torch.tensor([[0.5, 0.5, 0.25], [0.5, 0.5, 0.25]])
+    crop = torch.zeros(2, 3, 32, 32)
+    logits = {
+        "s1": torch.tensor([[2.0, 0.0], [2.0, 0.0]]),  # p_t(1) = 0.88 for class 0
+        "s2": torch.tensor([[scale2_logit, 0.0], [scale2_logit, 0.0]]),
+        "s3": torch.zeros(2, 2),
+    }
+    out = RACNNOutput(logits, [box, box.clone()], [crop, crop], views=[box, box.clone()])
+    return model, images, out
+
+
+def test_search_moves_towards_the_box_the_finer_scale_ranks_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, images, out = _rigged(monkeypatch, scale2_logit=0.0)  # p_t(2) = 0.5: the hinge is active
+    cfg = tiny_config(Path("."), **{"apn.update": "search", "apn.search_shift": 0.1, "apn.search_zoom": 1.2})
+    targets, stats = search_targets(model, images, out, torch.tensor([0, 0]), cfg)
+    cands = box_candidates(out.boxes[0], shift=0.1, zoom=1.2, min_side=0.25, max_side=1.0)
+    # the right-shifted box sees the most of the bright half (the larger box sees as much, but no more)
+    torch.testing.assert_close(targets[0], cands[:, 2])
+    assert float(stats["search_moved_s1"]) == 1.0 and float(stats["search_gain_s1"]) > 0
+    assert float(stats["search_grow_s1"]) == 0.0
+    # for class 1 (as confident at scale 1) the bright half is evidence against: the box moves left
+    out.logits["s1"] = out.logits["s1"].flip(1)
+    targets, _ = search_targets(model, images, out, torch.tensor([1, 1]), cfg)
+    torch.testing.assert_close(targets[0], cands[:, 1])
+
+
+def test_search_keeps_a_box_whose_hinge_is_quiet_or_whose_gain_is_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    y = torch.tensor([0, 0])
+    model, images, out = _rigged(monkeypatch, scale2_logit=4.0)  # p_t(2) = 0.98 >= p_t(1) + 0.05
+    cfg = tiny_config(Path("."), **{"apn.update": "search"})
+    targets, stats = search_targets(model, images, out, y, cfg)
+    assert torch.equal(targets[0], out.boxes[0]) and float(stats["search_moved_s1"]) == 0.0
+    model, images, out = _rigged(monkeypatch, scale2_logit=0.0)
+    cfg = tiny_config(Path("."), **{"apn.update": "search", "apn.search_min_gain": 0.9})
+    targets, _ = search_targets(model, images, out, y, cfg)
+    assert torch.equal(targets[0], out.boxes[0])
+
+
+def test_the_schedule_runs_the_attention_phase_that_apn_update_names() -> None:
+    cfg = tiny_config(Path("."), **{"apn.update": "search", "schedule.converge_tol": 0})
+    assert attend_phase(cfg) is ATTEND_SEARCH and attend_phase(tiny_config(Path("."))) is ATTEND
+    s = PhaseSchedule(cfg.schedule, epochs=5, attend=attend_phase(cfg))
+    seen = []
+    while (p := s.next_phase()) is not None:
+        s.start_epoch(p)
+        seen.append(p)
+        s.end_epoch(1.0)
+    assert seen == [CLASSIFY, ATTEND_SEARCH, CLASSIFY, ATTEND_SEARCH, CLASSIFY]
+    assert s.planned_epochs(ATTEND_SEARCH) == s.planned_epochs(ATTEND) == 2
+
+
+def test_a_search_epoch_changes_only_the_apns(fake_cub: Path, tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(fake_cub, **{"apn.update": "search"}), tmp_path / "run", progress=False)
+    m = trainer.model
+    classifier, apn = _snapshot([m.backbones, m.heads, m.fusions]), _snapshot([m.apns])
+    trainer.schedule.start_epoch(ATTEND_SEARCH)
+    rec = trainer.train_epoch(ATTEND_SEARCH)
+    assert rec["steps"] > 0 and 0 <= rec["search_moved_s1"] <= 1 and rec["search"] >= 0
+    assert _same(classifier, _snapshot([m.backbones, m.heads, m.fusions]))  # BatchNorm statistics too
+    assert not _same(apn, _snapshot([m.apns]))
+    trainer.close()
+
+
+@pytest.mark.parametrize("update", ["gradient", "search"])
+def test_the_test_reports_the_initial_boxes_under_the_final_classifiers(
+    fake_cub: Path, tmp_path: Path, update: str
+) -> None:
+    cfg = tiny_config(fake_cub, **{"apn.update": update, "train.epochs": 3, "schedule.warmup_epochs": 1})
+    with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
+        metrics = trainer.fit()
+        init = trainer.apn_init_state
+        assert init is not None and not _same(list(init.values()), _snapshot([trainer.model.apns]))
+        learned = _snapshot([trainer.model.apns])
+        with initial_apns(trainer.model, init):
+            assert _same(list(init.values()), _snapshot([trainer.model.apns]))
+        assert _same(learned, _snapshot([trainer.model.apns]))  # restored
+    for key in ("acc_s2", "acc_s3", "acc_s123", "pt_s2", "pt_s3", "head_hit_s2", "loc_acc_iou50"):
+        assert f"{key}_init" in metrics, key
+    assert 0 < metrics["pt_s2"] < 1 and 0 < metrics["pt_s2_init"] < 1
+    assert metrics["box_side_s1_init"] != metrics["box_side_s1"]  # other boxes, not a copy
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["acc_s2_init"] == metrics["acc_s2_init"]
+    # the initial state is part of the resumable state
+    assert set(load_checkpoint(tmp_path / "run" / "last.pt")["apn_init"]) == set(init)
