@@ -509,6 +509,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress", action="store_true", help="progress bars in each run's log")
     p.add_argument("--pictures-only", action="store_true", help="only redraw the pictures from --runs")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument(
+        "--baselines-from",
+        metavar="JSON",
+        help="take the baselines' figures and their ensemble from this earlier result of the benchmark instead "
+        "of training them again (valid while the baseline's config is unchanged: it reads no APN, attention "
+        "or fusion key)",
+    )
     return p.parse_args(argv)
 
 
@@ -540,10 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     todo = [(f"racnn_seed{s}", seeded(cfg, s)) for s in args.seeds]
-    todo += [(f"baseline_seed{s}", seeded(baseline_config(cfg), s)) for s in args.seeds]
+    if not args.baselines_from:
+        todo += [(f"baseline_seed{s}", seeded(baseline_config(cfg), s)) for s in args.seeds]
     print(f"{len(todo)} runs of {cfg.train.epochs} epochs, {jobs} at a time, in {runs}", flush=True)
     metrics = run_all(todo, runs, workers=jobs, progress=args.progress, commit=info["commit"])
-    ensemble = ensemble_accuracy([runs / f"baseline_seed{s}" for s in args.seeds])
+    if args.baselines_from:
+        baselines, ensemble = earlier_baselines(Path(args.baselines_from), args.seeds)
+        metrics |= {f"baseline_seed{s}": m for s, m in baselines.items()}
+        info["baselines_from"] = args.baselines_from
+    else:
+        ensemble = ensemble_accuracy([runs / f"baseline_seed{s}" for s in args.seeds])
     info["images"] = _split_sizes(cfg)
     info["load_avg_1m_end"] = load()
     result = build_result(
@@ -561,6 +574,22 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_pictures(runs / first, Path(args.figures), stem):
             print(f"wrote {path}")
     return 0
+
+
+def earlier_baselines(path: Path, seeds: list[int]) -> tuple[dict[int, dict[str, Any]], float | None]:
+    """The baselines' test figures and their ensemble's from an earlier result of this benchmark (``--baselines-
+    from``): the baseline reads no key of the APN, the attention or the fusion, so a change there leaves its
+    runs bit-identical (docs/results.md), and two hours of CPU need not be spent again on them."""
+    try:
+        earlier = json.loads(path.read_text())
+        per_seed = {s: earlier["per_seed"][str(s)] for s in seeds}
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: not a result of this benchmark with seeds {seeds} ({e})") from None
+    runs = {
+        s: {"acc_s1": r["baseline"], "wall_time_s": r.get("baseline_wall_time_s"), "reused": str(path)}
+        for s, r in per_seed.items()
+    }
+    return runs, earlier.get("ensemble3")
 
 
 def _split_sizes(cfg: Config) -> dict[str, int]:
