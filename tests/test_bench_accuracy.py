@@ -178,3 +178,20 @@ def test_micro_run_end_to_end(fake_cub: Path, tmp_path: Path, capsys: pytest.Cap
     (runs / "racnn_seed0.commit").write_text("0123abc\n")
     with pytest.raises(SystemExit, match="racnn_seed0: holds a run of commit 0123abc, not of this one"):
         acc.main([*args, "--figures", "", "--set", *tiny])
+
+
+def test_baselines_from_an_earlier_result(tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps(result()))
+    runs, ensemble = acc.earlier_baselines(earlier, [0, 2])
+    assert (
+        ensemble == 0.69
+        and runs[0]["acc_s1"] == pytest.approx(0.66)
+        and runs[2]["acc_s1"] == pytest.approx(0.68)
+    )
+    assert runs[0]["reused"] == str(earlier)
+    with pytest.raises(SystemExit, match=r"earlier\.json: not a result of this benchmark with seeds"):
+        acc.earlier_baselines(earlier, [0, 5])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"bad\.json"):
+        acc.earlier_baselines(tmp_path / "bad.json", [0])

@@ -60,9 +60,16 @@ def test_serve_benchmark_writes_latency_throughput_and_targets(tmp_path: Path) -
         "throughput_at_many",
         "memory_after_many_requests",
     }
-    mem = written["memory"]
+    mem = written["memory"]  # what the 2,000-request run of benchmarks/results/serve_cpu.json records
+    fields = {"requests", "first", "rss_mb_after_first", "rss_mb_after_all", "ratio", "target", "met"}
+    assert set(mem) == fields
     assert (mem["requests"], mem["first"]) == (12, 4) and mem["rss_mb_after_first"] > 10
-    assert mem["ratio"] == pytest.approx(mem["rss_mb_after_all"] / mem["rss_mb_after_first"])
+    assert mem["rss_mb_after_all"] > 10 and mem["target"] == 1.1
+    assert mem["ratio"] == pytest.approx(mem["rss_mb_after_all"] / mem["rss_mb_after_first"], rel=1e-9)
+    assert mem["met"] is (mem["ratio"] <= 1.1)
+    target = written["targets"]["memory_after_many_requests"]
+    assert target["value"] == round(mem["ratio"], 3) and target["met"] is mem["met"]
+    assert target["rule"] == "RSS after 12 requests in a row <= 1.1 x after the first 4"
     assert res["p50_over_forward"] == pytest.approx(
         written["one_client"]["p50_s"] / written["forward_batch1_s"]
     )

@@ -93,6 +93,14 @@ def test_top5_per_class_and_confusions_against_a_hand_count() -> None:
     assert acc.confusion is not None and int(acc.confusion.sum()) == 5 and acc.confusion[2, 2] == 1
 
 
+def test_class_report_of_no_image() -> None:
+    """Every image unreadable and skipped: a report with no accuracy rather than an error."""
+    acc = Accumulator.merged([Accumulator(), Accumulator()])
+    report = acc.class_report(["a", "b", "c"])
+    assert report["per_class_acc"] == {"a": None, "b": None, "c": None} and report["most_confused"] == []
+    assert math.isnan(report["mean_per_class_acc"]) and math.isnan(acc.summary()["mean_per_class_acc"])
+
+
 def _tiny_model() -> torch.nn.Module:
     import racnn
 
@@ -113,13 +121,19 @@ def test_flip_tta_on_symmetric_images_equals_no_tta_and_else_averages_the_views(
     }
     for k in (k for k in plain if k.startswith("pt_")):
         assert tta[k] == pytest.approx(plain[k], abs=1e-6), k
-    # an image that is not symmetric: the true class's probability is the mean of the two views'
+    # images that are not symmetric: each output's true-class probability and top-1 are those of the mean
+    # of the two views' probabilities, each view run through the model on its own
     m = accumulate(model, [{"image": x, "label": labels}], progress=False, tta="flip").summary()
     assert model.training  # restored after the evaluation
     with torch.no_grad():
         model.eval()
-        views = [model(v).logits["s123"].softmax(1).gather(1, labels[:, None]) for v in (x, x.flip(3))]
-    assert m["pt_s123"] == pytest.approx(float((views[0] + views[1]).mean() / 2), abs=1e-6)
+        views = [model(v).logits for v in (x, x.flip(3))]
+    for k in views[0]:
+        p, q = views[0][k].softmax(1), views[1][k].softmax(1)
+        assert (p - q).abs().max() > 100 * 1e-6, k  # the views disagree far beyond the tolerance
+        mean = (p + q) / 2
+        assert m[f"pt_{k}"] == pytest.approx(float(mean.gather(1, labels[:, None]).mean()), abs=1e-6), k
+        assert m[f"acc_{k}"] == float((mean.argmax(1) == labels).float().mean()), k
 
 
 @pytest.mark.slow  # 200 class names twice: about 10 s of text rendering on a busy CPU

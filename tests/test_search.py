@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_benchmark
 from racnn.attention import box_candidates
 from racnn.checkpoint import load_checkpoint
 from racnn.model import RACNNOutput, build_model
@@ -149,3 +150,26 @@ def test_the_test_reports_the_initial_boxes_under_the_final_classifiers(
     assert written["acc_s2_init"] == metrics["acc_s2_init"]
     # the initial state is part of the resumable state
     assert set(load_checkpoint(tmp_path / "run" / "last.pt")["apn_init"]) == set(init)
+
+
+def test_the_attend_probe_compares_learned_and_initial_boxes(fake_cub: Path, tmp_path: Path) -> None:
+    probe = load_benchmark("attend_probe")
+    cfg = tiny_config(fake_cub, **{"train.epochs": 2, "schedule.warmup_epochs": 1})
+    with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
+        trainer.fit()
+    out = tmp_path / "probe.jsonl"
+    args = [
+        str(tmp_path / "run" / "last.pt"),
+        "--out",
+        str(tmp_path / "p"),
+        "--epochs",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert probe.main([*args, "--set", "apn.update=search", "apn.lr=0.01"]) == 0
+    (line,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert line["set"] == ["apn.update=search", "apn.lr=0.01"] and "search_moved_s1" in line["train"]
+    assert set(line["learned_minus_initial"]) == set(line["learned"]) and "pt_s2" in line["learned"]
+    with pytest.raises(SystemExit, match="exists"):
+        probe.main(args)

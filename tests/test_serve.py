@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -16,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
@@ -108,6 +112,15 @@ def test_info_healthz_and_page() -> None:
         assert info["classes"] == CLASSES and info["backbone"] == "tiny" and info["num_scales"] == 3
         assert info["scale_sizes"] == [32, 32, 32] and info["image_size"] == 48
         assert info["outputs"] == ["s1", "s2", "s3", "s12", "s123"] and info["max_upload_bytes"] == 20 * 2**20
+        limits = {k: info[k] for k in ("max_pixels", "max_images", "topk", "max_queue", "timeout_seconds")}
+        assert limits == {
+            "max_pixels": 40_000_000,
+            "max_images": 32,
+            "topk": 5,
+            "max_queue": 64,
+            "timeout_seconds": 30.0,
+        }
+        assert info["max_connections"] == 64 + 16 + 16  # the default: the queue, a batch and 16 more
         page = c.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "<script>" in page.text and "http" not in page.text.replace("http://www.w3.org/2000/svg", "")
@@ -305,18 +318,111 @@ def test_a_request_past_its_deadline_gets_a_504_and_leaves_the_queue(monkeypatch
     assert calls == [1, 1]  # A, then the last request; B's two images never ran
 
 
-def test_readyz_turns_503_once_draining_and_new_predictions_are_refused() -> None:
+def test_a_drain_answers_what_was_received_and_refuses_new_predictions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request is in the model when the drain starts: /readyz turns 503, /healthz stays 200, a new prediction
+    gets a 503 with Retry-After; the request received before is answered 200, and only then is the drain done.
+    Every answer during the drain closes its connection."""
+    release, calls = threading.Event(), []
+    real = serve.forward_probs
+
+    def held(model, batch):
+        calls.append(len(batch))
+        release.wait(30)
+        return real(model, batch)
+
+    monkeypatch.setattr(serve, "forward_probs", held)
+    jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
+    app = serve.create_app(_model())
+    drain = app.state.drain
+    with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
+        r = c.get("/readyz")
+        assert r.json() == {"status": "ready"} and r.headers.get("connection") != "close"
+        first = pool.submit(c.post, "/predict", files=[jpeg])
+        _wait_for(lambda: calls == [1], "the first request never reached the model")
+        c.portal.call(drain.start, 60.0)  # what SIGTERM does, in the app's event loop
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.headers["connection"] == "close"
+        _one_line_error(r.json(), "shutting down")
+        r = c.get("/healthz")
+        assert r.status_code == 200 and r.headers["connection"] == "close"  # liveness is not readiness
+        r = c.post("/predict", files=[jpeg])
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
+        _one_line_error(r.json(), "shutting down")
+        assert drain.active == 1 and not drain.answered.done()  # the first request still runs
+        release.set()
+        got = first.result(timeout=30)
+        assert got.status_code == 200 and got.json()[0]["image"] == "a.jpg"
+        assert got.headers["connection"] == "close"
+        _wait_for(drain.answered.done, "the drain did not end once the first request was answered")
+        assert calls == [1]  # the refused request never reached the model
+
+
+def test_a_drain_with_nothing_in_flight_is_done_at_once() -> None:
     app = serve.create_app(_model())
     with TestClient(app) as c:
-        assert c.get("/readyz").json() == {"status": "ready"}
-        c.portal.call(app.state.drain.start, 60.0)  # what SIGTERM does, in the app's event loop
-        r = c.get("/readyz")
-        assert r.status_code == 503
-        _one_line_error(r.json(), "shutting down")
-        r = c.post("/predict", files=[("image", ("a.jpg", _jpeg(), "image/jpeg"))])
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        _one_line_error(r.json(), "shutting down")
-        assert c.get("/healthz").status_code == 200  # still alive: liveness is not readiness
+        assert c.get("/healthz").status_code == 200
+        c.portal.call(app.state.drain.start, 60.0)
+        assert app.state.drain.answered.done()
+
+
+def test_the_batcher_queue_bound_is_at_least_1_or_none() -> None:
+    """max_queue agrees with ServeLimits: at least 1; None (not 0) means no bound."""
+    model = _model().eval()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_queue must be at least 1"):
+            serve.Batcher(model, torch.device("cpu"), max_batch=4, max_queue=bad)
+        with pytest.raises(ValueError, match="max_queue must be at least 1"):
+            serve.ServeLimits(max_queue=bad)
+    unbounded = serve.Batcher(model, torch.device("cpu"), max_batch=4)
+    assert unbounded.max_queue is None and unbounded.admit(10_000).n == 10_000
+    bounded = serve.Batcher(model, torch.device("cpu"), max_batch=4, max_queue=2)
+    slot = bounded.admit(2)
+    with pytest.raises(serve.BadInput) as refused:
+        bounded.admit(1)
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
+    slot.release()
+    assert bounded.admit(1).n == 1
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "needle"),
+    [
+        ("--drain-seconds", "inf", "--drain-seconds must be a finite number, 0 or more, not inf"),
+        ("--drain-seconds", "nan", "--drain-seconds must be a finite number, 0 or more, not nan"),
+        ("--drain-seconds", "-1", "--drain-seconds must be a finite number, 0 or more, not -1.0"),
+        ("--timeout-seconds", "inf", "--timeout-seconds must be a finite number, more than 0, not inf"),
+        ("--timeout-seconds", "nan", "--timeout-seconds must be a finite number, more than 0, not nan"),
+        ("--timeout-seconds", "0", "--timeout-seconds must be a finite number, more than 0, not 0.0"),
+        ("--max-upload-mb", "inf", "--max-upload-mb must be a finite number, more than 0, not inf"),
+        ("--max-queue", "0", "--max-queue must be at least 1, not 0"),
+        ("--max-connections", "0", "--max-connections must be at least 1, not 0"),
+    ],
+)
+def test_serve_flags_out_of_range_fail_at_once_in_one_line(
+    flag: str, value: str, needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before the model loads (the checkpoint does not even exist): one line, exit code 1."""
+    from racnn.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err == f"racnn serve: error: {needle}\n"
+
+
+def test_serve_and_its_limits_refuse_non_finite_seconds() -> None:
+    for seconds in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="drain_seconds must be a finite number of seconds"):
+            serve.serve(_model(), host="127.0.0.1", port=1, device="cpu", limits=serve.ServeLimits(),
+                        drain_seconds=seconds)  # fmt: skip
+    for seconds in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match="timeout_s must be a finite number of seconds, more than 0"):
+            serve.ServeLimits(timeout_s=seconds)
+    with pytest.raises(ValueError, match="max_connections must be at least 1"):
+        serve.ServeLimits(max_connections=0)
+    assert serve.ServeLimits(max_queue=8, max_batch=4).connections == 28
+    assert serve.ServeLimits(max_connections=5).connections == 5
 
 
 def _wait_for(condition: Callable[[], bool], failure: str, timeout: float = 60) -> None:
@@ -391,6 +497,7 @@ class Served:
     proc: subprocess.Popen
     url: str
     gate: Path  # create gate / "open" to let a gated server's model go on
+    log: Path  # the server's stderr
 
 
 @contextmanager
@@ -414,7 +521,7 @@ def _served(tmp_path: Path, *flags: str, gated: bool = False) -> Iterator[Served
         _wait_for(lambda: _answers(f"{url}/healthz") or proc.poll() is not None, "racnn serve did not answer")
         if proc.poll() is not None:
             pytest.fail(f"racnn serve exited: {log.read_text()}")
-        yield Served(proc, url, gate)
+        yield Served(proc, url, gate, log)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -429,15 +536,32 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _not_ready(url: str) -> bool:
-    """``/readyz`` answers 503 (draining), or nothing takes the connection any more."""
+def _status(url: str) -> int:
+    """The HTTP status of ``GET url``; a refused connection or an empty reply fails the test (an ``OSError``)."""
     try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5):
-            return False
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
     except urllib.error.HTTPError as e:
-        return e.code == 503
-    except OSError:
-        return True
+        return e.code
+
+
+def _not_ready(url: str) -> bool:
+    """``/readyz`` answers 503 (draining): an answer over HTTP, never a refused connection."""
+    return _status(f"{url}/readyz") == 503
+
+
+def _connect(url: str) -> http.client.HTTPConnection:
+    """A keep-alive connection to ``url``'s server."""
+    parts = urllib.parse.urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+
+
+def _post_on(conn: http.client.HTTPConnection, files: list[tuple[str, bytes]]) -> Answer:
+    """``POST /predict`` on an open connection; an empty reply raises (``http.client.RemoteDisconnected``)."""
+    body, ctype = _multipart(files)
+    conn.request("POST", "/predict", body=body, headers={"Content-Type": ctype})
+    r = conn.getresponse()
+    return Answer(r.status, json.loads(r.read()), r.msg)
 
 
 @pytest.fixture
@@ -472,24 +596,39 @@ def test_the_real_server_answers_good_and_bad_requests_in_parallel(server: str) 
 
 @pytest.mark.slow
 def test_sigterm_answers_the_request_in_flight_refuses_new_ones_and_exits_0(tmp_path: Path) -> None:
-    """What a process manager does to restart the service: SIGTERM while a 16-image request is in the model."""
+    """What a process manager does to restart the service: SIGTERM while a 16-image request is in the model.
+    While it drains the server still takes connections: /readyz answers 503 and /healthz 200 over HTTP, a new
+    prediction and one on a keep-alive connection opened before the signal get a 503 with Retry-After (never
+    a refused connection or an empty reply); the 16 images are answered 200, then the socket closes, exit 0."""
     photos = [(f"{i}.jpg", _jpeg(40 + i, 30)) for i in range(16)]
     with _served(tmp_path, gated=True) as s, ThreadPoolExecutor(1) as pool:
         answer = pool.submit(_post, f"{s.url}/predict", photos)
         _wait_for((s.gate / "forward-16").exists, "the 16 images never reached the model")
+        kept = _connect(s.url)  # a keep-alive connection with a request already answered on it
+        kept.request("GET", "/healthz")
+        r = kept.getresponse()
+        assert r.status == 200 and json.loads(r.read())["status"] == "ok"
         s.proc.send_signal(signal.SIGTERM)
         _wait_for(lambda: _not_ready(s.url), "/readyz did not turn 503 on SIGTERM")
-        try:
-            late = _post(f"{s.url}/predict", [("late.jpg", _jpeg())])
-            assert late.status == 503 and late.headers["Retry-After"]
-            _one_line_error(late.body, "shutting down")
-        except urllib.error.URLError as e:  # the usual case: the listening socket is closed
-            assert isinstance(e.reason, ConnectionRefusedError), e
+        again = _post_on(kept, [("kept.jpg", _jpeg())])  # the next request on the kept connection
+        assert again.status == 503 and again.headers["Retry-After"] == "1"
+        assert again.headers["Connection"] == "close"
+        _one_line_error(again.body, "shutting down")
+        kept.close()
+        assert _status(f"{s.url}/healthz") == 200  # alive while draining: the liveness probe passes
+        late = _post(f"{s.url}/predict", [("late.jpg", _jpeg())])
+        assert late.status == 503 and late.headers["Retry-After"] == "1"
+        assert late.headers["Connection"] == "close"
+        _one_line_error(late.body, "shutting down")
         assert s.proc.poll() is None  # still running: the 16 images are in the model
         (s.gate / "open").touch()
         got = answer.result(timeout=60)
         assert got.status == 200 and [r["width"] for r in got.body] == [40 + i for i in range(16)]  # type: ignore[attr-defined]
         assert s.proc.wait(timeout=60) == 0
+        with pytest.raises(urllib.error.URLError) as refused:  # exited: the listening socket is closed
+            _status(f"{s.url}/healthz")
+        assert isinstance(refused.value.reason, ConnectionRefusedError)
+    assert "drained: every request received before the signal is answered" in s.log.read_text()
 
 
 @pytest.mark.slow
@@ -501,6 +640,8 @@ def test_a_request_still_running_at_the_drain_deadline_gets_a_503(tmp_path: Path
         got = answer.result(timeout=60)  # the model is still held: the deadline answers
         assert got.status == 503 and got.headers["Retry-After"] == "1"
         _one_line_error(got.body, "drain deadline")
+        time.sleep(0.5)
+        assert s.proc.poll() is None  # the forward pass in progress cannot be interrupted: the process waits
         (s.gate / "open").touch()  # the forward pass in progress ends, then the process
         assert s.proc.wait(timeout=60) == 0
 
@@ -532,7 +673,9 @@ def test_64_clients_against_a_queue_of_32(tmp_path: Path) -> None:
     for i in range(64):
         paths.append(tmp_path / f"{i}.jpg")
         paths[-1].write_bytes(_jpeg(40 + i, 30 + i % 9, (4 * i, 120, 250 - 3 * i)))
-    with _served(tmp_path, "--max-queue", "32", gated=True) as s, ThreadPoolExecutor(66) as pool:
+    # 66 connections at once (and the probes): more than the default --max-connections of 32 + 16 + 16
+    flags = ("--max-queue", "32", "--max-connections", "100")
+    with _served(tmp_path, *flags, gated=True) as s, ThreadPoolExecutor(66) as pool:
         first = pool.submit(_post, f"{s.url}/predict", [("first.jpg", _jpeg())])
         _wait_for((s.gate / "forward-1").exists, "the first image never reached the model")
         live, health = threading.Event(), []
@@ -567,6 +710,80 @@ def test_64_clients_against_a_queue_of_32(tmp_path: Path) -> None:
     assert metrics[("racnn_requests_total", (("path", "/predict"), ("status", "503")))] == 32
     assert metrics[("racnn_images_total", ())] == 33 == metrics[("racnn_batch_size_sum", ())]
     assert metrics[("racnn_queue_depth", ())] == 0
+
+
+@pytest.mark.slow
+def test_refused_uploads_get_their_503_not_a_reset(tmp_path: Path) -> None:
+    """An 8 MB upload refused by a full queue, then by the drain, gets its 503 with Retry-After: the server
+    reads the upload before it answers (closing on an upload still arriving would make the client's system
+    reset the connection, and the client would see no answer). A client that waits for 100 Continue gets the
+    503 without sending its upload. The requests received before the signal are answered 200."""
+    big = [("big.jpg", _jpeg() + b"\0" * 8_000_000)]
+    with _served(tmp_path, "--max-queue", "1", gated=True) as s, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_post, f"{s.url}/predict", [("first.jpg", _jpeg())])
+        _wait_for((s.gate / "forward-1").exists, "the first image never reached the model")
+        second = pool.submit(_post, f"{s.url}/predict", [("second.jpg", _jpeg())])
+
+        def queued() -> float:
+            text = urllib.request.urlopen(f"{s.url}/metrics", timeout=10).read().decode()
+            return _samples(text)[("racnn_queue_depth", ())]
+
+        _wait_for(lambda: queued() == 1, "the second image never reached the queue")
+        busy = _post(f"{s.url}/predict", big)
+        assert busy.status == 503 and busy.headers["Retry-After"]
+        _one_line_error(busy.body, "the server is busy")
+        s.proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: _not_ready(s.url), "/readyz did not turn 503 on SIGTERM")
+        late = _post(f"{s.url}/predict", big)
+        assert late.status == 503 and late.headers["Retry-After"] == "1"
+        _one_line_error(late.body, "shutting down")
+        port = urllib.parse.urlsplit(s.url).port
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as waiting:
+            head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            waiting.sendall(f"{head}Content-Length: 8000000\r\nExpect: 100-continue\r\n\r\n".encode())
+            answer = b""
+            while chunk := waiting.recv(65536):  # the server closes the connection after its answer
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"shutting down" in answer
+        (s.gate / "open").touch()
+        assert first.result(timeout=60).status == 200 and second.result(timeout=60).status == 200
+        assert s.proc.wait(timeout=60) == 0
+
+
+@pytest.mark.slow
+def test_past_max_connections_a_request_gets_a_503_at_once(tmp_path: Path) -> None:
+    """--max-connections 1: a client uploading slowly holds the one connection (and up to --max-upload-mb of
+    memory); a second client gets uvicorn's 503 at once, not a wait; the first is then answered 200, and once
+    its connection is closed the server takes requests again."""
+    with _served(tmp_path, "--max-connections", "1") as s:
+        body, ctype = _multipart([("slow.jpg", _jpeg())])
+        port = urllib.parse.urlsplit(s.url).port
+        slow = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = (
+            f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        )
+        slow.sendall(f"{head}Expect: 100-continue\r\nConnection: close\r\n\r\n".encode())
+        # "100 Continue": the app reads this upload (its request took the connection, no 503)
+        assert slow.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        slow.sendall(body[:200])  # the upload stalls
+        other = _connect(s.url)
+        other.timeout = 10  # a hang fails the test
+        t0 = time.monotonic()
+        other.request("POST", "/predict", body=body, headers={"Content-Type": ctype})
+        r = other.getresponse()
+        assert r.status == 503 and r.read() == b"Service Unavailable" and r.getheader("Connection") == "close"
+        assert time.monotonic() - t0 < 5
+        other.close()
+        slow.sendall(body[200:])  # the upload ends: its request is answered
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+        slow.close()
+        status, _, payload = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 200 ") and json.loads(payload)[0]["image"] == "slow.jpg"
+        _wait_for(lambda: _status(f"{s.url}/healthz") == 200, "the server did not take requests again")
+        s.proc.terminate()
+        assert s.proc.wait(timeout=30) == 0
 
 
 # ---------------------------------------------------------------------------------------------- browser

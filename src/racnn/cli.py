@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +140,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, load_model
     from .config import apply_overrides
+    from .data import DatasetError
     from .evaluation import accumulate, format_table, json_safe
     from .training import loaders, runtime
 
@@ -160,6 +162,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     loader = loaders.make_loader(dataset, cfg)
     head_parts = getattr(dataset, "head_parts", None)
     acc = accumulate(model.to(device), loader, device=device, head_parts=head_parts, tta=a.tta)
+    if acc.n == 0:  # --skip-bad-images skipped every image: no figure means anything
+        raise DatasetError(
+            f"{a.data} ({a.split}): no image could be read ({loader.bad_images} unreadable, skipped); "
+            "nothing to evaluate"
+        )
     metrics: dict[str, Any] = acc.summary()
     report = acc.class_report(list(classes))
     metrics |= {"split": a.split, "tta": a.tta}
@@ -176,7 +183,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images{tta})"))
     for true, pred, n in report["most_confused"][:5]:
         print(f"confused: {n} x {true} taken for {pred}")
-    if a.figures and acc.confusion is not None:  # None: no image was readable
+    if a.figures and acc.confusion is not None:  # (an image was counted: there is one)
         from .visualization import confusion_figure
 
         pairs = report["most_confused"][:20]  # beside the matrix; the JSON has more
@@ -196,8 +203,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description="Serve a model: POST /predict (multipart field 'image', repeatable) answers with the JSON "
         "of racnn predict --json; GET / is a page that draws each scale's box, its zoomed view and the top-5 "
         "tables; GET /info, /healthz (liveness), /readyz (readiness) and /metrics (Prometheus). Binds to "
-        "localhost unless --host says otherwise. SIGTERM or Ctrl-C drains: new connections are refused, the "
-        "requests received are answered, then it exits 0; a second Ctrl-C stops at once. See docs/serve.md.",
+        "localhost unless --host says otherwise. SIGTERM or Ctrl-C drains: /readyz turns 503 and new "
+        "predictions get a 503 while the requests received are answered, then it closes its socket and exits "
+        "0; a second Ctrl-C stops at once. See docs/serve.md.",
     )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
     p.add_argument(
@@ -218,6 +226,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "Retry-After at once (default: %(default)s)",
     )
     p.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections served at once, idle keep-alive ones and probes included; past it a request gets a "
+        "503 at once. Uploads hold at most this many times --max-upload-mb of memory (default: --max-queue "
+        "+ --max-batch + 16)",
+    )
+    p.add_argument(
         "--timeout-seconds",
         type=float,
         default=30.0,
@@ -227,8 +242,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--drain-seconds",
         type=float,
         default=30.0,
-        help="on SIGTERM or Ctrl-C, how long the requests received may still run; those running then get a "
-        "503 (default: %(default)s)",
+        help="on SIGTERM or Ctrl-C, how long the requests received may still run; those still running then "
+        "get a 503. The process exits once they are answered: at the latest this long after the signal plus "
+        "the rest of the forward pass in progress then, which cannot be interrupted (one batch; docs/serve.md "
+        "gives the exact bound) (default: %(default)s)",
     )
     p.add_argument(
         "--channels-last",
@@ -247,15 +264,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from .serve import ServeLimits, serve
     except ImportError as e:
         raise RuntimeError(str(e)) from None
-    if not a.drain_seconds >= 0:
-        raise ValueError(f"--drain-seconds must be 0 or more, not {a.drain_seconds}")
+    _check_serve_flags(a)  # before the model loads: a bad flag fails at once, in one line
     limits = ServeLimits(
         max_upload_bytes=int(a.max_upload_mb * 2**20),
         max_pixels=a.max_pixels,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
         timeout_s=a.timeout_seconds,
-    )  # checked before the model loads: a bad flag fails at once
+        max_connections=a.max_connections,
+    )
     model = load_model(a.checkpoint)
     device = resolve_device(a.device)
     serve(
@@ -268,6 +285,20 @@ def cmd_serve(a: argparse.Namespace) -> int:
         drain_seconds=a.drain_seconds,
     )
     return 0
+
+
+def _check_serve_flags(a: argparse.Namespace) -> None:
+    """A ``ValueError`` naming the first flag of ``racnn serve`` out of range (``inf`` and ``nan`` included:
+    they pass argparse's ``float`` and fail later, once the model has loaded)."""
+    positive = {"--max-upload-mb": a.max_upload_mb, "--timeout-seconds": a.timeout_seconds}
+    for flag, value in [*positive.items(), ("--drain-seconds", a.drain_seconds)]:
+        if not (math.isfinite(value) and (value > 0 if flag in positive else value >= 0)):
+            bound = "more than 0" if flag in positive else "0 or more"
+            raise ValueError(f"{flag} must be a finite number, {bound}, not {value}")
+    counts = {"--max-pixels": a.max_pixels, "--max-batch": a.max_batch, "--max-queue": a.max_queue}
+    for flag, n in [*counts.items(), ("--max-connections", a.max_connections)]:
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} must be at least 1, not {n}")
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

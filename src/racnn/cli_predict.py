@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 SKIPPED_EXIT = 3  # the run finished, but --skip-bad-images left images out
-SKIPPED_SHOWN = 20  # unreadable images named on stderr at the end (the side file lists them all)
+SKIPPED_SHOWN = 20  # unreadable images named on stderr at the end with --out (the side file lists them all)
 
 
 def add_predict(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +18,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         description="Classify images; boxes are given in each image's pixel coordinates. With --out the "
         "predictions stream into a CSV (path, size, the fused output's top-k classes and probabilities, the "
         "boxes) or JSON-lines file (the records of --json), one line per image; the same command run again "
-        "after a stop continues where it stopped. Exit code: 0; 3 when --skip-bad-images skipped an image; "
-        "130 when interrupted; 1 or 2 on an error.",
+        "after a stop continues where it stopped (one run at a time per file). Exit code: 0; 3 when "
+        "--skip-bad-images skipped an image; 130 when interrupted; 1 or 2 on an error (with --json, what was "
+        "classified before it is still a valid JSON array).",
     )
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
     p.add_argument(
@@ -28,7 +29,9 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         help="image files, folders (their images, recursively), glob patterns ('photos/**/*.jpg', quoted) "
         "or @list.txt (one path per line)",
     )
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument(
+        "--topk", type=int, default=5, help="classes per output, at least 1 (default: %(default)s)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
         "--out", help="write the predictions to this .csv or .jsonl file instead of stdout (resumable)"
@@ -48,8 +51,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--skip-bad-images",
         action="store_true",
-        help="skip unreadable files (named at the end and listed in OUT.skipped.txt; exit code 3) instead "
-        "of stopping at the first",
+        help="skip unreadable files instead of stopping at the first: exit code 3, and they are named on "
+        "stderr at the end (with --out: the first 20, and all in OUT.skipped.txt)",
     )
     p.add_argument(
         "--tta", choices=["flip"], help="flip: average the probabilities of each image and its mirror image"
@@ -66,6 +69,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .predict_files import check_out, classify_files, expand_inputs
     from .training.runtime import resolve_device
 
+    if a.topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {a.topk}")
     if a.out:
         if a.json:
             raise ValueError(
@@ -117,7 +122,7 @@ def _sink(a: argparse.Namespace, model: Any, paths: list[str]) -> tuple[Any, lis
     sink = PredictionFile(
         a.out, model, checkpoint=a.checkpoint, topk=a.topk, tta=a.tta, overwrite=a.overwrite
     )
-    todo = [p for p in paths if p not in sink.done]
+    todo = [p for p in paths if not sink.holds(p)]
     if sink.rows:
         print(
             f"racnn predict: continuing {a.out}, which holds {sink.rows} rows: {len(todo)} of the {len(paths)} "
@@ -128,13 +133,15 @@ def _sink(a: argparse.Namespace, model: Any, paths: list[str]) -> tuple[Any, lis
 
 
 def _report_skipped(a: argparse.Namespace, sink: Any, skipped: list[tuple[str, str]]) -> int:
-    """Name the skipped images on stderr (and list them beside --out); the exit code says whether any were."""
+    """Name the skipped images on stderr: with --out the first few (the file beside it lists them all),
+    without it every one (there is no file to put them beside). The exit code says whether any were."""
     if not skipped:
         return 0
-    for _, why in skipped[:SKIPPED_SHOWN]:
+    shown = SKIPPED_SHOWN if a.out else len(skipped)
+    for _, why in skipped[:shown]:
         print(f"skipped: {why}", file=sys.stderr)
-    if len(skipped) > SKIPPED_SHOWN:
-        print(f"skipped: ... and {len(skipped) - SKIPPED_SHOWN} more", file=sys.stderr)
+    if len(skipped) > shown:
+        print(f"skipped: ... and {len(skipped) - shown} more", file=sys.stderr)
     listed = f"; listed in {sink.skipped(skipped)}" if a.out else ""
     print(f"racnn predict: skipped {len(skipped)} unreadable image(s){listed}", file=sys.stderr)
     return SKIPPED_EXIT

@@ -161,9 +161,12 @@ class Accumulator:
     def class_report(self, classes: list[str], pairs: int = 50) -> dict[str, Any]:
         """What an error analysis needs, by class name: ``per_class_acc`` (fused output; None for a class
         without images), ``mean_per_class_acc`` and ``most_confused``: up to ``pairs`` (true class, predicted
-        class, count) of the off-diagonal confusion counts, the largest first."""
+        class, count) of the off-diagonal confusion counts, the largest first. No image counted: every
+        class None, the mean NaN, no pair."""
         acc = self.per_class_acc()
-        if self.confusion is not None and len(classes) != len(acc):
+        if self.confusion is None:  # no image counted: no class has an accuracy
+            acc = torch.full((len(classes),), math.nan, dtype=torch.float64)
+        if len(classes) != len(acc):
             raise ValueError(f"{len(classes)} class names for a confusion matrix of {len(acc)} classes")
         per_class = {c: (None if math.isnan(a) else a) for c, a in zip(classes, acc.tolist(), strict=True)}
         return {

@@ -60,11 +60,13 @@ def predict(
     are turned upright by their EXIF orientation, as a viewer shows them. ``tta="flip"``: probabilities are
     the mean of the image's and its mirror image's (:func:`forward_probs`).
 
-    One record per image (:func:`records`): ``{"image", "width", "height", "top": {key: [{"class",
+    One record per image (:func:`records`): ``{"image", "width", "height", "tta", "top": {key: [{"class",
     "index", "prob"}, ...]}, "boxes": [{"scale", "cx", "cy", "side", "xyxy_px"}]}``. ``top`` has every scale
     (``s1``..) and the fused outputs (``s12``, ``s123``, by the model's fusion); box ``s`` is where scale ``s``
     looked, i.e. the input of scale ``s + 1``, relative to the image (``cx``, ``cy``, ``side`` in 0..1) and in
-    its pixels. Class names come from ``model.classes`` (indices when the model has none)."""
+    its pixels. ``tta`` is the test-time augmentation the record's probabilities had (None or ``"flip"``).
+    Class names come from ``model.classes`` (indices when the model has none)."""
+    check_topk(topk)
     check_tta(tta)
     if isinstance(images, (str, Path, Image.Image)) or (
         isinstance(images, torch.Tensor) and images.ndim == 3
@@ -76,8 +78,14 @@ def predict(
         for start in range(0, len(items), batch_size):
             x, names, sizes = _as_inputs(model, items[start : start + batch_size])
             probs, views = forward_probs(model, x.to(device), tta=tta)
-            out += records(model, probs, views, names, sizes, topk=topk)
+            out += records(model, probs, views, names, sizes, topk=topk, tta=tta)
     return out
+
+
+def check_topk(topk: int) -> None:
+    """At least one class per output (ValueError otherwise): a record without a class has no prediction."""
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1, got {topk}")
 
 
 @contextlib.contextmanager
@@ -116,8 +124,10 @@ def records(
     sizes: Sequence[tuple[int, int]],
     *,
     topk: int = 5,
+    tta: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The prediction records (schema of :func:`predict`) of a batch's probabilities and views."""
+    """The prediction records (schema of :func:`predict`) of a batch's probabilities and views; ``tta``: the
+    test-time augmentation that made ``probs`` (:func:`forward_probs`), recorded in each."""
     classes = model.classes or [str(i) for i in range(model.num_classes)]
     k = min(topk, model.num_classes)
     result = []
@@ -141,7 +151,7 @@ def records(
                     "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)],
                 }
             )
-        result.append({"image": name, "width": w, "height": h, "top": top, "boxes": boxes})
+        result.append({"image": name, "width": w, "height": h, "tta": tta, "top": top, "boxes": boxes})
     return result
 
 

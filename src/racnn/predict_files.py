@@ -4,9 +4,11 @@ The arguments (files, folders, glob patterns, ``@list`` files) become a list of 
 decode them, the model classifies them batch by batch, and each batch's records go out at once: to stdout (a
 table, or a JSON array) or into a CSV or JSON-lines file, one complete line per image. Nothing is kept in
 memory but the list of paths, and a file run that is stopped continues where it stopped: the rows it holds
-are read back (a line cut by a kill is dropped) and only the other images are classified. A file is written
-only by the run that created it or by a rerun with the same settings, which ``<out>.racnn-predict.json``
-beside it records; anything else is refused.
+are read back (a line cut by a kill is dropped) and only the other images are classified, whatever names the
+images had (``photos/a.jpg``, ``./photos/a.jpg``, an absolute path or a symlink: the file's real path is what
+is compared). A file is written only by the run that created it or by a rerun with the same settings, which
+``<out>.racnn-predict.json`` beside it records, and by one run at a time (``<out>.lock``); anything else is
+refused.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,7 +31,8 @@ from tqdm.auto import tqdm
 from .data import DatasetError, load_image
 from .data.imagefolder import IMAGE_EXTENSIONS
 from .evaluation import check_tta
-from .inference import evaluating, format_predictions, forward_probs, records
+from .filelock import LockHeld, hold_lock
+from .inference import check_topk, evaluating, format_predictions, forward_probs, records
 from .model import RACNN
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
@@ -39,24 +42,33 @@ Records = list[dict[str, Any]]
 
 
 class PredictionFileError(ValueError):
-    """An ``--out`` that this run may not write: another kind of file, or one written with other settings."""
+    """An ``--out`` that this run may not write: another kind of file, one written with other settings, or
+    one that another process is writing."""
 
 
 # ------------------------------------------------------------------------------------------------ inputs
 
 
 def expand_inputs(args: Sequence[str]) -> list[str]:
-    """The image files that ``args`` name, in order, each once. An argument is a file (taken whatever its
-    extension), a folder (its images, recursively, sorted: the dataset loaders' extensions, hidden files and
-    folders left out), a glob pattern (its matching images and the images of its matching folders; ``**``
-    crosses folders) or ``@list.txt`` (one file or folder per line, relative to the current folder as on the
-    command line; blank lines and ``#`` comments skipped). A missing path, a folder without images, a
-    pattern that matches none or a list naming a missing file is an error naming it."""
-    paths: dict[str, None] = {}  # an ordered set: a file named twice is classified once
+    """The image files that ``args`` name, in order, each once (by :func:`same_file`, under the first name
+    given). An argument is a file (taken whatever its extension), a folder (its images, recursively, sorted:
+    the dataset loaders' extensions, hidden files and folders left out), a glob pattern (its matching images
+    and the images of its matching folders; ``**`` crosses folders) or ``@list.txt`` (one file or folder per
+    line, relative to the current folder as on the command line; blank lines and ``#`` comments skipped). A
+    missing path, a folder without images, a pattern that matches none or a list naming a missing file is
+    an error naming it."""
+    paths: dict[str, str] = {}  # an ordered set: a file named twice (by any name) is classified once
     for arg in args:
         for path in _expand(arg):
-            paths.setdefault(path)
-    return list(paths)
+            paths.setdefault(same_file(path), path)
+    return list(paths.values())
+
+
+def same_file(path: str, base: str | None = None) -> str:
+    """What identifies the file ``path`` names (relative to ``base``, default the current folder): its
+    absolute path with ``.``, ``..`` and symlinks resolved, so ``photos/a.jpg``, ``./photos/a.jpg`` and
+    ``/home/me/photos/a.jpg`` are one file."""
+    return os.path.realpath(os.path.join(base, path) if base else path)
 
 
 def _expand(arg: str) -> list[str]:
@@ -160,6 +172,7 @@ def classify_files(
     An unreadable file is a :class:`DatasetError` naming it, raised once the records of the files before it
     are written; with ``skip_bad_images`` it is left out instead. Returns the skipped (path, reason)
     pairs. ``progress``: a tqdm bar advanced by each image done."""
+    check_topk(topk)
     check_tta(tta)
     loader = DataLoader(
         ImageFiles(paths, model.transforms()),
@@ -179,7 +192,8 @@ def classify_files(
                 x = torch.stack([x for _, x, _ in good]).to(device)
                 probs, views = forward_probs(model, x, tta=tta)
                 names = [paths[i] for i, _, _ in good]
-                write(records(model, probs, views, names, [size for _, _, size in good], topk=topk))
+                sizes = [size for _, _, size in good]
+                write(records(model, probs, views, names, sizes, topk=topk, tta=tta))
             if bad and not skip_bad_images:
                 raise DatasetError(f"{bad[0][1]}; --skip-bad-images skips unreadable files")
             skipped += [(paths[i], message) for i, message in bad]
@@ -198,7 +212,9 @@ class PrintTable:
         self.topk, self.stream = topk, stream or sys.stdout
 
     def write(self, recs: Records) -> None:
-        self.stream.write(format_predictions(recs, self.topk) + "\n")
+        # a file name that is not UTF-8 (os.walk's surrogate escapes) is shown as Python shows it: \udcff
+        text = format_predictions(recs, self.topk).encode("utf-8", "backslashreplace").decode("utf-8")
+        self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -270,8 +286,15 @@ class PredictionFile:
     line per image (a single ``write`` each, so a kill leaves at most a cut last line, which the next run
     drops). The settings that shape the rows (checkpoint, top-k, TTA, columns) are kept in
     ``<path>.racnn-predict.json``; an existing file is continued only when that file says the same, and its
-    rows are read back into ``done`` (the paths already classified). ``overwrite``: start the file again
-    whatever it holds. Unreadable images skipped by this run are listed in ``<path>.skipped.txt``."""
+    rows are read back (:meth:`holds`: whether an image has its row). ``overwrite``: start the file again
+    whatever it holds. One run at a time: the object holds ``<path>.lock`` (an exclusive ``flock``, released
+    by :meth:`close` or the end of the process, however it ends); another gets an error naming the PID.
+    Unreadable images skipped by this run are listed in ``<path>.skipped.txt``.
+
+    A row names its image as given when the path is absolute or the run is in the folder where the file was
+    started (``base`` in the settings file); from another folder a relative path is written relative to
+    ``base``, so that every row of the file reads from one folder. A file name that is not UTF-8 (os.walk's
+    surrogate escapes) is written as its bytes in a CSV and with ``\\udcXX`` escapes in JSON lines."""
 
     def __init__(
         self,
@@ -298,28 +321,59 @@ class PredictionFile:
             self.settings["columns"] = csv_columns(model, topk)
         self.meta = self.path.with_name(self.path.name + ".racnn-predict.json")
         self.skipped_list = self.path.with_name(self.path.name + ".skipped.txt")
-        self.done: set[str] = set()
+        self.lock_file = self.path.with_name(self.path.name + ".lock")
+        self.base = os.getcwd()  # the folder the rows' relative paths start from (the file's, once read)
+        self.done: set[str] = set()  # the rows' images, by same_file
         self.rows = 0
+        if self.path.exists() and not overwrite and not self.meta.exists():
+            raise self._not_ours()  # another program's file: not even a lock file beside it
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = self._hold_lock()
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self._lock.close()  # refused: the next run may try at once
+            raise
+
+    def _hold_lock(self) -> BinaryIO:
+        try:
+            return hold_lock(self.lock_file)
+        except LockHeld as e:
+            raise PredictionFileError(
+                f"{self.path}: being written by {e.who}, another racnn predict ({self.lock_file.name} is its "
+                "lock); wait for it to end or pass another --out"
+            ) from None
+
+    def _open(self, overwrite: bool) -> None:
         if self.path.exists() and not overwrite:
             self._check_settings()
             self._read_back()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write_meta()  # first: a file beside a settings file of ours is ours
             self.path.write_bytes(b"")
+        # from another folder, relative paths are written relative to the file's base
+        self.rebase = os.path.realpath(self.base) != os.path.realpath(os.getcwd())
         self.skipped_list.unlink(missing_ok=True)  # this run's list, written when it skips one
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         if self.format == "csv" and self.path.stat().st_size == 0:
             self._append([self._csv_line(self.settings["columns"])])
 
+    def holds(self, path: str) -> bool:
+        """Whether the file has a row of the image ``path`` (relative to the current folder), by whatever
+        name the row gives it."""
+        return same_file(path) in self.done
+
     def _refuse(self, why: str) -> PredictionFileError:
         return PredictionFileError(f"{self.path}: {why}; pass another --out, or --overwrite to replace it")
+
+    def _not_ours(self) -> PredictionFileError:
+        return self._refuse(f"exists and was not written by racnn predict (no {self.meta.name})")
 
     def _check_settings(self) -> None:
         try:
             theirs = json.loads(self.meta.read_text())
         except FileNotFoundError:
-            raise self._refuse(f"exists and was not written by racnn predict (no {self.meta.name})") from None
+            raise self._not_ours() from None
         except (OSError, ValueError) as e:
             raise self._refuse(f"{self.meta.name} is unreadable ({e})") from None
         for key, ours in self.settings.items():
@@ -330,14 +384,15 @@ class PredictionFile:
                     else f"{key} {json.dumps(theirs.get(key))} there, {json.dumps(ours)} in this run"
                 )
                 raise self._refuse(f"written by racnn predict with other settings ({what})")
+        self.base = theirs.get("base") or self.base  # (a file of an older racnn has none: this folder)
 
     def _write_meta(self) -> None:
         tmp = self.meta.with_name(self.meta.name + ".tmp")
-        tmp.write_text(json.dumps(self.settings, indent=2) + "\n")
+        tmp.write_text(json.dumps(self.settings | {"base": self.base}, indent=2) + "\n")
         os.replace(tmp, self.meta)
 
     def _read_back(self) -> None:
-        """Drop a cut last line (a run killed while writing it), then collect the paths of the rows."""
+        """Drop a cut last line (a run killed while writing it), then collect the images of the rows."""
         complete = 0
         with self.path.open("rb") as f:
             for line in f:
@@ -345,7 +400,7 @@ class PredictionFile:
                     complete += len(line)
         if complete < self.path.stat().st_size:
             os.truncate(self.path, complete)
-        with self.path.open(newline="", encoding="utf-8") as f:
+        with self.path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
             if self.format == "csv":
                 self._read_csv(f)
             else:
@@ -359,7 +414,7 @@ class PredictionFile:
         for row in reader:
             if len(row) != len(header or []):
                 raise self._refuse(f"line {reader.line_num} is not a row of {len(header or [])} columns")
-            self.done.add(row[0])
+            self.done.add(same_file(row[0], self.base))
             self.rows += 1
 
     def _read_jsonl(self, f: TextIO) -> None:
@@ -369,7 +424,7 @@ class PredictionFile:
                 image = rec["image"]
             except (ValueError, TypeError, KeyError):
                 raise self._refuse(f"line {n} is not a prediction record") from None
-            self.done.add(image)
+            self.done.add(same_file(image, self.base))
             self.rows += 1
 
     @staticmethod
@@ -378,26 +433,45 @@ class PredictionFile:
         csv.writer(buf, lineterminator="\n").writerow(row)
         return buf.getvalue()
 
+    @staticmethod
+    def _json_line(rec: dict[str, Any]) -> str:
+        """The record as one line of UTF-8 JSON: a path that is not UTF-8 text (surrogate escapes) makes
+        the line ASCII, its odd bytes ``\\udcXX`` escapes (which ``json.loads`` reads back as they were)."""
+        try:
+            rec["image"].encode("utf-8")
+        except UnicodeEncodeError:
+            return json.dumps(rec) + "\n"
+        return json.dumps(rec, ensure_ascii=False) + "\n"
+
     def _append(self, lines: list[str]) -> None:
         """Each line with one ``write`` of its whole bytes (O_APPEND): complete, or cut only by a kill."""
         for line in lines:
-            data = line.encode("utf-8")
+            data = line.encode("utf-8", errors="surrogateescape")  # a CSV row's non-UTF-8 path: its bytes
             while data:  # a short write (a signal, a full pipe) goes on where it stopped
                 data = data[os.write(self.fd, data) :]
 
     def write(self, recs: Records) -> None:
+        if self.rebase:
+            recs = [r | {"image": _relative_to(r["image"], self.base)} for r in recs]
         if self.format == "csv":
             lines = [self._csv_line(csv_row(r, self.settings["output"])) for r in recs]
         else:
-            lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]
+            lines = [self._json_line(r) for r in recs]
         self._append(lines)
         self.rows += len(recs)
 
     def skipped(self, pairs: list[tuple[str, str]]) -> Path:
         """List ``pairs`` (path, reason) in ``<path>.skipped.txt``, one tab-separated line each."""
-        self.skipped_list.write_text("".join(f"{p}\t{why}\n" for p, why in pairs), encoding="utf-8")
+        text = "".join(f"{p}\t{why}\n" for p, why in pairs)
+        self.skipped_list.write_text(text, encoding="utf-8", errors="surrogateescape")
         return self.skipped_list
 
     def close(self) -> None:
         os.fsync(self.fd)
         os.close(self.fd)
+        self._lock.close()  # closing the file releases the flock
+
+
+def _relative_to(path: str, base: str) -> str:
+    """``path`` (relative to the current folder, or absolute: kept) relative to the folder ``base``."""
+    return path if os.path.isabs(path) else os.path.relpath(os.path.abspath(path), base)

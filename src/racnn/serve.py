@@ -16,7 +16,8 @@ Bad input (no image, a non-image, a truncated or corrupt file, a pixel bomb, an 
 a 4xx answer ``{"error": "<one line>"}``, and the server goes on serving. Requests share one model: images are
 decoded in worker threads while a :class:`Batcher` runs the model on what is waiting, one batch at a time.
 Overload is refused at once: past ``max_queue`` waiting images a request gets a 503 with ``Retry-After``; one
-that waited ``timeout_s`` gets a 504. On SIGTERM or a first Ctrl-C the server drains (:class:`Drain`).
+that waited ``timeout_s`` gets a 504; under ``racnn serve`` a connection past ``max_connections`` gets uvicorn's
+own 503. On SIGTERM or a first Ctrl-C the server drains (:class:`Drain`).
 """
 
 from __future__ import annotations
@@ -63,12 +64,26 @@ try:
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError as e:  # pragma: no cover - the serve extra is not installed
     raise ImportError(
         "racnn serve needs FastAPI, uvicorn and prometheus_client: pip install 'racnn[serve]'"
     ) from e
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: the drain's lines sit among its lines
+
+# After the drain deadline, the time its 503s have to go out; then, once the listening socket is closed, the time
+# uvicorn gives the connections still open to close before it cancels what runs on them.
+ANSWER_GRACE_S = 2.0
+
+
+def check_seconds(name: str, value: float, *, positive: bool = False) -> float:
+    """``value`` if it is a finite number of seconds, 0 or more (``positive``: more than 0), else a one-line
+    ``ValueError`` (``inf`` and ``nan`` pass a plain comparison and fail later, in a timer)."""
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        bound = "more than 0" if positive else "0 or more"
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}, not {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -80,18 +95,29 @@ class ServeLimits:
     topk: int = 5
     max_queue: int = 64  # images received and not yet in a forward pass; past it a request gets a 503
     timeout_s: float = 30.0  # from a request's upload being in to its answer; past it a 504
+    # connections served at once, idle keep-alive ones included (racnn serve: uvicorn's limit_concurrency; past
+    # it uvicorn answers 503); None: max_queue + max_batch + 16 (:attr:`connections`)
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_pixels", "max_images", "max_batch", "topk", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, not {self.timeout_s}")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {self.max_connections}")
+        check_seconds("timeout_s", self.timeout_s, positive=True)
 
     @property
     def images_per_request(self) -> int:
         """The most images one request may send: a request must fit in the queue."""
         return min(self.max_images, self.max_queue)
+
+    @property
+    def connections(self) -> int:
+        """The most connections served at once: ``max_connections``, by default one for every image the queue and
+        a forward pass hold and 16 more (probes, the page, uploads in progress). Each may hold an upload of up to
+        ``max_upload_bytes`` before its request is admitted: this bounds the memory of uploads."""
+        return self.max_connections or self.max_queue + self.max_batch + 16
 
 
 class BadInput(Exception):
@@ -152,25 +178,56 @@ class Metrics:
 
 class Drain:
     """Graceful shutdown, the app's side. Once :meth:`start` is called (``racnn serve``: on SIGTERM or a first
-    Ctrl-C) ``GET /readyz`` answers 503 and a new ``POST /predict`` gets a 503; the requests already received
-    go on, and those still running ``seconds`` later are answered 503 (:meth:`guard`), never dropped."""
+    Ctrl-C) ``GET /readyz`` answers 503, a new ``POST /predict`` gets a 503 with ``Retry-After``, and every
+    answer carries ``Connection: close``; ``GET /healthz`` and the rest answer as before. The requests received
+    before go on, and those still running ``seconds`` later are answered 503 (:meth:`guard`), never dropped.
+    :meth:`wait` returns once they are all answered: the moment ``racnn serve`` closes its listening socket.
+
+    The requests in progress are counted by the :class:`Draining` middleware (:meth:`enter`, :meth:`leave`)."""
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = False
+        self.active = 0  # requests received before the drain began and not yet answered
         self.expired: asyncio.Future[None] | None = None  # done at the drain deadline
+        self.answered: asyncio.Future[None] | None = None  # done once draining and ``active`` is 0
 
     def bind(self) -> None:
         """At the app's startup, in its event loop."""
-        self.loop, self.started = asyncio.get_running_loop(), False
-        self.expired = self.loop.create_future()
+        self.loop, self.started, self.active = asyncio.get_running_loop(), False, 0
+        self.expired, self.answered = self.loop.create_future(), self.loop.create_future()
 
     def start(self, seconds: float) -> None:
         """Begin draining; call it in the app's event loop (``loop.call_soon_threadsafe`` from elsewhere)."""
         if self.started or self.loop is None:
             return
         self.started = True
-        self.loop.call_later(seconds, lambda: self.expired.done() or self.expired.set_result(None))  # type: ignore[union-attr]
+        self.loop.call_later(check_seconds("the drain time", seconds), _settle, self.expired)
+        if self.active == 0:
+            _settle(self.answered)
+
+    def enter(self) -> bool:
+        """A request arrives: whether it counts as received before the drain (then :meth:`leave` when answered)."""
+        if self.started:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.started and self.active == 0:
+            _settle(self.answered)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` s, until draining and every request received before is answered; whether
+        they are."""
+        if self.answered is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self.answered), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def guard(self, work: Awaitable[Any]) -> Any:
         """``work``'s result, or a 503 if the drain deadline comes first (``work`` is then cancelled)."""
@@ -189,6 +246,40 @@ class Drain:
         )
 
 
+def _settle(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
+
+class Draining:
+    """ASGI middleware, the requests' side of :class:`Drain`: counts the requests received before the drain
+    began until they are answered, marks those received after (``scope["racnn.draining"]``), and once draining
+    adds ``Connection: close`` to the answers (all but the 500 of an unexpected error, sent from outside it), so
+    that no keep-alive connection waits idle for the listening socket to close: each is closed after the
+    answer to its next request."""
+
+    def __init__(self, app: Any, drain: Drain) -> None:
+        self.app, self.drain = app, drain
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counted = self.drain.enter()
+        scope["racnn.draining"] = not counted
+
+        async def closing_send(message: Any) -> None:
+            if message["type"] == "http.response.start" and self.drain.started:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, closing_send)
+        finally:
+            if counted:
+                self.drain.leave()
+
+
 class Batcher:
     """Runs the model for every request, one batch at a time: a request puts its images in a queue and waits;
     the worker takes everything waiting (up to ``max_batch`` images), preprocesses them and runs one forward
@@ -203,8 +294,9 @@ class Batcher:
     thread alone, and 112 ms in another thread once the main thread had built the model.
 
     The queue is bounded: :meth:`admit` counts a request's images in ``queued`` (received, not yet in a
-    forward pass) or refuses it with a 503 when ``max_queue`` would be passed (0: no bound), so latency and
-    memory stop growing with the load. A request that has gone (its deadline passed) leaves the queue unrun."""
+    forward pass) or refuses it with a 503 when ``max_queue`` (at least 1, as :class:`ServeLimits` has it;
+    ``None``: no bound) would be passed, so latency and memory stop growing with the load. A request that has
+    gone (its deadline passed) leaves the queue unrun."""
 
     def __init__(
         self,
@@ -215,9 +307,11 @@ class Batcher:
         transform: Any = None,
         channels_last: bool = False,
         executor: Executor | None = None,
-        max_queue: int = 0,
+        max_queue: int | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        if max_queue is not None and max_queue < 1:
+            raise ValueError(f"max_queue must be at least 1 (None: no bound), not {max_queue}")
         self.model, self.device, self.max_batch = model, device, max_batch
         self.transform, self.channels_last = transform or model.transforms(), channels_last
         self.queue: asyncio.Queue[tuple[Inputs, asyncio.Future[Any], Slot | None]] = asyncio.Queue()
@@ -244,7 +338,7 @@ class Batcher:
 
     def refuse_if_full(self, n: int = 1) -> None:
         """A 503 with ``Retry-After`` when ``n`` more images would not fit in the queue."""
-        if self.max_queue and self.queued + n > self.max_queue:
+        if self.max_queue is not None and self.queued + n > self.max_queue:
             wait = max(1, math.ceil(self.queued * self.s_per_image))  # the queue's work at the last pace
             raise BadInput(
                 503,
@@ -380,7 +474,8 @@ def create_app(
     """The web app serving ``model`` (a model that carries its classes: ``racnn.load_model``).
     ``channels_last``: run the convolutions in NHWC (on a CPU 1.4 times faster for the recipe's model).
     ``executor``: where the model runs (default: a thread of the batcher's own; see :class:`Batcher`).
-    ``app.state.drain`` (:class:`Drain`) starts its graceful shutdown; ``app.state.metrics`` (:class:`Metrics`)."""
+    ``app.state.drain`` (:class:`Drain`) starts its graceful shutdown; ``app.state.metrics`` (:class:`Metrics`).
+    ``limits.max_connections`` is not the app's to enforce: :func:`serve` gives it to uvicorn."""
     limits = limits or ServeLimits()
     device = torch.device(device)
     model = model.eval().to(device)
@@ -408,6 +503,7 @@ def create_app(
     app = FastAPI(title="racnn serve", description="RA-CNN predictions and attention", lifespan=lifespan)
     app.state.metrics, app.state.drain = metrics, drain
     app.add_middleware(Measure, metrics=metrics, paths=lambda: {route.path for route in app.routes})  # type: ignore[attr-defined]
+    app.add_middleware(Draining, drain=drain)  # type: ignore[arg-type]
     info = {
         "classes": model.classes or [str(i) for i in range(model.num_classes)],
         "backbone": model.cfg.backbone,
@@ -423,6 +519,7 @@ def create_app(
         "topk": limits.topk,
         "max_queue": limits.max_queue,
         "timeout_seconds": limits.timeout_s,
+        "max_connections": limits.connections,
     }
 
     @app.exception_handler(BadInput)
@@ -474,13 +571,19 @@ def create_app(
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
-        if drain.started:  # received after the drain began: another instance (or this one restarted) answers
+        # received after the drain began: another instance (or this one restarted) answers it
+        if request.scope.get("racnn.draining", drain.started):
+            await _discard_upload(request, limits)
             raise BadInput(503, "the server is shutting down; retry", retry_after=1)
         return await drain.guard(_predict(request))
 
     async def _predict(request: Request) -> JSONResponse:
         batcher = state["batcher"]
-        batcher.refuse_if_full()  # a full queue refuses at once, before the upload is read
+        try:  # a full queue refuses at once, without parsing or decoding the upload
+            batcher.refuse_if_full()
+        except BadInput:
+            await _discard_upload(request, limits)
+            raise
         uploads = await _uploads(request, limits)
         slot = batcher.admit(len(uploads))
         try:  # the deadline runs from here: the upload is in, the images wait for a decoder and the model
@@ -572,6 +675,22 @@ async def _uploads(request: Request, limits: ServeLimits) -> list[tuple[UploadFi
     return uploads
 
 
+async def _discard_upload(request: Request, limits: ServeLimits) -> None:
+    """Read the upload of a request about to be refused, and drop it, chunk by chunk: a server that closes a
+    connection while the upload still arrives makes the client's system reset it, and the client sees no
+    answer. Not when the client waits for ``100 Continue`` (it has sent nothing), nor past the upload limit."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limits.max_upload_bytes:
+                return
+    except ClientDisconnect:  # gone: the answer goes nowhere
+        return
+
+
 def _decode(upload: UploadFile, data: bytes, limits: ServeLimits) -> Image.Image:
     """One upload decoded (in a worker thread; PIL only, no torch): an upright RGB image."""
     name = upload.filename or "image"
@@ -595,32 +714,48 @@ def serve(
     channels_last: bool = True,
     drain_seconds: float = 30.0,
 ) -> None:
-    """Run the app with uvicorn: the web server in a thread, the model in this (main) thread.
+    """Run the app with uvicorn: the web server in a thread, the model in this (main) thread. At most
+    ``limits.connections`` connections are served at once (uvicorn's ``limit_concurrency``: past it, a request
+    gets uvicorn's own 503), so uploads hold at most that many times ``limits.max_upload_bytes``.
 
-    SIGTERM or a first Ctrl-C drains: the listening socket closes at once (new connections are refused),
-    ``/readyz`` answers 503, every request already received is answered, and this returns once they all
-    are, within ``drain_seconds`` (uvicorn's graceful shutdown; a request still running at that deadline gets a
-    503, :class:`Drain`). A second Ctrl-C stops at once (``KeyboardInterrupt``); a second SIGTERM changes
-    nothing."""
+    SIGTERM or a first Ctrl-C drains (:class:`Drain`): the listening socket stays open while requests received
+    before the signal are in progress, ``/readyz`` answers 503, ``/healthz`` 200, a new ``POST /predict`` a 503
+    with ``Retry-After`` and ``Connection: close``. Once every request received before the signal is answered,
+    or at the latest ``drain_seconds`` after it (those still running then get a 503), the listening socket
+    closes and this returns. A forward pass cannot be interrupted: one in progress then ends first (this
+    thread runs it). A second Ctrl-C stops at once (``KeyboardInterrupt``); a second SIGTERM changes nothing."""
     import uvicorn
 
+    check_seconds("drain_seconds", drain_seconds)
     executor = MainThreadExecutor()
     app = create_app(model, device=device, limits=limits, channels_last=channels_last, executor=executor)
     drain: Drain = app.state.drain
-    # uvicorn cancels what still runs a little after the drain deadline, once the 503s have gone out
+    # uvicorn refuses a request when the open connections, the one it came on included, reach limit_concurrency
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=math.ceil(drain_seconds) + 2
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        limit_concurrency=limits.connections + 1,
+        timeout_graceful_shutdown=ANSWER_GRACE_S,  # once drained: only answers still being sent remain
     )
     server = uvicorn.Server(config)
     web = threading.Thread(target=server.run, name="racnn-serve-http", daemon=True)
     signalled: list[int] = []
+    stopping: list[asyncio.Task[None]] = []
 
     def begin_drain(name: str) -> None:  # in the web server's event loop
         log.info("%s: draining for at most %g s (Ctrl-C again to stop at once)", name, drain_seconds)
         drain.start(drain_seconds)
-        for listener in getattr(server, "servers", []):  # stop accepting now, not at uvicorn's next tick
-            listener.close()
-        server.should_exit = True  # uvicorn's graceful shutdown: it waits for the requests in flight
+        stopping.append(asyncio.get_running_loop().create_task(stop_when_drained()))
+
+    async def stop_when_drained() -> None:
+        # the deadline's 503s go out at once; ANSWER_GRACE_S more is the backstop for a request that ignores it
+        if await drain.wait(drain_seconds + ANSWER_GRACE_S):
+            log.info("drained: every request received before the signal is answered; closing")
+        else:
+            log.warning("drain deadline passed with %d request(s) still unanswered; closing", drain.active)
+        server.should_exit = True  # uvicorn closes the listening socket and the idle connections
 
     def on_signal(sig: int, frame: Any) -> None:  # in this thread, between two Python instructions
         if signalled:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from ..checkpoint import save_checkpoint
 from ..config import Config, save_config
 from ..data import DatasetError
 from ..evaluation import json_safe
+from ..filelock import LockHeld, hold_lock
 from ..model import RACNN
 
 
@@ -100,23 +100,13 @@ class RunFolder:
         self.make()
         path = self.path / ".lock"
         try:
-            f = open(path, "a+b")  # noqa: SIM115 - held open for the whole run
+            self._lock = hold_lock(path)
+        except LockHeld as e:
+            raise RunFolderError(
+                f"{self.path}: in use by {e.who} (another run writes here); wait for it or pass another --out"
+            ) from None
         except OSError as e:
             raise RunFolderError(f"{path}: cannot open the run's lock ({e.strerror or e})") from None
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read(32).decode(errors="replace").strip()
-            f.close()
-            who = f"PID {pid}" if pid else "another process"  # (it has the lock but not yet its PID written)
-            raise RunFolderError(
-                f"{self.path}: in use by {who} (another run writes here); wait for it or pass another --out"
-            ) from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n".encode())
-        f.flush()
-        self._lock = f
 
     def unlock(self) -> None:
         if self._lock is not None:

@@ -46,19 +46,8 @@ def search_targets(
                 :, : a.search_candidates
             ]
             cands = torch.cat([cands[:, :1], cands.gather(1, (pick + 1)[..., None].expand(-1, -1, 3))], 1)
-        b, c = cands.shape[:2]
-        alt = cands[:, 1:].reshape(-1, 3)  # B(C-1) x 3, image-major
-        rep = lambda t, n=c - 1: t.repeat_interleave(n, dim=0)  # noqa: E731  (B x ... -> B(C-1) x ...)
-        view = alt if s == 0 else compose_boxes(rep(out.views[s - 1].detach().float()), alt)
-        crops = model.zoom_in(s, rep(images), rep(x), alt, view)
-        logits = model.forward_scale(s + 1, crops)  # B(C-1) x K
-        q = torch.cat(
-            [
-                true_class_prob(out.logits[f"s{s + 2}"], y)[:, None],
-                true_class_prob(logits, rep(y)).view(b, c - 1),
-            ],
-            dim=1,
-        )  # B x C: p_t(s+1) on every candidate
+        b = cands.shape[0]
+        q = finer_probs(model, s, images, x, out, y, cands)  # B x C: p_t(s+1) on every candidate
         goal = true_class_prob(out.logits[f"s{s + 1}"], y) + lc.rank_margin  # the coarse scale is a reference
         if ceiling is not None:
             goal = goal.clamp(max=ceiling)
@@ -76,6 +65,28 @@ def search_targets(
         if s + 1 < len(out.boxes):
             x = out.crops[s].detach()
     return targets, stats
+
+
+@torch.no_grad()
+def finer_probs(
+    model: RACNN,
+    s: int,
+    images: torch.Tensor,
+    x: torch.Tensor,
+    out: RACNNOutput,
+    y: torch.Tensor,
+    cands: torch.Tensor,
+) -> torch.Tensor:
+    """``p_t(s+1)``, the true class's probability at scale ``s + 1`` (0-based ``s``: of APN s's finer scale), on
+    each candidate box ``cands`` (B x C x 3, relative to scale s's input ``x``; candidate 0 is ``out``'s own box,
+    whose ``p_t`` ``out`` holds). ``images``: the model's input, ``y``: the labels. Returns B x C."""
+    b, c = cands.shape[:2]
+    alt = cands[:, 1:].reshape(-1, 3)  # B(C-1) x 3, image-major
+    rep = lambda t: t.repeat_interleave(c - 1, dim=0)  # noqa: E731  (B x ... -> B(C-1) x ...)
+    view = alt if s == 0 else compose_boxes(rep(out.views[s - 1].detach().float()), alt)
+    logits = model.forward_scale(s + 1, model.zoom_in(s, rep(images), rep(x), alt, view))  # B(C-1) x K
+    own = true_class_prob(out.logits[f"s{s + 2}"], y)[:, None]
+    return torch.cat([own, true_class_prob(logits, rep(y)).view(b, c - 1)], dim=1)
 
 
 def search_loss(
