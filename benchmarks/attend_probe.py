@@ -26,9 +26,10 @@ from racnn.attention import box_candidates
 from racnn.checkpoint import load_checkpoint, save_checkpoint
 from racnn.config import Config, apply_overrides, save_config
 from racnn.losses import true_class_prob
-from racnn.training.schedule import ATTEND, attend_phase, set_phase
+from racnn.training.phases import ATTEND, attend_phase, set_phase
 from racnn.training.search import finer_probs
-from racnn.training.trainer import Trainer, initial_apns
+from racnn.training.state import initial_apns
+from racnn.training.trainer import Trainer
 
 KEYS = [
     "acc_s1",

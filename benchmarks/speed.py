@@ -36,7 +36,7 @@ from racnn.crop_cpp import crop_zoom_cpp
 from racnn.losses import classification_losses, total_classification
 from racnn.model import RACNN, RACNNFeatures, build_model
 from racnn.training import loaders, optim
-from racnn.training.schedule import ATTEND, CLASSIFY, PHASES, set_phase
+from racnn.training.phases import ATTEND, CLASSIFY, set_phase
 from racnn.training.step import train_step
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/datasets/cub200-subset/CUB_200_2011"
@@ -53,6 +53,8 @@ FROM_MODEL = {
 }
 FROM_MODEL |= {"pretrained": "pretrained"}
 FROM_RUNTIME = {"ckpt": "checkpoint_activations", "compile_crop": "compile_crop"}
+# the phases --phases names: the training's own (the attention phase of the paper's gradient update)
+PHASES = {p.name: p for p in (CLASSIFY, ATTEND)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,7 +188,7 @@ class Bench:
         opts = optim.make_optimizers(self.model, cfg)
         if args.fused_optim:
             opts = tuple(type(o)(o.param_groups, **{**o.defaults, "fused": True}) for o in opts)
-        self.cls_opt, self.apn_opt = opts
+        self.optimizers = optim.run_optimizers(self.model, cfg, lr_epochs=1, given=opts)
         b = args.batch_size
         self.images = self._input(b, args.image_size)
         self.ready = [self._input(b, side) for side in self.model.scale_sizes]  # the limit's inputs
@@ -208,34 +210,45 @@ class Bench:
         """One step of ``phase``: the training step itself (``racnn.training.step.train_step``)."""
         ph = PHASES[phase]
         set_phase(self.model, ph, self.cfg)
-        opts = {"cls": self.cls_opt, "apn": self.apn_opt}
+        opts = self.optimizers.stepped_by(ph)
         train_step(
             self.model, self.model, self.images, self.labels, ph, self.cfg, opts, autocast=self.autocast()
         )
 
     def limit_step(self, phase: str) -> None:
-        """The limit's step: backbones and heads on ready inputs, no APN, crop or ranking loss."""
+        """The limit's step of ``phase``: backbones and heads on ready inputs, no APN, crop or ranking loss."""
         set_phase(self.model, PHASES[phase], self.cfg)
-        inputs = self.ready
-        if phase == ATTEND.name:  # the gradient must reach the inputs of scales 2..N, as it reaches the crops
-            inputs = [inputs[0]] + [x.detach().requires_grad_(True) for x in inputs[1:]]
+        LIMITS[phase](self)
+
+    def _limit_classify(self) -> None:
+        """The cross-entropies of the ready inputs' outputs, and a step of the classifiers' optimiser."""
+        with self.autocast():
+            logits = self._limit_logits(self.ready)
+        terms = classification_losses(logits, self.labels, label_smoothing=self.cfg.loss.label_smoothing)
+        self.optimizers.cls.zero_grad(set_to_none=True)
+        total_classification(terms, num_scales=self.n, fusion_weight=self.cfg.loss.fusion_weight).backward()
+        self.optimizers.cls.step()
+
+    def _limit_attend(self) -> None:
+        """The cross-entropies of scales 2..N back-propagated into their inputs, as into the crops; no step."""
+        inputs = [self.ready[0]] + [x.detach().requires_grad_(True) for x in self.ready[1:]]
         with self.autocast():
             logits = self._limit_logits(inputs)
         terms = classification_losses(logits, self.labels, label_smoothing=self.cfg.loss.label_smoothing)
-        if phase == CLASSIFY.name:
-            self.cls_opt.zero_grad(set_to_none=True)
-            total_classification(
-                terms, num_scales=self.n, fusion_weight=self.cfg.loss.fusion_weight
-            ).backward()
-            self.cls_opt.step()
-        else:
-            sum(terms[f"ce_s{i + 1}"] for i in range(1, self.n)).backward()
+        sum(terms[f"ce_s{i + 1}"] for i in range(1, self.n)).backward()
 
     @torch.inference_mode()
     def infer(self, limit: bool) -> None:
         """Forward only: RA-CNN on the images, or the limit on its ready inputs."""
         with self.autocast():
             self._limit_logits(self.ready) if limit else self.model(self.images)
+
+
+# each timed phase's limit step
+LIMITS: dict[str, Callable[[Bench], None]] = {
+    CLASSIFY.name: Bench._limit_classify,
+    ATTEND.name: Bench._limit_attend,
+}
 
 
 # ----------------------------------------------------------------------------------------------- sections

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from racnn.training.schedule import ATTEND, CLASSIFY
+from racnn.training.phases import ATTEND, CLASSIFY
 
 
 def summary(res: dict[str, Any]) -> dict[str, float | None]:

@@ -65,7 +65,7 @@ def test_trainer_writes_nothing_before_fit_and_uses_what_it_is_given(tmp_path: P
     opts = (torch.optim.SGD(model.parameters(), lr=0.0), torch.optim.SGD(model.parameters(), lr=0.0))
     trainer = _tiny_trainer(out, optimizers=opts)
     assert not out.exists()  # nothing before fit
-    assert trainer.cls_opt is opts[0] and trainer.apn_opt is opts[1]
+    assert trainer.optimizers.cls is opts[0] and trainer.optimizers.apn is opts[1]
     assert trainer.cfg.data.image_size == 48 and trainer.cfg.model is trainer.model.cfg
     trainer = _tiny_trainer(out)
     assert not out.exists()

@@ -21,7 +21,7 @@ from conftest import TINY_MODEL, interrupt_epoch
 from racnn.checkpoint import atomic_write, load_checkpoint
 from racnn.cli import main
 from racnn.config import Config, load_config
-from racnn.training import step
+from racnn.training import phases
 from racnn.training.trainer import Trainer
 
 TINY = [
@@ -155,15 +155,15 @@ def test_a_write_that_fails_half_way_leaves_the_old_checkpoint(tmp_path: Path) -
 
 
 def _nan_on_call(monkeypatch: pytest.MonkeyPatch, name: str, call: int) -> None:
-    """Make ``step.<name>`` (a loss function) return NaN on its ``call``-th call."""
-    real, calls = getattr(step, name), {"n": 0}
+    """Make ``phases.<name>`` (a loss function) return NaN on its ``call``-th call."""
+    real, calls = getattr(phases, name), {"n": 0}
 
     def patched(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls["n"] += 1
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == call else out
 
-    monkeypatch.setattr(step, name, patched)
+    monkeypatch.setattr(phases, name, patched)
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_last_good_state(

@@ -13,10 +13,12 @@ from conftest import load_benchmark
 from racnn.attention import box_candidates
 from racnn.checkpoint import load_checkpoint
 from racnn.model import RACNNOutput, build_model
-from racnn.training.schedule import ATTEND, ATTEND_SEARCH, CLASSIFY, PhaseSchedule, attend_phase
+from racnn.training.phases import APN_INIT, ATTEND, ATTEND_SEARCH, CLASSIFY, attend_phase
+from racnn.training.schedule import PhaseSchedule
 from racnn.training.search import search_targets
-from racnn.training.trainer import Trainer, initial_apns
-from test_training import _same, _snapshot, tiny_config
+from racnn.training.state import initial_apns
+from racnn.training.trainer import Trainer
+from test_training import _same, _snapshot, run_schedule, tiny_config
 
 
 def test_box_candidates_are_the_box_and_its_neighbours_inside_the_bounds() -> None:
@@ -108,12 +110,14 @@ def test_the_schedule_runs_the_attention_phase_that_apn_update_names() -> None:
     cfg = tiny_config(Path("."), **{"apn.update": "search", "schedule.converge_tol": 0})
     assert attend_phase(cfg) is ATTEND_SEARCH and attend_phase(tiny_config(Path("."))) is ATTEND
     s = PhaseSchedule(cfg.schedule, epochs=5, attend=attend_phase(cfg))
-    seen = []
-    while (p := s.next_phase()) is not None:
-        s.start_epoch(p)
-        seen.append(p)
-        s.end_epoch(1.0)
-    assert seen == [CLASSIFY, ATTEND_SEARCH, CLASSIFY, ATTEND_SEARCH, CLASSIFY]
+    assert run_schedule(s, lambda phase: 1.0) == [
+        APN_INIT,
+        CLASSIFY,
+        ATTEND_SEARCH,
+        CLASSIFY,
+        ATTEND_SEARCH,
+        CLASSIFY,
+    ]
     assert s.planned_epochs(ATTEND_SEARCH) == s.planned_epochs(ATTEND) == 2
 
 
@@ -136,7 +140,7 @@ def test_the_test_reports_the_initial_boxes_under_the_final_classifiers(
     cfg = tiny_config(fake_cub, **{"apn.update": update, "train.epochs": 3, "schedule.warmup_epochs": 1})
     with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
         metrics = trainer.fit()
-        init = trainer.apn_init_state
+        init = trainer.state.apn_init
         assert init is not None and not _same(list(init.values()), _snapshot([trainer.model.apns]))
         learned = _snapshot([trainer.model.apns])
         with initial_apns(trainer.model, init):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,8 @@ from racnn.losses import box_regression_loss, ranking_loss, true_class_prob
 from racnn.model import build_model
 from racnn.training import optim
 from racnn.training.apn_init import apn_init_target, apn_saturation
-from racnn.training.schedule import (
-    ATTEND,
-    CLASSIFY,
-    JOINT,
-    WARMUP,
-    PhaseSchedule,
-    set_phase,
-)
+from racnn.training.phases import APN_INIT, ATTEND, CLASSIFY, JOINT, WARMUP, Phase, set_phase
+from racnn.training.schedule import PhaseSchedule
 from racnn.training.trainer import Trainer
 
 
@@ -48,6 +44,28 @@ def tiny_config(root: Path, **extra: object) -> Config:
     return load_config(None, overrides)
 
 
+def test_the_trainer_runs_a_phase_by_its_fields_alone(fake_cub: Path, tmp_path: Path) -> None:
+    """A phase is what its fields say: one defined here (the classification phase with the heads alone
+    trained and the APN optimiser stepped) runs through the trainer's epoch, which never asks its name."""
+    heads = dataclasses.replace(
+        CLASSIFY,
+        name="heads",
+        title="heads only",
+        trains=lambda cfg: frozenset({"head"}),
+        optimizers=("apn",),
+    )
+    trainer = Trainer(tiny_config(fake_cub), tmp_path / "run", progress=False)
+    m = trainer.model
+    bb, head, apn = _snapshot([m.backbones]), _snapshot([m.heads, m.fusions]), _snapshot([m.apns])
+    assert trainer.optimizers.stepped_by(heads) == [trainer.optimizers.apn]
+    trainer.optimizers.apn.add_param_group({"params": list(m.heads.parameters()), "lr": 0.1})
+    rec = trainer.train_epoch(heads)
+    assert rec["steps"] > 0 and "lr" not in rec
+    assert _same(bb, _snapshot([m.backbones])) and _same(apn, _snapshot([m.apns]))
+    assert not _same(head, _snapshot([m.heads, m.fusions]))
+    trainer.close()
+
+
 def _snapshot(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
     return [t.detach().clone() for m in modules for t in m.state_dict().values()]
 
@@ -58,8 +76,9 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 def test_attention_phase_gradients_reach_every_apn_parameter_only() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config(Path(".")).model, num_classes=5)
-    set_phase(model, ATTEND)
+    cfg = tiny_config(Path("."))
+    model = build_model(cfg.model, num_classes=5)
+    set_phase(model, ATTEND, cfg)
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
     out = model(x)
     probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(3)]
@@ -72,8 +91,9 @@ def test_attention_phase_gradients_reach_every_apn_parameter_only() -> None:
 
 def test_classification_phase_detaches_the_boxes() -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_config(Path(".")).model, num_classes=5)
-    set_phase(model, CLASSIFY)
+    cfg = tiny_config(Path("."))
+    model = build_model(cfg.model, num_classes=5)
+    set_phase(model, CLASSIFY, cfg)
     out = model(torch.randn(4, 3, 32, 32), detach_boxes=True)
     sum(
         torch.nn.functional.cross_entropy(v, torch.zeros(4, dtype=torch.long)) for v in out.logits.values()
@@ -114,7 +134,7 @@ def test_attention_levers_enter_the_attention_phase_only(fake_cub: Path, tmp_pat
     assert "prior" not in trainer.train_epoch(CLASSIFY)  # the classifiers never see it
     trainer.close()
     # the prior alone: a gradient for APN 1, none for APN 2 (its box is not tied to the object)
-    set_phase(m, ATTEND)
+    set_phase(m, ATTEND, trainer.cfg)
     m.zero_grad(set_to_none=True)
     out = m(torch.randn(4, 3, 32, 32), return_maps=True)
     box_regression_loss(out.boxes[0], aolm_boxes(out.maps[0], 0.25, 1.0)).backward()
@@ -141,29 +161,38 @@ def test_warmup_backbones_false_keeps_the_imagenet_backbones(
     assert not _same(bb, _snapshot([m.backbones]))
 
 
-def test_schedule_alternates_and_plans() -> None:
-    s = PhaseSchedule(ScheduleConfig(classify_epochs=2, attend_epochs=1, converge_tol=0), epochs=7)
+def run_schedule(s: PhaseSchedule, loss: Callable[[Phase], float]) -> list[Phase]:
+    """The phases ``s`` runs, each epoch ending with the loss ``loss(phase)``, as the trainer runs them."""
     seen = []
     while (phase := s.next_phase()) is not None:
-        s.start_epoch(phase)
-        s.end_epoch(1.0)
+        if phase.steps is not None:
+            s.end_steps(phase)
+        else:
+            s.start_epoch(phase)
+            s.end_epoch(loss(phase))
         seen.append(phase)
-    assert seen == [CLASSIFY, CLASSIFY, ATTEND, CLASSIFY, CLASSIFY, ATTEND, CLASSIFY]
+    return seen
+
+
+def test_schedule_alternates_and_plans() -> None:
+    cfg = ScheduleConfig(warmup_epochs=1, classify_epochs=2, attend_epochs=1, converge_tol=0)
+    s = PhaseSchedule(cfg, epochs=8)
+    seen = run_schedule(s, lambda phase: 1.0)
+    # the APN initialisation once, after the warm-up, before the first classification epoch
+    assert seen == [WARMUP, APN_INIT, CLASSIFY, CLASSIFY, ATTEND, CLASSIFY, CLASSIFY, ATTEND, CLASSIFY]
     assert s.planned_epochs(CLASSIFY) == 5 and s.planned_epochs(ATTEND) == 2
-    joint = PhaseSchedule(ScheduleConfig(mode="joint"), epochs=3)
-    assert joint.next_phase() == JOINT and joint.planned_epochs(JOINT) == 3
+    assert s.lr_epochs() == 6  # the classifiers' schedule: warm-up and classification epochs
+    joint = PhaseSchedule(ScheduleConfig(mode="joint", converge_tol=0), epochs=3)
+    assert run_schedule(joint, lambda phase: 1.0) == [APN_INIT, JOINT, JOINT, JOINT]
+    assert joint.planned_epochs(JOINT) == joint.lr_epochs() == 3
 
 
 def test_schedule_stops_when_both_phases_converge() -> None:
     s = PhaseSchedule(ScheduleConfig(classify_epochs=1, attend_epochs=1, converge_tol=0.05), epochs=100)
     losses = {CLASSIFY: iter([3.0, 2.0, 1.99]), ATTEND: iter([0.5, 0.499, 0.4985])}
-    n = 0
-    while (phase := s.next_phase()) is not None:
-        s.start_epoch(phase)
-        s.end_epoch(next(losses[phase]))
-        n += 1
+    seen = run_schedule(s, lambda phase: next(losses[phase]))
     # classify converges on its 3rd phase (2.0 -> 1.99), attend already on its 2nd
-    assert s.stopped == "converged" and n == 5
+    assert s.stopped == "converged" and seen[0] is APN_INIT and len(seen[1:]) == s.epoch == 5
     restored = PhaseSchedule(ScheduleConfig(), epochs=100)
     restored.load_state_dict(s.state_dict())
     assert restored.state_dict() == s.state_dict()
@@ -178,7 +207,7 @@ def test_apn_init_moves_boxes_towards_target_side(fake_cub: Path, tmp_path: Path
     x = torch.stack([trainer.train_set[i]["image"] for i in range(4)])
     with torch.no_grad():
         before = trainer.model(x).boxes[0][:, 2].mean() * 2
-    trainer.init_apns()
+    trainer.train_steps(APN_INIT)
     with torch.no_grad():
         after = trainer.model.eval()(x).boxes[0][:, 2].mean() * 2
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -210,8 +239,8 @@ def test_apn_init_region_targets_reach_the_apns(fake_cub: Path, tmp_path: Path) 
     assert torch.equal(apn_init_target(trainer.model, trainer.cfg, 1, fmap, y), want_region)
     want_peak = peak_response_boxes(cams[0], trainer.cfg.apn.init_side)
     assert torch.equal(apn_init_target(trainer.model, trainer.cfg, 0, fmap, y), want_peak)
-    trainer.init_apns()  # runs end to end with these targets
-    assert trainer.apn_init_done
+    trainer.train_steps(APN_INIT)  # runs end to end with these targets
+    assert trainer.schedule.apn_init_done
 
 
 def test_fit_writes_outputs_and_resume_reproduces_the_run(fake_cub: Path, tmp_path: Path) -> None:
@@ -276,22 +305,22 @@ def test_apn_init_full_size_reads_scale_1s_map_of_the_full_image(fake_cub: Path,
     image (a finer grid than its 32 px input's); APN 2's stays on its own scale's map."""
     import contextlib
 
-    from racnn.training.schedule import APN_INIT, set_phase
-    from racnn.training.step import loss_terms, train_step
+    from racnn.training.phases import apn_init_loss
+    from racnn.training.step import train_step
 
     keys = {"model.crop_from": "source", "data.image_size": 64, "apn.init_box": "aolm,peak"}
     cfg = tiny_config(fake_cub, **keys, **{"apn.init_full_size": "true"})
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=3)
-    set_phase(model, APN_INIT)
+    set_phase(model, APN_INIT, cfg)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
     with torch.no_grad():
         out = model(x, detach_crops=True, return_maps=True)
         full = model.trunk(0, x)
     assert full.shape[-1] > out.maps[0].shape[-1]  # the finer grid
-    want = loss_terms(model, out, y, APN_INIT, cfg, full_map=full)["box"]
-    plain = loss_terms(model, out, y, APN_INIT, cfg)["box"]
-    opt = {"apn_init": torch.optim.SGD([p for p in model.apns.parameters()], lr=0.0)}
+    want = apn_init_loss(model, cfg, out, y, full_map=full)["box"]
+    plain = apn_init_loss(model, cfg, out, y)["box"]
+    opt = [torch.optim.SGD([p for p in model.apns.parameters()], lr=0.0)]
     terms, _ = train_step(model, model, x, y, APN_INIT, cfg, opt, autocast=contextlib.nullcontext())
     assert torch.allclose(terms["box"], want) and not torch.allclose(want, plain)
     cfg.apn.init_full_size = False  # off: the scale's own input map, as before

@@ -91,7 +91,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     finally:
         trainer.close()  # loader workers stop before the message, so it comes last
     if metrics is None:
-        done = f"after epoch {trainer.saved_epoch}" if trainer.saved_epoch else "at the start of the run"
+        saved = trainer.state.saved_epoch
+        done = f"after epoch {saved}" if saved else "at the start of the run"
         if trainer.main:
             print(
                 f"racnn train: interrupted; {trainer.last} holds the run {done}; "

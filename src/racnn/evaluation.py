@@ -1,4 +1,6 @@
-"""Evaluation as the paper reports it (Table 2: scale 1, 2, 3, 1+2, 1+2+3) plus attention localisation.
+"""Evaluation as the paper reports it (Table 2: scale 1, 2, 3, 1+2, 1+2+3) plus attention localisation, of
+a loader (:func:`evaluate`) or of a run's split, over every process of a distributed run
+(:func:`evaluate_split`).
 
 Boxes are compared in the normalised coordinates of the evaluated (squash-resized, uncropped) image; IoU is
 invariant to the per-axis scaling that maps them back to the original pixels.
@@ -9,13 +11,18 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .attention import box_to_xyxy
+from .config import Config
+from .fusion import fit_model_weights
 from .model import RACNN
+
+if TYPE_CHECKING:
+    from .training.distributed import DistEnv
 
 TABLE_ROWS = [
     ("acc_s1", "scale 1"),
@@ -311,6 +318,47 @@ def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], **kwargs: Any) -> d
     half on the object, and box side mean/std per scale (fractions of that scale's input side). Keywords
     as :func:`accumulate`."""
     return accumulate(model, loader, **kwargs).summary()
+
+
+def evaluate_split(
+    model: RACNN,
+    dataset: Any,
+    cfg: Config,
+    env: DistEnv,
+    *,
+    device: torch.device,
+    desc: str,
+    progress: bool,
+    channels_last: bool = False,
+    fit_fusion: bool = False,
+) -> dict[str, float]:
+    """:func:`evaluate` on ``dataset`` through the run's loader (``cfg``'s ``data`` and ``runtime.amp``); in a
+    run of N processes (``env``) each rank evaluates a shard (no collectives inside the model: it runs in eval
+    mode, where synchronised BatchNorm uses its running statistics) and the accumulators are merged, so every
+    rank returns the figures of one process. ``fit_fusion``: fit the model's ``weighted`` fusion on these
+    predictions (:func:`racnn.fusion.fit_model_weights`; every rank fits the same merged scores alike). With
+    ``data.skip_bad_images`` the unreadable images are counted in ``bad_images``."""
+    from .training import distributed, loaders  # (racnn.training imports this module)
+
+    loader = loaders.make_loader(dataset, cfg, world_size=env.world_size, rank=env.rank)
+    acc = accumulate(
+        model,
+        loader,
+        device=device,
+        amp=cfg.runtime.amp,
+        channels_last=channels_last,
+        head_parts=getattr(dataset, "head_parts", None),
+        desc=desc,
+        progress=progress,
+        keep_scores=fit_fusion,
+    )
+    acc = distributed.gather_accumulator(acc, env)
+    metrics = acc.summary()
+    if fit_fusion:
+        metrics |= fit_model_weights(model, *acc.scores())
+    if cfg.data.skip_bad_images:
+        metrics["bad_images"] = int(distributed.all_reduce_sum(torch.tensor(loader.bad_images), env))
+    return distributed.broadcast_object(metrics, env)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from ..backbones import Preprocessing
+from ..backbones import Preprocessing, backbone_preprocessing
 from ..config import Config, ConfigError
 from ..data import DatasetError, build_dataset, build_transform
 from ..data.base import BadImage, SkipBadImages, check_labels, report_bad_images
@@ -47,6 +47,29 @@ def make_dataset(
             f"{len(classes)} (or other names)"
         )
     return dataset
+
+
+def run_datasets(
+    cfg: Config,
+    *,
+    preprocessing: Preprocessing | None,
+    train_set: Dataset | None = None,
+    val_set: Dataset | None = None,
+) -> tuple[Dataset, Dataset | None]:
+    """A run's training and validation sets: those given, else the config's splits, normalised as
+    ``preprocessing`` says (None: as the configured backbone's ImageNet weights). The config's validation split
+    (``data.val_fraction``) comes only with its training split."""
+    prep = backbone_preprocessing(cfg.model.backbone) if preprocessing is None else preprocessing
+    if train_set is None:
+        train_set = make_dataset(cfg, "train", prep, train=True)
+        if val_set is None and cfg.data.val_fraction > 0:
+            val_set = make_dataset(cfg, "val", prep, train=False)
+    if cfg.model.fusion == "weighted" and val_set is None:
+        raise ConfigError(
+            "model.fusion=weighted fits its weights on the validation split, and this run has none: "
+            "set data.val_fraction > 0 (or pass val_set), or choose mean_logprob"
+        )
+    return train_set, val_set
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> int:

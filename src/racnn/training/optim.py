@@ -1,14 +1,63 @@
 """Optimisers and learning-rate schedules: one for the classifiers (backbones, heads, fusion), one for the
-APNs; each steps only in the phases that train its part."""
+APNs, one for the APN initialisation; each steps only in the phases that name it
+(:attr:`racnn.training.phases.Phase.optimizers`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import Config, OptimConfig
 from ..model import RACNN
+
+if TYPE_CHECKING:
+    from .phases import Phase
+
+
+@dataclass
+class Optimizers:
+    """A run's optimisers by name, the names a phase's ``optimizers`` gives; ``cls_lr``: the classifiers'
+    learning-rate schedule, which steps after each epoch of a phase whose ``lr_step`` says so."""
+
+    cls: torch.optim.Optimizer  # backbones, heads, fusion (``optim``)
+    apn: torch.optim.Optimizer  # the APNs in the attention phases (``apn.lr``)
+    apn_init: torch.optim.Optimizer  # the APNs in their initialisation (``apn.init_lr``); not checkpointed
+    cls_lr: torch.optim.lr_scheduler.LRScheduler
+
+    def stepped_by(self, phase: Phase) -> list[torch.optim.Optimizer]:
+        """The optimisers ``phase`` steps."""
+        return [getattr(self, name) for name in phase.optimizers]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``optimizers`` and ``schedulers``."""
+        return {
+            "optimizers": {"cls": self.cls.state_dict(), "apn": self.apn.state_dict()},
+            "schedulers": {"cls": self.cls_lr.state_dict()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """From a checkpoint; each optimiser keeps its own ``fused`` flag (:func:`keep_fused`)."""
+        self.cls.load_state_dict(keep_fused(self.cls, state["optimizers"]["cls"]))
+        self.apn.load_state_dict(keep_fused(self.apn, state["optimizers"]["apn"]))
+        self.cls_lr.load_state_dict(state["schedulers"]["cls"])
+
+
+def run_optimizers(
+    model: RACNN,
+    cfg: Config,
+    *,
+    lr_epochs: int,
+    given: Sequence[torch.optim.Optimizer] | None = None,
+) -> Optimizers:
+    """A run's :class:`Optimizers`: the pair (classifiers, APNs) ``given``, else :func:`make_optimizers`'; the
+    APN initialisation's Adam; the classifiers' schedule over ``lr_epochs`` epochs."""
+    cls_opt, apn_opt = given or make_optimizers(model, cfg)
+    apn = model.parameter_groups()["apn"]
+    init = torch.optim.Adam([{"params": apn}], lr=cfg.apn.init_lr, fused=fused_ok(apn))  # (no APN: 1 scale)
+    return Optimizers(cls_opt, apn_opt, init, make_scheduler(cls_opt, cfg.optim, lr_epochs))
 
 
 def make_optimizers(model: RACNN, cfg: Config) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:

@@ -1,4 +1,5 @@
-"""How a training process runs on this machine: the device, the random generators, autocast, and Ctrl-C."""
+"""How a training process runs on this machine: the device and the model on it, the random generators,
+autocast, and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import RuntimeConfig
 from ..evaluation import autocast_dtype
+from ..model import RACNN
+from .ddp import sync_batchnorm
+from .distributed import DistEnv
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,6 +32,19 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"runtime.device={name}: CUDA is not available on this machine; use cpu or auto")
     return device
+
+
+def place_model(model: RACNN, cfg: RuntimeConfig, *, device: torch.device, env: DistEnv) -> RACNN:
+    """``model`` set up to train on ``device`` as ``cfg`` says (compiled crop, activation checkpointing,
+    memory format), its BatchNorm synchronised over the processes of ``env``
+    (:func:`racnn.training.ddp.sync_batchnorm`): the module whose parameters the optimisers hold."""
+    model.compile_crop = cfg.compile_crop
+    model.checkpoint_activations = cfg.checkpoint_activations
+    model.to(device)
+    model = sync_batchnorm(model, device, env)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -1,9 +1,10 @@
-"""The trainer: APN initialisation, epochs of the alternating (or joint) schedule, validation, checkpoints and
-the final test; one process or N under ``torchrun`` (see :mod:`racnn.training.distributed`).
+"""The trainer: the loop of a run, phase after phase as the schedule says, then validation, model selection,
+checkpoints and the final test; one process or N under ``torchrun`` (see :mod:`racnn.training.distributed`).
 
 A :class:`Trainer` is built from a :class:`racnn.Config`, or from the user's own model, datasets and
-optimisers (the config then supplies the rest), and writes nothing until :meth:`Trainer.fit`. Its folder is
-described in :mod:`racnn.training.outputs`.
+optimisers (the config then supplies the rest), and writes nothing until :meth:`Trainer.fit`. What each phase
+does is in :mod:`racnn.training.phases`, which phase runs next in :mod:`racnn.training.schedule`, the run's
+state and ``last.pt`` in :mod:`racnn.training.state`, its folder in :mod:`racnn.training.outputs`.
 
 Faults: a run killed at any moment resumes from ``last.pt`` (written atomically; ``metrics.jsonl`` is cut back
 to what that state had logged), exactly in deterministic mode. Ctrl-C drops the unfinished epoch (``last.pt``
@@ -13,7 +14,6 @@ holds the last finished one). A non-finite loss raises :class:`FloatingPointErro
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
@@ -25,21 +25,15 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..backbones import check_weights
-from ..checkpoint import (
-    TRAIN_FORMAT,
-    CheckpointError,
-    load_checkpoint,
-    load_model,
-    model_record,
-)
-from ..config import Config, ConfigError
-from ..evaluation import Accumulator, accumulate, epoch_line, format_table
-from ..fusion import fit_model_weights
+from ..checkpoint import load_model, model_record
+from ..config import Config
+from ..evaluation import Accumulator, epoch_line, evaluate_split, format_table
 from ..model import RACNN, build_model
 from . import ddp, distributed, loaders, optim, runtime
-from .apn_init import apn_saturation
 from .outputs import RunFolder, RunFolderError, TensorBoard
-from .schedule import APN_INIT, CLASSIFY, JOINT, WARMUP, Phase, PhaseSchedule, attend_phase, set_phase
+from .phases import Phase, attend_phase, set_phase
+from .schedule import PhaseSchedule
+from .state import RunState, initial_apns, read_resume
 from .step import NonFiniteWatch, epoch_record, train_step
 
 
@@ -82,17 +76,7 @@ class Trainer:
         self.run = RunFolder(out_dir)
         self.out, self.last = self.run.path, self.run.last
         self.progress, self.overwrite = progress and self.main, overwrite
-        state = None
-        if resume:
-            # an --overwrite stopped before the new run's first checkpoint left the old run aside: resume it
-            # (start() moves it back)
-            aside = self.run.aside / self.last.name
-            state = load_checkpoint(aside if not self.last.exists() and aside.is_file() else self.last)
-            if state.get("format") != TRAIN_FORMAT:
-                raise CheckpointError(f"{self.last}: not a training state (resume needs a last.pt)")
-            cfg = Config.from_dict(
-                state["config"] | {"runtime": state.get("runtime", {})}, source=str(self.last)
-            )
+        saved, cfg = read_resume(self.run) if resume else (None, cfg)
         if model is not None:  # the model's own description wins: it is what the checkpoints record
             cfg.model, cfg.data.image_size = model.cfg, model.image_size
         self.cfg = cfg
@@ -100,28 +84,22 @@ class Trainer:
         runtime.seed_everything(cfg.train.seed, cfg.runtime.deterministic)
         self.device = distributed.device_for(runtime.resolve_device(cfg.runtime.device), self.dist)
         loaders.per_rank_batch(cfg, self.dist.world_size)  # the global batch must split evenly
-        if state is None and model is None:  # fail before any data is read
+        if saved is None and model is None:  # fail before any data is read
             check_weights(
                 cfg.model.backbone, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights_file
             )
         prep = model.preprocessing if model is not None else None
-        self.train_set = train_set if train_set is not None else self._dataset("train", prep, train=True)
-        if val_set is None and train_set is None and cfg.data.val_fraction > 0:
-            val_set = self._dataset("val", prep, train=False)
-        self.val_set = val_set
+        self.train_set, self.val_set = loaders.run_datasets(
+            cfg, preprocessing=prep, train_set=train_set, val_set=val_set
+        )
         self.test_set = test_set
-        if cfg.model.fusion == "weighted" and val_set is None:
-            raise ConfigError(
-                "model.fusion=weighted fits its weights on the validation split, and this run has none: "
-                "set data.val_fraction > 0 (or pass val_set), or choose mean_logprob"
-            )
         self._loader: loaders.Loader | None = None
         self.classes: list[str] = _classes(self.train_set, model)
         if model is None:
             model = build_model(
                 cfg.model,
                 num_classes=len(self.classes),
-                pretrained=cfg.model.pretrained and state is None,
+                pretrained=cfg.model.pretrained and saved is None,
                 classes=self.classes,
                 image_size=cfg.data.image_size,
             )
@@ -130,79 +108,25 @@ class Trainer:
                 f"the model has {model.num_classes} classes, the training set {len(self.classes)}"
             )
         model.classes = self.classes
-        model.compile_crop = cfg.runtime.compile_crop
-        model.checkpoint_activations = cfg.runtime.checkpoint_activations
-        model.to(self.device)
         # raw module: parameter groups, state dicts, evaluation; `self.forward_model()`: what a step calls
-        self.model: RACNN = ddp.sync_batchnorm(model, self.device, self.dist)
-        if cfg.runtime.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.model: RACNN = runtime.place_model(model, cfg.runtime, device=self.device, env=self.dist)
         self.forward_model = ddp.PhaseDDP(self.model, self.device, self.dist)
-        self.cls_opt, self.apn_opt = optimizers or optim.make_optimizers(self.model, cfg)
         self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs, attend=attend_phase(cfg))
-        cls_epochs = self.schedule.planned_epochs(WARMUP) + self.schedule.planned_epochs(
-            JOINT if cfg.schedule.mode == JOINT.name else CLASSIFY
+        self.optimizers = optim.run_optimizers(
+            self.model, cfg, lr_epochs=self.schedule.lr_epochs(), given=optimizers
         )
-        self.cls_sched = optim.make_scheduler(self.cls_opt, cfg.optim, cls_epochs)
-        self.apn_init_done, self.best, self.best_epoch = False, -math.inf, -1
-        # the APNs' state right after their initialisation: the test compares their boxes with the learned ones
-        self.apn_init_state: dict[str, torch.Tensor] | None = None
-        self.log_bytes, self.saved_epoch = 0, 0  # metrics.jsonl's size and the epochs done, in last.pt
-        self.resumed = state is not None
-        if state is not None:
-            self._load_state(state)
+        self.state = RunState(self.schedule)
+        if saved is not None:
+            self.state.load(
+                saved,
+                model=self.model,
+                optimizers=self.optimizers,
+                cfg=cfg,
+                classes=self.classes,
+                where=str(self.last),
+            )
         self.tb: TensorBoard | None = None
         self.started = False
-
-    def _dataset(self, split: str, prep: Any, *, train: bool) -> Dataset:
-        if prep is None:
-            from ..backbones import backbone_preprocessing
-
-            prep = backbone_preprocessing(self.cfg.model.backbone)
-        return loaders.make_dataset(self.cfg, split, prep, train=train)
-
-    # ---------------------------------------------------------------- state
-    def _state(self) -> dict[str, Any]:
-        return {
-            **model_record(self.model, self.cfg, self.classes),
-            "runtime": self.cfg.to_dict()["runtime"],
-            "format": TRAIN_FORMAT,
-            "optimizers": {"cls": self.cls_opt.state_dict(), "apn": self.apn_opt.state_dict()},
-            "schedulers": {"cls": self.cls_sched.state_dict()},
-            "progress": {
-                "schedule": self.schedule.state_dict(),
-                "apn_init_done": self.apn_init_done,
-                "best": self.best,
-                "best_epoch": self.best_epoch,
-                "log_bytes": self.log_bytes,
-            },
-            "rng": runtime.rng_state(),
-            **({"apn_init": self.apn_init_state} if self.apn_init_state is not None else {}),
-        }
-
-    def _load_state(self, s: dict[str, Any]) -> None:
-        saved = list(s.get("classes", self.classes))
-        if saved != self.classes:
-            raise CheckpointError(
-                f"{self.last}: saved for {len(saved)} classes, but {self.cfg.data.root} now has "
-                f"{len(self.classes)} (or other names); resume with the dataset the run started with"
-            )
-        try:
-            self.model.load_state_dict(s["model"])
-            self.cls_opt.load_state_dict(optim.keep_fused(self.cls_opt, s["optimizers"]["cls"]))
-            self.apn_opt.load_state_dict(optim.keep_fused(self.apn_opt, s["optimizers"]["apn"]))
-        except (RuntimeError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            what = f"a {self.cfg.model.backbone} RA-CNN with {len(self.classes)} classes"
-            raise CheckpointError(f"{self.last}: does not fit {what} ({first[:200]})") from e
-        self.cls_sched.load_state_dict(s["schedulers"]["cls"])
-        p = s["progress"]
-        self.schedule.load_state_dict(p["schedule"])
-        self.apn_init_done, self.best, self.best_epoch = p["apn_init_done"], p["best"], p["best_epoch"]
-        self.apn_init_state = s.get("apn_init")
-        self.saved_epoch = self.schedule.epoch
-        self.log_bytes = p.get("log_bytes", -1)
-        runtime.set_rng_state(s["rng"])
 
     def start(self) -> None:
         """What :meth:`fit` does first (once): join the process group, lock and set up the run folder (rank 0)
@@ -216,7 +140,10 @@ class Trainer:
         if self.main:  # rank 0 holds the lock; every rank stops alike when it cannot
             try:
                 self.run.start(
-                    self.cfg, resume=self.resumed, log_bytes=self.log_bytes, overwrite=self.overwrite
+                    self.cfg,
+                    resume=self.state.resumed,
+                    log_bytes=self.state.log_bytes,
+                    overwrite=self.overwrite,
                 )
             except RunFolderError as e:
                 problem = str(e)
@@ -224,25 +151,27 @@ class Trainer:
         if problem:
             self.started = False
             raise RunFolderError(problem)
-        if not self.resumed:
+        if not self.state.resumed:
             self._save_last()
             if self.main:
                 self.run.first_checkpoint_written()
         if self.cfg.train.tensorboard and self.main:
-            self.tb = TensorBoard(self.run.tensorboard, purge_step=self.saved_epoch + 1)
+            self.tb = TensorBoard(self.run.tensorboard, purge_step=self.state.saved_epoch + 1)
 
     def _save_last(self) -> None:
         if self.main:
-            self.run.save_state(self._state())
-        self.saved_epoch = self.schedule.epoch
+            self.run.save_state(self.state.checkpoint(self.model, self.cfg, self.classes, self.optimizers))
+        self.state.saved_epoch = self.schedule.epoch
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.main:
-            self.log_bytes = self.run.log(record)
+            self.state.log_bytes = self.run.log(record)
 
     def _watch(self, where: str) -> NonFiniteWatch:
-        kept = f"epoch {self.saved_epoch}" if self.saved_epoch else "the start of the run"
-        kept = f"{self.last} keeps the last good state ({kept})"
+        saved = self.state.saved_epoch
+        kept = (
+            f"{self.last} keeps the last good state ({f'epoch {saved}' if saved else 'the start of the run'})"
+        )
         return NonFiniteWatch(self.device, self.dist, self.cfg.train.log_every, where, kept)
 
     def __enter__(self) -> Trainer:
@@ -284,32 +213,32 @@ class Trainer:
         return x, batch["label"].to(self.device, non_blocking=True)
 
     def _step(
-        self, phase: Phase, forward: Any, batch: dict[str, Any], optimizers: dict[str, Any]
+        self, phase: Phase, forward: Any, batch: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
         x, y = self._inputs(batch)
         autocast = runtime.autocast(self.device, self.cfg.runtime.amp)
-        terms, out = train_step(self.model, forward, x, y, phase, self.cfg, optimizers, autocast=autocast)
+        opts = self.optimizers.stepped_by(phase)
+        terms, out = train_step(self.model, forward, x, y, phase, self.cfg, opts, autocast=autocast)
         return terms, out, x
 
     # ---------------------------------------------------------------- phases
-    def init_apns(self) -> None:
-        """Sec. 3.4 step 2: regress every APN towards its initialisation box (``apn.init_box``)."""
+    def train_steps(self, phase: Phase) -> None:
+        """A phase of fixed steps (``phase.steps``: the APN initialisation, Sec. 3.4 step 2), over as many
+        passes of the training data as it takes; logged as epoch 0 with the phase's ``probe``."""
         self.start()
-        steps = self.cfg.apn.init_steps
-        if steps > 0 and self.cfg.model.num_scales > 1:
-            set_phase(self.model, APN_INIT)
+        steps = phase.steps(self.cfg) if phase.steps is not None else 0
+        if steps > 0:
+            set_phase(self.model, phase, self.cfg)
             forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
-            apn = self.model.parameter_groups()["apn"]
-            opts = {"apn_init": torch.optim.Adam(apn, lr=self.cfg.apn.init_lr, fused=optim.fused_ok(apn))}
-            done, epoch = 0, 0
+            done, rounds = 0, 0
             loss_sum = torch.zeros((), device=self.device)
-            watch = self._watch("APN initialisation")
+            watch = self._watch(phase.title)
             bar = tqdm(
-                total=steps, desc="apn init", leave=False, disable=not self.progress, dynamic_ncols=True
+                total=steps, desc=phase.title, leave=False, disable=not self.progress, dynamic_ncols=True
             )
             while done < steps:
-                for batch in self._train_loader(10_000 + epoch):
-                    terms, _, x = self._step(APN_INIT, forward, batch, opts)
+                for batch in self._train_loader(10_000 + rounds):
+                    terms, _, x = self._step(phase, forward, batch)
                     done += 1
                     loss_sum += terms["loss"].detach()
                     watch.mark(terms["loss"], done)
@@ -319,13 +248,14 @@ class Trainer:
                     if done >= steps:
                         watch.check()
                         break
-                epoch += 1
+                rounds += 1
             bar.close()
             mean = float(distributed.all_reduce_sum(loss_sum, self.dist)) / (done * self.dist.world_size)
-            rec = {"phase": APN_INIT.name, "epoch": 0, "steps": done, "loss": mean}
-            self._log(rec | apn_saturation(self.model, x))
-            self.apn_init_state = {k: v.detach().clone() for k, v in self.model.apns.state_dict().items()}
-        self.apn_init_done = True
+            rec = {"phase": phase.name, "epoch": 0, "steps": done, "loss": mean}
+            self._log(rec | (phase.probe(self.model, x) if phase.probe is not None else {}))
+            if phase.initial_apns:
+                self.state.apn_init = {k: v.detach().clone() for k, v in self.model.apns.state_dict().items()}
+        self.schedule.end_steps(phase)
         self._save_last()
 
     def train_epoch(self, phase: Phase) -> dict[str, float]:
@@ -342,10 +272,9 @@ class Trainer:
         watch = self._watch(f"epoch {epoch} ({phase.name})")
         loader = self._train_loader(epoch)
         bad_before = loader.bad_images
-        opts = {"cls": self.cls_opt, "apn": self.apn_opt}
         desc = f"epoch {epoch}/{cfg.train.epochs} {phase.name}"
         for bar, batch in self._batches(loader, desc, cfg.schedule.max_steps_per_epoch):
-            terms, out, _ = self._step(phase, forward, batch, opts)
+            terms, out, _ = self._step(phase, forward, batch)
             # running sums and the non-finite flag stay on the device (read every log_every steps on GPUs)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
@@ -391,47 +320,53 @@ class Trainer:
             return self.val_set
         if self.cfg.data.root is None and self.cfg.data.name != "synthetic":
             return None
-        return self._dataset("train", self.model.preprocessing, train=False)
+        return loaders.make_dataset(self.cfg, "train", self.model.preprocessing, train=False)
 
     # ---------------------------------------------------------------- run
     @runtime.sturdy_ctrl_c()
     def fit(self) -> dict[str, float]:
         """Train to the end of the schedule (continuing a resumed run), then evaluate ``best.pt`` on test."""
         self.start()
-        fused = self.model.keys[-1]
         while (phase := self.schedule.next_phase()) is not None:
             runtime.raise_if_interrupted()
-            if phase is not WARMUP and not self.apn_init_done:
-                self.init_apns()
-            self.schedule.start_epoch(phase)
-            rec = self.train_epoch(phase)
-            if "cls" in phase.optimizers:
-                rec["lr"] = self.cls_opt.param_groups[-1]["lr"]
-                self.cls_sched.step()
-            self.schedule.end_epoch(rec["loss"])
-            epoch = self.schedule.epoch
-            validating = epoch % self.cfg.train.eval_every == 0 or self.schedule.next_phase() is None
-            val = self.validate() if validating else {}
-            rec = {"epoch": epoch, "phase": phase.name, **rec, **{f"val_{k}": v for k, v in val.items()}}
-            # model selection on validation only; without a validation split, on training accuracy;
-            # train.select=last keeps every epoch over the one before
-            score = val.get(f"acc_{fused}", -math.inf) if self.val_set else rec[f"train_acc_{fused}"]
-            if score > self.best or self.cfg.train.select == "last":
-                self.best, self.best_epoch = score, epoch
-                if self.main:
-                    self.run.save_model(model_record(self.model, self.cfg, self.classes))
-            rec["best_epoch"] = self.best_epoch
-            self._log(rec)
-            self._save_last()
-            if self.tb is not None:
-                self.tb.scalars(rec, epoch)
-                if validating:
-                    self.tb.attention(self.model, self._picture_data, self.classes, epoch, self.device)
-            if self.progress:
-                tqdm.write(epoch_line(rec, fused))
+            if phase.steps is not None:
+                self.train_steps(phase)
+            else:
+                self._epoch(phase)
         if self.schedule.stopped:
             self._log({"event": "stopped", "reason": self.schedule.stopped, "epoch": self.schedule.epoch})
         return self.test()
+
+    def _epoch(self, phase: Phase) -> None:
+        """An epoch of ``phase`` and what follows it: the learning-rate schedule (where the phase steps it),
+        validation, model selection, the log, ``last.pt`` and TensorBoard."""
+        fused, state = self.model.keys[-1], self.state
+        self.schedule.start_epoch(phase)
+        rec = self.train_epoch(phase)
+        if phase.lr_step:
+            rec["lr"] = self.optimizers.cls.param_groups[-1]["lr"]
+            self.optimizers.cls_lr.step()
+        self.schedule.end_epoch(rec["loss"])
+        epoch = self.schedule.epoch
+        validating = epoch % self.cfg.train.eval_every == 0 or self.schedule.next_phase() is None
+        val = self.validate() if validating else {}
+        rec = {"epoch": epoch, "phase": phase.name, **rec, **{f"val_{k}": v for k, v in val.items()}}
+        # model selection on validation only; without a validation split, on training accuracy;
+        # train.select=last keeps every epoch over the one before
+        score = val.get(f"acc_{fused}", -math.inf) if self.val_set else rec[f"train_acc_{fused}"]
+        if score > state.best or self.cfg.train.select == "last":
+            state.best, state.best_epoch = score, epoch
+            if self.main:
+                self.run.save_model(model_record(self.model, self.cfg, self.classes))
+        rec["best_epoch"] = state.best_epoch
+        self._log(rec)
+        self._save_last()
+        if self.tb is not None:
+            self.tb.scalars(rec, epoch)
+            if validating:
+                self.tb.attention(self.model, self._picture_data, self.classes, epoch, self.device)
+        if self.progress:
+            tqdm.write(epoch_line(rec, fused))
 
     def test(self) -> dict[str, float]:
         """Evaluate the selected model (``best.pt``) on the test split; writes ``metrics.json``."""
@@ -445,12 +380,12 @@ class Trainer:
             )
         metrics = self._evaluate(model, test_set, "test")
         if (
-            self.apn_init_state is not None
+            self.state.apn_init is not None
         ):  # what the attention phases added: the same classifiers, init boxes
-            with initial_apns(model, self.apn_init_state):
+            with initial_apns(model, self.state.apn_init):
                 init = self._evaluate(model, test_set, "test, initial boxes")
             metrics |= {f"{k}_init": v for k, v in init.items() if k != "num_images"}
-        metrics = {**metrics, "best_epoch": self.best_epoch, "split": "test"}
+        metrics = {**metrics, "best_epoch": self.state.best_epoch, "split": "test"}
         if self.main:
             self.run.write_test(metrics)
         if self.tb is not None:
@@ -458,18 +393,6 @@ class Trainer:
         if self.progress:
             tqdm.write(format_table(metrics, title=f"RA-CNN test ({len(test_set)} images)"))
         return metrics
-
-
-@contextlib.contextmanager
-def initial_apns(model: RACNN, state: dict[str, torch.Tensor]) -> Iterator[RACNN]:
-    """``model`` with its APNs set to ``state`` (their state after the APN initialisation) inside, its own
-    APNs restored after: the learned boxes against the initial ones under the same classifiers."""
-    learned = {k: v.detach().clone() for k, v in model.apns.state_dict().items()}
-    model.apns.load_state_dict(state)
-    try:
-        yield model
-    finally:
-        model.apns.load_state_dict(learned)
 
 
 def _classes(dataset: Dataset, model: RACNN | None) -> list[str]:
@@ -480,41 +403,3 @@ def _classes(dataset: Dataset, model: RACNN | None) -> list[str]:
             "the training set has no 'classes' (a list of class names) and the model none either"
         )
     return list(names)
-
-
-def evaluate_split(
-    model: RACNN,
-    dataset: Any,
-    cfg: Config,
-    env: distributed.DistEnv,
-    *,
-    device: torch.device,
-    desc: str,
-    progress: bool,
-    channels_last: bool = False,
-    fit_fusion: bool = False,
-) -> dict[str, float]:
-    """:func:`racnn.evaluation.evaluate` on ``dataset``; under DDP each rank evaluates a shard (no collectives
-    inside the model: it runs in eval mode, where synchronised BatchNorm uses its running statistics) and the
-    accumulators are merged. ``fit_fusion``: fit the model's ``weighted`` fusion on these predictions
-    (:func:`racnn.fusion.fit_model_weights`; every rank fits the same merged scores alike). With
-    ``data.skip_bad_images`` the unreadable images are counted in ``bad_images``."""
-    loader = loaders.make_loader(dataset, cfg, world_size=env.world_size, rank=env.rank)
-    acc = accumulate(
-        model,
-        loader,
-        device=device,
-        amp=cfg.runtime.amp,
-        channels_last=channels_last,
-        head_parts=getattr(dataset, "head_parts", None),
-        desc=desc,
-        progress=progress,
-        keep_scores=fit_fusion,
-    )
-    acc = distributed.gather_accumulator(acc, env)
-    metrics = acc.summary()
-    if fit_fusion:
-        metrics |= fit_model_weights(model, *acc.scores())
-    if cfg.data.skip_bad_images:
-        metrics["bad_images"] = int(distributed.all_reduce_sum(torch.tensor(loader.bad_images), env))
-    return distributed.broadcast_object(metrics, env)
