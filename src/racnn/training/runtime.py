@@ -1,4 +1,5 @@
-"""How a training process runs on this machine: the device, the random generators, autocast, and Ctrl-C."""
+"""How a training process runs on this machine: the random generators and Ctrl-C; the device, autocast and
+the memory format are :mod:`racnn.runtime`'s (imported here for the trainer)."""
 
 from __future__ import annotations
 
@@ -12,21 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..evaluation import autocast_dtype
+from ..runtime import autocast, place_batch, place_model, resolve_device
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={name}: CUDA is not available on this machine; use cpu or auto")
-    return device
+__all__ = [
+    "autocast",
+    "place_batch",
+    "place_model",
+    "raise_if_interrupted",
+    "resolve_device",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "sturdy_ctrl_c",
+]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -50,11 +49,6 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """``runtime.amp``: bf16 autocast on a CPU and on GPUs that support it, else fp16; a no-op when off."""
-    return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=enabled)
 
 
 _ctrl_c = {"requested": False}

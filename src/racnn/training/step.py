@@ -56,13 +56,13 @@ def loss_terms(
     lc, n_scales = cfg.loss, model.cfg.num_scales
     if "search" in phase.losses:  # the search update; the ranking loss of the current boxes for the log
         assert images is not None, "the search update needs the batch's images"
-        probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
+        probs = [true_class_prob(out.logits[k], y) for k in model.scale_keys]
         rank = sum((h.mean() for h in ranking_hinges(probs, lc.rank_margin, detach_coarse=True)), 0.0)
         terms = search_loss(model, images, out, y, cfg)
         return {"loss": terms["search"], "rank": torch.as_tensor(rank), **terms}
     terms = classification_losses(out.trained_logits, y, label_smoothing=lc.label_smoothing)
     cls = total_classification(terms, num_scales=n_scales, fusion_weight=lc.fusion_weight)
-    probs = [true_class_prob(out.logits[f"s{i + 1}"], y) for i in range(n_scales)]
+    probs = [true_class_prob(out.logits[k], y) for k in model.scale_keys]
     ceiling = rank_ceiling(lc.label_smoothing, model.num_classes, lc.rank_margin) if lc.rank_quiet else None
     hinges = ranking_hinges(probs, lc.rank_margin, detach_coarse=lc.rank_detach_coarse, ceiling=ceiling)
     rank = sum((h.mean() for h in hinges), cls.new_zeros(()))

@@ -135,8 +135,7 @@ class Trainer:
         model.to(self.device)
         # raw module: parameter groups, state dicts, evaluation; `self.forward_model()`: what a step calls
         self.model: RACNN = ddp.sync_batchnorm(model, self.device, self.dist)
-        if cfg.runtime.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        runtime.place_model(self.model, self.device, channels_last=cfg.runtime.channels_last)
         self.forward_model = ddp.PhaseDDP(self.model, self.device, self.dist)
         self.cls_opt, self.apn_opt = optimizers or optim.make_optimizers(self.model, cfg)
         self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs, attend=attend_phase(cfg))
@@ -278,9 +277,7 @@ class Trainer:
             yield bar, batch
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["image"].to(self.device, non_blocking=True)
-        if self.cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = runtime.place_batch(batch["image"], self.device, channels_last=self.cfg.runtime.channels_last)
         return x, batch["label"].to(self.device, non_blocking=True)
 
     def _step(
@@ -335,7 +332,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         set_phase(model, phase, cfg)
         forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
-        acc = Accumulator()
+        acc = Accumulator(model.cfg.num_scales)
         sums: dict[str, torch.Tensor] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
         epoch = self.schedule.epoch + 1
