@@ -70,7 +70,7 @@ def gradient_check(trainer: Trainer, batches: int) -> dict[str, float]:
             break
         x, y = trainer._inputs(batch)
         out = model(x)
-        probs = [true_class_prob(out.logits[f"s{k + 1}"], y) for k in range(m.num_scales)]
+        probs = [true_class_prob(out.logits[k], y) for k in model.scale_keys]
         crop_input = model.scale_input(x)
         for s, box in enumerate(out.boxes):
             hinge = (probs[s].detach() + lc.rank_margin - probs[s + 1]).clamp(min=0)  # B

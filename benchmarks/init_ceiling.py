@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from functools import partial
 
 import torch
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     data = loaders.make_dataset(cfg, args.split, model.preprocessing, train=False)
     head = getattr(data, "head_parts", None)
     model.eval()
-    accs: dict[str, Accumulator] = defaultdict(Accumulator)
+    accs: dict[str, Accumulator] = defaultdict(partial(Accumulator, model.cfg.num_scales))
     for batch in torch.utils.data.DataLoader(data, batch_size=args.batch_size):
         x, y = batch["image"], batch["label"]
         out = model(x)

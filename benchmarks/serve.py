@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import racnn
 from racnn.checkpoint import model_record, save_checkpoint
 from racnn.config import Config
+from racnn.runtime import place_batch, place_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_TARGET = 1.1  # the most RSS after all the requests in a row may be, over RSS after the first ones
@@ -72,8 +73,8 @@ def forward_time(model: racnn.RACNN, image: bytes, *, iters: int) -> float:
     from PIL import Image
 
     x = model.transforms()(Image.open(io.BytesIO(image)).convert("RGB"))[None]
-    model.eval().to(memory_format=torch.channels_last)  # as racnn serve runs it
-    x = x.contiguous(memory_format=torch.channels_last)
+    place_model(model.eval(), "cpu", channels_last=True)  # as racnn serve runs it
+    x = place_batch(x, "cpu", channels_last=True)
     times = []
     with torch.inference_mode():
         for i in range(iters + 3):

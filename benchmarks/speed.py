@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from racnn.config import Config, ModelConfig, RuntimeConfig, load_config
 from racnn.crop_cpp import crop_zoom_cpp
 from racnn.losses import classification_losses, total_classification
 from racnn.model import RACNN, RACNNFeatures, build_model
+from racnn.runtime import autocast, place_batch, place_model
 from racnn.training import loaders, optim
 from racnn.training.phases import ATTEND, CLASSIFY, set_phase
 from racnn.training.step import train_step
@@ -180,8 +181,7 @@ class Bench:
         self.model.checkpoint_activations = cfg.runtime.checkpoint_activations
         if limit_only:  # the limit holds no APN
             self.model.apns = torch.nn.ModuleList()
-        self.fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.model.to(memory_format=self.fmt)
+        place_model(self.model, device, channels_last=args.channels_last)
         if args.compile:
             for bb in self.model.backbones:
                 bb.features.compile()
@@ -195,16 +195,17 @@ class Bench:
         self.labels = torch.randint(0, 200, (b,), device=device)
 
     def _input(self, b: int, size: int) -> torch.Tensor:
-        return torch.randn(b, 3, size, size, device=self.device).contiguous(memory_format=self.fmt)
+        x = torch.randn(b, 3, size, size, device=self.device)
+        return place_batch(x, self.device, channels_last=self.args.channels_last)
 
     def autocast(self) -> AbstractContextManager[Any]:
         dtype = AMP[self.args.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        return autocast(self.device, dtype is not None, dtype=dtype)
 
     def _limit_logits(self, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         # the same trunks as RA-CNN, through RACNN.trunk so activation checkpointing applies alike
         pooled = [self.model.trunk(s, x).mean(dim=(2, 3)) for s, x in enumerate(inputs)]
-        return self.model.forward_head(RACNNFeatures(pooled, [], [], []))
+        return self.model.forward_head(RACNNFeatures(pooled, [], [], [])).logits
 
     def racnn_step(self, phase: str) -> None:
         """One step of ``phase``: the training step itself (``racnn.training.step.train_step``)."""
@@ -235,7 +236,7 @@ class Bench:
         with self.autocast():
             logits = self._limit_logits(inputs)
         terms = classification_losses(logits, self.labels, label_smoothing=self.cfg.loss.label_smoothing)
-        sum(terms[f"ce_s{i + 1}"] for i in range(1, self.n)).backward()
+        sum(terms[f"ce_{k}"] for k in self.model.scale_keys[1:]).backward()
 
     @torch.inference_mode()
     def infer(self, limit: bool) -> None:

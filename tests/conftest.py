@@ -101,6 +101,26 @@ def fake_cub(tmp_path: Path) -> Path:
     return write_fake_cub(tmp_path)
 
 
+# ------------------------------------------------------------------ predictions compared across runs
+
+# One image's probabilities in batches of other sizes, under other thread counts or backends (other CPU kernels,
+# other summation orders): float32 rounding, summed through the network, stays within this.
+PROB_TOL = 1e-5
+
+
+def assert_same_prediction(a: dict, b: dict, tol: float = PROB_TOL) -> None:
+    """Two prediction records' ``top`` tables agree as far as floating point lets them on any CPU: the same
+    outputs, the same decision (top-1 class) of each, the same ranked probabilities within ``tol``, and any
+    class in both lists with probabilities within ``tol`` (classes after the first may swap places where their
+    probabilities are that close). Exact equality is no requirement: it does not hold across batch sizes."""
+    assert list(a) == list(b)
+    for key in a:
+        assert a[key][0]["class"] == b[key][0]["class"], key
+        assert [e["prob"] for e in a[key]] == pytest.approx([e["prob"] for e in b[key]], abs=tol), key
+        pa, pb = ({e["class"]: e["prob"] for e in t[key]} for t in (a, b))
+        assert all(abs(pa[c] - pb[c]) <= tol for c in pa.keys() & pb.keys()), key
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Test tensors are tiny and gain nothing from threads, while 2 OpenMP threads on a busy 2-core machine

@@ -4,6 +4,8 @@ page says."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 import racnn
+from conftest import assert_same_prediction
 from racnn.data import SyntheticBirds, build_transform
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"
@@ -33,6 +36,10 @@ def test_the_documented_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_the_package_root_exports_the_api() -> None:
     assert set(racnn.__all__) >= {"create_model", "load_model", "Trainer", "predict", "Config"}
+    assert all(getattr(racnn, name) is not None for name in racnn.__all__)
+    count = re.search(r"the names the package root exports, (\w+) in all", DOC.read_text())
+    numbers = {"six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
+    assert count is not None and numbers[count.group(1)] == len(racnn.__all__)  # docs/api.md's count
     model = racnn.create_model("tiny", num_classes=5, input_size=32, apn_grid=2, apn_hidden=8)
     assert isinstance(model, racnn.RACNN) and model.cfg.num_scales == 3 and model.cfg.pretrained is False
     assert model.image_size == 32 and model.classes is None
@@ -80,17 +87,6 @@ def test_trainer_writes_nothing_before_fit_and_uses_what_it_is_given(tmp_path: P
     assert "runtime" not in torch.load(out / "best.pt", weights_only=True)["config"]  # not part of a model
 
 
-def same_top(a: dict, b: dict, tol: float = 1e-5) -> bool:
-    """Two records' ``top`` tables: the same outputs and classes in the same order, probabilities within ``tol``."""
-    if list(a) != list(b):
-        return False
-    return all(
-        [r["class"] for r in a[k]] == [r["class"] for r in b[k]]
-        and all(abs(r["prob"] - q["prob"]) <= tol for r, q in zip(a[k], b[k], strict=True))
-        for k in a
-    )
-
-
 def test_predict_takes_paths_pil_images_and_tensors(tmp_path: Path) -> None:
     model = racnn.create_model(
         "tiny", num_classes=3, input_size=32, apn_grid=2, apn_hidden=8, classes=["a", "b", "c"], image_size=40
@@ -103,10 +99,10 @@ def test_predict_takes_paths_pil_images_and_tensors(tmp_path: Path) -> None:
     by_path, by_image = racnn.predict(model, [path, image], topk=2)
     (by_tensor,) = racnn.predict(model, tensor, topk=2)
     assert by_path["image"] == str(path) and (by_path["width"], by_path["height"]) == (80, 60)
-    # the same pixels, the same answer: equal classes, probabilities within float noise (a batch of two and a
+    # the same pixels, the same answer: the same top-1, probabilities within PROB_TOL (a batch of two and a
     # batch of one may run different CPU kernels)
     for other in (by_image, by_tensor):
-        assert same_top(by_path["top"], other["top"])
+        assert_same_prediction(by_path["top"], other["top"])
     assert list(by_path["top"]) == ["s1", "s2", "s3", "s12", "s123"] and len(by_path["top"]["s1"]) == 2
     assert by_path["top"]["s1"][0]["class"] in {"a", "b", "c"}
     assert [b["scale"] for b in by_path["boxes"]] == [1, 2]
@@ -114,3 +110,18 @@ def test_predict_takes_paths_pil_images_and_tensors(tmp_path: Path) -> None:
     assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 60  # in the image's pixels
     with pytest.raises(ValueError, match="3 x H x W"):
         racnn.predict(model, [torch.zeros(1, 40, 40)])
+
+
+def test_importing_racnn_to_predict_or_serve_leaves_the_training_stack_out() -> None:
+    """``import racnn`` (then ``racnn.predict``) and what ``racnn predict`` / ``racnn serve`` import load no
+    scipy, no TensorBoard and nothing of ``racnn.training``; ``racnn.Trainer`` still comes on first use."""
+    pytest.importorskip("fastapi")
+    code = (
+        "import sys, racnn, racnn.cli, racnn.cli_predict, racnn.predict_files, racnn.runtime, racnn.serve\n"
+        "heavy = ('scipy', 'tensorboard', 'torch.utils.tensorboard', 'racnn.training')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(heavy)))\n"
+        "print(racnn.Trainer.__module__, 'racnn.training.trainer' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["[]", "racnn.training.trainer True"]

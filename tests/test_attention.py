@@ -292,7 +292,8 @@ def test_crop_zoom_batch_equals_per_sample():
     boxes = _random_boxes(6, gen, 0.2, 1.0)
     batched = crop_zoom(image, boxes, 7, 10.0)
     single = torch.cat([crop_zoom(image[i : i + 1], boxes[i : i + 1], 7, 10.0) for i in range(6)])
-    torch.testing.assert_close(batched, single, atol=1e-14, rtol=0)
+    # a batch of 6 and 6 batches of 1 may run other CPU kernels: float64 rounding, far below 1e-12
+    torch.testing.assert_close(batched, single, atol=1e-12, rtol=0)
     # each sample uses its own box: reversing the boxes changes the result
     assert not torch.allclose(crop_zoom(image, boxes.flip(0), 7, 10.0), batched)
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 import racnn.crop_cpp as crop_cpp_module
-import racnn.model as model_module
 from conftest import NEEDS_CXX, compare_crop, crop_boxes
 from racnn.attention import box_from_unit, crop_zoom_compiled, crop_zoom_reference
 from racnn.config import ModelConfig
@@ -56,8 +55,10 @@ def test_compile_crop_model_runs_the_cpp_kernel_on_a_cpu(monkeypatch, crop_from)
     float64 the whole model then gives the same outputs and the same gradient for every parameter as the
     plain model: backbones, heads, fusion and the APNs, which get theirs through the kernel's backward."""
     calls = []
-    monkeypatch.setattr(model_module, "crop_zoom_compiled", lambda *a: pytest.fail("torch.compile on a CPU"))
-    monkeypatch.setattr(model_module, "crop_zoom_cpp", lambda *a: calls.append(1) or crop_zoom_cpp(*a))
+    monkeypatch.setattr(
+        crop_cpp_module, "crop_zoom_compiled", lambda *a: pytest.fail("torch.compile on a CPU")
+    )
+    monkeypatch.setattr(crop_cpp_module, "crop_zoom_cpp", lambda *a: calls.append(1) or crop_zoom_cpp(*a))
     cfg = ModelConfig(
         backbone="tiny", pretrained=False, input_size=32, apn_grid=2, apn_hidden=16, crop_from=crop_from
     )
@@ -95,8 +96,8 @@ def test_compile_crop_model_falls_back_to_the_plain_crop_without_a_compiler(monk
         raise error
 
     monkeypatch.setattr(crop_cpp_module, "_FAILED", [])
-    monkeypatch.setattr(model_module, "load_crop_kernel", unavailable)
-    monkeypatch.setattr(model_module, "crop_zoom_cpp", lambda *a: pytest.fail("the kernel is unavailable"))
+    monkeypatch.setattr(crop_cpp_module, "load_crop_kernel", unavailable)
+    monkeypatch.setattr(crop_cpp_module, "crop_zoom_cpp", lambda *a: pytest.fail("the kernel is unavailable"))
     eager, fused = _compile_crop_models("cpu")
     x = torch.randn(2, 3, 32, 32)
     with pytest.warns(UserWarning, match="cannot build the C\\+\\+ crop kernel.*falls back"), torch.no_grad():
@@ -105,7 +106,7 @@ def test_compile_crop_model_falls_back_to_the_plain_crop_without_a_compiler(monk
         warnings.simplefilter("error")  # once, not on every batch
         with torch.no_grad():
             fused(x)
-    with torch.no_grad():
+    with torch.no_grad():  # both ran the plain crop, same batch, same threads: the same arithmetic
         for u, v in zip(eager(x).crops, first.crops, strict=True):
             torch.testing.assert_close(u, v, atol=0, rtol=0)
 
@@ -114,7 +115,7 @@ def test_compile_crop_model_falls_back_to_the_plain_crop_without_a_compiler(monk
 def test_compile_crop_model_uses_the_compiled_crop_on_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(
-        model_module, "crop_zoom_compiled", lambda *a: calls.append(1) or crop_zoom_compiled(*a)
+        crop_cpp_module, "crop_zoom_compiled", lambda *a: calls.append(1) or crop_zoom_compiled(*a)
     )
     eager, fused = _compile_crop_models("cuda")
     x = torch.randn(4, 3, 32, 32, device="cuda")

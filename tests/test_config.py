@@ -223,6 +223,7 @@ def test_bad_choice_in_file(tmp_path):
     ("override", "needle"),
     [
         ("model.num_scales=0", "num_scales"),
+        ("model.num_scales=10", "num_scales"),
         ("model.input_size=8", "input_size"),
         ("model.zoom_size=8", "zoom_size"),
         ("model.box_min_side=0.9", "box_min_side"),  # with box_max_side=0.5 below

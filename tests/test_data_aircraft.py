@@ -93,12 +93,12 @@ def test_boxes_and_banner_crop(fake_aircraft: Path) -> None:
     # 1-based inclusive (3, 5, x2, y2) -> continuous (2, 4, x2, y2)
     torch.testing.assert_close(ds.samples[0].box, torch.tensor([2.0, 4.0, 52.0, 60.0]))
     torch.testing.assert_close(ds.samples[1].box, torch.tensor([2.0, 4.0, 30.0, 25.0]))
-    assert ds.original_size(0) == (WIDTH, HEIGHT - 20)
+    assert ds.raw(0)[0].size == (WIDTH, HEIGHT - 20)
     item = ds[0]  # 48 x 40 after the crop: the box is clipped to it
     torch.testing.assert_close(item["box"], torch.tensor([2 / 48, 4 / 40, 1.0, 1.0]))
     torch.testing.assert_close(ds[1]["box"], torch.tensor([2 / 48, 4 / 40, 30 / 48, 25 / 40]))
     full = FGVCAircraft(fake_aircraft, "trainval", crop_banner=False)
-    assert full.original_size(0) == (WIDTH, HEIGHT)
+    assert full.raw(0)[0].size == (WIDTH, HEIGHT)
     torch.testing.assert_close(full[1]["box"], torch.tensor([2 / 48, 4 / 60, 30 / 48, 25 / 60]))
 
 

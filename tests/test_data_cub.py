@@ -58,7 +58,7 @@ def test_box_conversion_and_clipping(fake_cub: Path) -> None:
     first, second = ds.samples[0], ds.samples[1]  # k = 0 (overhanging) and k = 1 of class id 12
     torch.testing.assert_close(first.box, torch.tensor([0.0, 5.0, 42.0, 21.0]))  # x = -1 clipped to 0
     torch.testing.assert_close(second.box, torch.tensor([4.0, 5.0, 4.0 + 23.0, 5.0 + 18.0]))
-    assert ds.original_size(0) == (40, 32) and ds.image_path(0) == first.path
+    assert ds.raw(0)[0].size == (40, 32)
     item = ds[0]  # eval transform: the box is clipped to the 40 px width, then scaled
     torch.testing.assert_close(item["box"], torch.tensor([0.0, 5 / 32, 1.0, 21 / 32]))
 

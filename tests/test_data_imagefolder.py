@@ -72,7 +72,7 @@ def test_item_dict(tree: Path) -> None:
     assert item["label"].dtype == torch.int64 and int(item["label"]) == 2
     torch.testing.assert_close(item["box"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
     assert item["parts"].shape == (0, 3) and not bool(item["has_box"]) and int(item["index"]) == grey
-    assert ds.original_size(grey) == (20, 16)
+    assert ds.raw(grey)[0].size == (20, 16)
 
 
 def test_errors(tree: Path, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def test_views_on_the_object_and_the_head() -> None:
         # one head part per image: at (0.5, 0.3), visible
         "parts": torch.tensor([[[0.5, 0.3, 1.0]], [[0.5, 0.3, 1.0]]]),
     }
-    acc = Accumulator()
+    acc = Accumulator(1)
     logits = {"s1": torch.tensor([[1.0, 0.0], [1.0, 0.0]])}
     views = [box1, compose_boxes(box1, box2)]  # what the model's output carries
     acc.update(logits, [box1, box2], views, batch, head_parts=[0])
@@ -46,7 +46,7 @@ def test_views_on_the_object_and_the_head() -> None:
 
 def test_kept_scores_are_the_scales_only() -> None:
     """With every fusion kind among the outputs, the kept scores are the N scales' (not s12, a fused output)."""
-    acc = Accumulator(keep_scores=True)
+    acc = Accumulator(3, keep_scores=True)
     keys = ["s1", "s2", "s3", "s12", "s123"] + [f"s123_k{i}" for i in range(8)]
     logits = {k: torch.randn(4, 5) for k in keys}
     acc.update(logits, [], [], {"label": torch.arange(4)})
@@ -77,7 +77,7 @@ def test_top5_per_class_and_confusions_against_a_hand_count() -> None:
     scale1 = torch.nn.functional.one_hot(torch.tensor(labels), 6).float()  # always right: not what is counted
     parts = []
     for rows in (slice(0, 3), slice(3, 5)):  # two evaluation shards, merged
-        acc = Accumulator()
+        acc = Accumulator(3)
         batch = {"label": torch.tensor(labels[rows])}
         acc.update({"s1": scale1[rows], "s123": fused[rows], "s123_concat": scale1[rows]}, [], [], batch)
         parts.append(acc)
@@ -95,7 +95,7 @@ def test_top5_per_class_and_confusions_against_a_hand_count() -> None:
 
 def test_class_report_of_no_image() -> None:
     """Every image unreadable and skipped: a report with no accuracy rather than an error."""
-    acc = Accumulator.merged([Accumulator(), Accumulator()])
+    acc = Accumulator.merged([Accumulator(3), Accumulator(3)])
     report = acc.class_report(["a", "b", "c"])
     assert report["per_class_acc"] == {"a": None, "b": None, "c": None} and report["most_confused"] == []
     assert math.isnan(report["mean_per_class_acc"]) and math.isnan(acc.summary()["mean_per_class_acc"])

@@ -80,7 +80,8 @@ def test_crop_zoom_no_grad_path_equals_grad_path(fn):
     with_grad = fn(image, boxes.requires_grad_(True), 11)
     with torch.no_grad():
         without = fn(image, boxes, 11)
-    torch.testing.assert_close(without, with_grad.detach(), atol=0, rtol=0)
+    # the no-grad path may run other kernels: float32 rounding of values in [0, 1], far below 1e-6
+    torch.testing.assert_close(without, with_grad.detach(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("fn", OURS)
@@ -176,7 +177,7 @@ def _loss_and_grads(model, images, *, detach_boxes=False, autocast=False):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(images, detach_boxes=detach_boxes)
     cls = total_classification(classification_losses(out.logits, target), num_scales=3)
-    probs = [true_class_prob(out.logits[f"s{i + 1}"], target) for i in range(3)]
+    probs = [true_class_prob(out.logits[k], target) for k in model.scale_keys]
     loss = cls + ranking_loss(probs, margin=1.0)  # margin 1: the ranking loss reaches every APN
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}

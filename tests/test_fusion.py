@@ -109,7 +109,7 @@ def test_the_configured_kind_drives_the_fused_outputs(kind: str) -> None:
     for key in ("s12", "s123"):
         assert torch.allclose(out.logits[key], variants[f"{key}_{kind}"])
         assert torch.equal(out.trained_logits[key], out.concat[key])  # the concat heads are always trained
-    assert model.forward_head(model.forward_features(x)).keys() == out.logits.keys()
+    assert model.forward_head(model.forward_features(x)).logits.keys() == out.logits.keys()
 
 
 def test_every_evaluation_reports_every_kind() -> None:

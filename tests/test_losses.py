@@ -115,10 +115,10 @@ def test_true_class_prob_matches_manual_softmax():
 
 
 def _logits(num_scales: int, b: int = 4, k: int = 5) -> dict[str, torch.Tensor]:
-    from racnn.model import scale_keys
+    from racnn.model import fusion_keys, scale_keys
 
     gen = torch.Generator().manual_seed(2)
-    return {key: torch.randn(b, k, generator=gen) for key in scale_keys(num_scales)}
+    return {key: torch.randn(b, k, generator=gen) for key in scale_keys(num_scales) + fusion_keys(num_scales)}
 
 
 def test_classification_losses_keys_and_values():

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import racnn.model as model_module
 from racnn.attention import compose_boxes, crop_zoom
 from racnn.backbones import IMAGENET_MEAN, IMAGENET_STD
-from racnn.config import ModelConfig
+from racnn.config import ConfigError, ModelConfig
 from racnn.losses import classification_losses, ranking_loss, total_classification, true_class_prob
-from racnn.model import build_model, scale_keys
+from racnn.model import build_model, create_model, fusion_keys, scale_keys
 
 NUM_CLASSES = 5
 
@@ -40,17 +40,33 @@ def _full_loss(model, out, target, margin: float = 1.0) -> torch.Tensor:
     """All cross-entropies + ranking loss (margin 1: every pair active, so it reaches every scale)."""
     n = model.cfg.num_scales
     cls = total_classification(classification_losses(out.trained_logits, target), num_scales=n)
-    probs = [true_class_prob(out.logits[f"s{i + 1}"], target) for i in range(n)]
+    probs = [true_class_prob(out.logits[k], target) for k in model.scale_keys]
     return cls + ranking_loss(probs, margin=margin)
 
 
 # ------------------------------------------------------------------------------------------- outputs
 
 
-def test_scale_keys():
-    assert scale_keys(1) == ["s1"]
-    assert scale_keys(2) == ["s1", "s2", "s12"]
-    assert scale_keys(3) == ["s1", "s2", "s3", "s12", "s123"]
+def test_output_keys():
+    assert (scale_keys(1), fusion_keys(1)) == (["s1"], [])
+    assert (scale_keys(2), fusion_keys(2)) == (["s1", "s2"], ["s12"])
+    assert (scale_keys(3), fusion_keys(3)) == (["s1", "s2", "s3"], ["s12", "s123"])
+    keys = scale_keys(9) + fusion_keys(9)
+    assert len(set(keys)) == 17 and keys[-1] == "s123456789"
+    model = _model()
+    assert (model.scale_keys, model.fusion_keys) == (["s1", "s2", "s3"], ["s12", "s123"])
+    assert model.keys == model.scale_keys + model.fusion_keys
+
+
+def test_every_accepted_number_of_scales_works_and_ten_is_refused_in_one_line():
+    """Nine scales: nine distinct scale keys and eight fused ones, every one an output; the fused keys spell
+    their scales by digit, so a tenth scale (whose ``s10`` would read as scales 1 and 0) is refused."""
+    model = _model(num_scales=9, box_min_side=0.9)  # large boxes: 9 nested crops stay > 1 px
+    out = model(_images(1))
+    assert list(out.logits) == model.keys and len(model.keys) == 17
+    with pytest.raises(ConfigError, match=r"num_scales must be in 1\.\.9") as info:
+        create_model("tiny", NUM_CLASSES, num_scales=10)
+    assert "\n" not in str(info.value)
 
 
 def test_three_scale_outputs():

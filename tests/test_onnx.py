@@ -115,20 +115,20 @@ def test_export_traces_the_eager_crop_of_a_compile_crop_model(
 ) -> None:
     """``runtime.compile_crop`` is an execution option: a traced forward (ONNX export, torch.compile of the
     whole model) runs the plain crop, whose graph the exporter can read."""
-    import racnn.model as model_module
+    import racnn.crop_cpp as crop_cpp_module
 
     def never(*args: object) -> torch.Tensor:
         raise AssertionError("the compiled crop or the C++ kernel ran inside the export")
 
-    monkeypatch.setattr(model_module, "crop_zoom_compiled", never)  # CUDA
-    monkeypatch.setattr(model_module, "crop_zoom_cpp", never)  # CPU
+    monkeypatch.setattr(crop_cpp_module, "crop_zoom_compiled", never)  # CUDA
+    monkeypatch.setattr(crop_cpp_module, "crop_zoom_cpp", never)  # CPU
     model = build_model(load_config(None, OVERRIDES).model, num_classes=4)
     model.compile_crop = True
     path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(2, 3, 40, 40)
     got = session.run(None, {"images": images.numpy()})
-    monkeypatch.setattr(model_module, "crop_zoom_cpp", model_module.crop_zoom)  # eager, same values
+    monkeypatch.setattr(crop_cpp_module, "crop_zoom_cpp", crop_cpp_module.crop_zoom)  # eager, same values
     with torch.no_grad():
         want = RACNNOnnxWrapper(model.eval())(images)
     for g, w in zip(got, want, strict=True):

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import racnn
+from conftest import assert_same_prediction
 from racnn.checkpoint import model_record, save_checkpoint
 from racnn.cli import main
 from racnn.config import Config
@@ -29,7 +30,6 @@ CLASSES = ["alder", "birch", "cedar"]
 # the CSV of the tiny model: top-3 of 3 classes, the boxes of scales 1 and 2
 COLUMNS = ["path", "width", "height", "class", "prob", "class_2", "prob_2", "class_3", "prob_3"]
 COLUMNS += [f"box{s}_{c}" for s in (1, 2) for c in ("x0", "y0", "x1", "y1")]
-PROB_TOL = 1e-5  # probabilities of other batch sizes or worker counts: the same up to float rounding
 
 
 def _model() -> racnn.RACNN:
@@ -143,10 +143,11 @@ def test_csv_and_jsonl_rows_columns_and_decisions(checkpoint: Path, tmp_path: Pa
             == (rec["width"], rec["height"])
             == (w["width"], w["height"])
         )
-        fused = [row["class"], row["class_2"], row["class_3"]]
-        assert fused == [e["class"] for e in rec["top"]["s123"]] == [e["class"] for e in w["top"]["s123"]]
-        probs = [float(row[k]) for k in ("prob", "prob_2", "prob_3")]
-        assert probs == pytest.approx([e["prob"] for e in w["top"]["s123"]], abs=PROB_TOL)
+        # batches of 2, 5 and all: the same decisions, probabilities within PROB_TOL
+        assert_same_prediction(rec["top"], w["top"])
+        cols = [("class", "prob"), ("class_2", "prob_2"), ("class_3", "prob_3")]
+        fused = [{"class": row[c], "prob": float(row[p])} for c, p in cols]  # (6 decimals)
+        assert_same_prediction({"s123": fused}, {"s123": w["top"]["s123"]})
         assert [float(row[f"box2_{c}"]) for c in ("x0", "y0", "x1", "y1")] == pytest.approx(
             w["boxes"][1]["xyxy_px"], abs=0.11
         )

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 import racnn
-from conftest import REAL_CUB
+from conftest import REAL_CUB, assert_same_prediction
 from racnn.checkpoint import model_record, save_checkpoint
 from racnn.config import Config
 
@@ -81,11 +81,8 @@ def _assert_answers_as_racnn_predict(got: list[dict], files: list[Path]) -> None
     want = racnn.predict(_model(), files)
     for g, w in zip(got, want, strict=True):
         assert g["image"] == Path(w["image"]).name and (g["width"], g["height"]) == (w["width"], w["height"])
-        assert list(g["top"]) == list(w["top"]) and len(g["top"]["s123"]) == 3
-        for key in g["top"]:
-            assert [e["class"] for e in g["top"][key]] == [e["class"] for e in w["top"][key]]
-            for a, b in zip(g["top"][key], w["top"][key], strict=True):
-                assert a["prob"] == pytest.approx(b["prob"], abs=1e-5)
+        assert len(g["top"]["s123"]) == 3
+        assert_same_prediction(g["top"], w["top"])  # the server's batches are other sizes: PROB_TOL
         assert [b["scale"] for b in g["boxes"]] == [1, 2]
         for a, b in zip(g["boxes"], w["boxes"], strict=True):
             assert a["xyxy_px"] == pytest.approx(b["xyxy_px"], abs=0.11)
@@ -660,7 +657,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path: Path) -> None:
             dropped = answer.result(timeout=60)
             assert dropped.status == 503
             _one_line_error(dropped.body, "the server is stopping")
-        except OSError:
+        except (OSError, http.client.HTTPException):  # nothing, or the 503 cut short as the process ended
             pass
 
 

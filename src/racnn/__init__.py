@@ -12,13 +12,27 @@ The Python API (docs/api.md)::
     racnn.predict(model, ["bird.jpg"])
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .checkpoint import load_model
 from .config import Config, load_config
 from .inference import predict
 from .model import RACNN, create_model
-from .training.trainer import Trainer
+
+if TYPE_CHECKING:
+    from .training.trainer import Trainer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``racnn.Trainer`` on first use: importing racnn to predict or serve leaves the training stack out."""
+    if name == "Trainer":
+        from .training.trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module 'racnn' has no attribute {name!r}")
+
 
 __all__ = [
     "RACNN",

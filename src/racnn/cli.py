@@ -259,7 +259,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from .checkpoint import load_model
-    from .training.runtime import resolve_device
+    from .runtime import resolve_device
 
     try:
         from .serve import ServeLimits, serve
@@ -367,22 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .backbones import WeightsNotFoundError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DatasetError
-    from .training.outputs import RunFolderError
-
     try:
         return int(args.func(args) or 0)
-    except (
-        ConfigError,
-        DatasetError,
-        CheckpointError,
-        WeightsNotFoundError,
-        RunFolderError,
-        FloatingPointError,
-    ) as e:
+    except _usage_errors() as e:  # evaluated only once an exception is raised
         _report(args.command, e)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
@@ -391,6 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"racnn {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The errors ``racnn`` exits 2 on: a config, a dataset, a checkpoint, missing weights, a non-finite loss,
+    and a run folder's (that module only when the command loaded it: predict and serve leave training out)."""
+    from .backbones import WeightsNotFoundError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DatasetError
+
+    outputs = sys.modules.get("racnn.training.outputs")
+    run_folder = (outputs.RunFolderError,) if outputs is not None else ()
+    return (ConfigError, DatasetError, CheckpointError, WeightsNotFoundError, FloatingPointError, *run_folder)
 
 
 def _report(command: str, e: BaseException) -> None:

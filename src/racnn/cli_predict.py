@@ -67,7 +67,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     from .checkpoint import load_model
     from .predict_files import check_out, classify_files, expand_inputs
-    from .training.runtime import resolve_device
+    from .runtime import resolve_device
 
     if a.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {a.topk}")

@@ -1,7 +1,8 @@
 """Run configuration: dataclasses per concern, YAML loading and dotted ``--set`` overrides.
 
 The resolved :class:`Config` is stored (as a plain dict) inside every checkpoint, so a model can be rebuilt
-from the file alone. This module imports neither torch models nor data code.
+from the file alone. This module imports neither the model nor data code; the kinds of fusion and of
+APN initialisation box it accepts are those :mod:`racnn.fusion` and :mod:`racnn.localization` implement.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from typing import Any
 
 import yaml
 
-# kinds of fused output (model.fusion), implemented in racnn.fusion
-FUSIONS = ("concat", "mean_prob", "mean_logprob", "weighted")
+from .fusion import FUSIONS
+from .localization import INIT_BOXES
+
+# most scales a model has: the fused outputs' names spell their scales digit by digit (s12, s123), so a tenth
+# scale's s10 would read as scales 1 and 0 (racnn.model.fusion_keys)
+MAX_SCALES = 9
 
 
 class ConfigError(ValueError):
@@ -306,7 +311,6 @@ _CHOICES = {
     "schedule.mode": ("alternate", "joint"),
     "train.select": ("val", "last"),
 }
-INIT_BOXES = ("peak", "region", "aolm")  # racnn.localization
 
 
 def validate_model(m: ModelConfig, *, source: str = "config") -> None:
@@ -316,7 +320,10 @@ def validate_model(m: ModelConfig, *, source: str = "config") -> None:
         if value not in _CHOICES[key]:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
     checks = [
-        (m.num_scales >= 1, "model.num_scales must be >= 1"),
+        (
+            1 <= m.num_scales <= MAX_SCALES,
+            f"model.num_scales must be in 1..{MAX_SCALES} (output keys s12, s123, ... name scales by one digit)",
+        ),
         (m.input_size >= 16, "model.input_size must be >= 16"),
         (m.zoom_size is None or m.zoom_size >= 16, "model.zoom_size must be >= 16 (or null)"),
         (0.0 < m.box_min_side <= m.box_max_side <= 1.0, "need 0 < model.box_min_side <= box_max_side <= 1"),

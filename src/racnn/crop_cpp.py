@@ -21,12 +21,14 @@ import logging
 import os
 import shutil
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from .attention import box_taps
+from .attention import box_taps, crop_zoom, crop_zoom_compiled
 
 SOURCE = Path(__file__).with_name("csrc") / "crop_zoom.cpp"
 # -fopenmp-simd: the kernel's dot products vectorise without -ffast-math (gcc and clang; MSVC has no such flag)
@@ -136,3 +138,25 @@ def crop_zoom_cpp(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 1
     if image.is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous():
         crop = crop.contiguous(memory_format=torch.channels_last)
     return crop.to(image.dtype)
+
+
+def crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The crop-and-zoom this forward runs. ``compile_crop``: ``torch.compile`` of it on CUDA, the C++ kernel on a
+    CPU (this module; built on first use, the plain crop with one warning where it cannot be built).
+    A forward that is itself being traced (torch.compile of the whole model, ONNX export) runs the plain crop,
+    whose graph the tracer can read. All give the same values and gradients."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
+    if not compile_crop or torch.compiler.is_compiling() or exporting or torch.jit.is_tracing():
+        return crop_zoom
+    if images.is_cuda:
+        return crop_zoom_compiled
+    if images.device.type != "cpu" or build_failed():  # a failed build has warned once already
+        return crop_zoom
+    try:
+        load_crop_kernel()
+    except CropKernelUnavailable as e:
+        warnings.warn(
+            f"{e}; runtime.compile_crop falls back to the plain crop (same values, slower)", stacklevel=3
+        )
+        return crop_zoom
+    return crop_zoom_cpp

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .attention import box_to_xyxy
 from .config import Config
 from .fusion import fit_model_weights
-from .model import RACNN
+from .model import RACNN, fusion_keys, scale_keys
+from .runtime import autocast, place_batch
 
 if TYPE_CHECKING:
     from .training.distributed import DistEnv
@@ -79,15 +80,19 @@ TTA_KINDS = ("flip",)  # test-time augmentations of accumulate() and racnn.predi
 
 
 class Accumulator:
-    """Sums over batches; ``summary()`` turns them into the metrics dict. ``keep_scores``: also keep every
-    scale's log-probabilities and the labels (:meth:`scores`), for fusion weights fitted on this split."""
+    """Sums over batches of a model of ``num_scales`` scales; ``summary()`` turns them into the metrics dict.
+    ``keep_scores``: also keep every scale's log-probabilities and the labels (:meth:`scores`), for fusion
+    weights fitted on this split."""
 
-    def __init__(self, *, keep_scores: bool = False) -> None:
+    def __init__(self, num_scales: int, *, keep_scores: bool = False) -> None:
+        self.num_scales = num_scales
+        self.scale_keys = scale_keys(num_scales)
+        self.output_keys = self.scale_keys + fusion_keys(num_scales)  # the model's (not the s123_<kind> ones)
+        # the confusion matrix's output: the fusion of every scale (the one scale of a 1-scale model)
+        self.fused_key = self.output_keys[-1]
         self.correct: dict[str, int] = defaultdict(int)
         self.correct5: dict[str, int] = defaultdict(int)  # the label among the 5 highest scores
-        # true class x predicted class counts of the fused output (the longest key without a fusion kind)
-        self.confusion: torch.Tensor | None = None
-        self.fused_key = ""
+        self.confusion: torch.Tensor | None = None  # true class x predicted class counts of fused_key
         self.pt: dict[str, float] = defaultdict(float)  # summed softmax probability of the true class
         self.n = 0
         self.ious: list[torch.Tensor] = []
@@ -116,14 +121,11 @@ class Accumulator:
             self.correct[k] += int((v.argmax(1) == target).sum())
             top = v.topk(min(TOP5, v.shape[1]), dim=1).indices
             self.correct5[k] += int((top == target[:, None]).any(1).sum())
-            if "_" not in k:  # the model's outputs (not every fusion kind): the ranking loss's p_t
+            if k in self.output_keys:  # the ranking loss's p_t
                 self.pt[k] += float(v.float().softmax(1).gather(1, target[:, None]).sum())
-        self._confuse(logits, target)
+        self._confuse(logits[self.fused_key], target)
         if self.keep_scores:
-            scales, i = [], 1
-            while f"s{i}" in logits and i < 10:  # s1 .. sN (s12, s123 are fused outputs, not scales)
-                scales.append(logits[f"s{i}"])
-                i += 1
+            scales = [logits[k] for k in self.scale_keys]
             self.logprobs.append(torch.stack([z.float().log_softmax(1).cpu() for z in scales]))
             self.targets.append(target.cpu())
         for s, box in enumerate(boxes):
@@ -148,11 +150,8 @@ class Accumulator:
             self.head_hit += int(hit.sum())
             self.head_n += int(has.sum())
 
-    def _confuse(self, logits: dict[str, torch.Tensor], target: torch.Tensor) -> None:
-        """Add the batch to the confusion matrix of the fused output (``s12..N``: the model's outputs are
-        ``s1..sN`` and the fused ones, every other fusion kind carries a ``_kind`` suffix)."""
-        self.fused_key = max((k for k in logits if "_" not in k), key=len)
-        scores = logits[self.fused_key]
+    def _confuse(self, scores: torch.Tensor, target: torch.Tensor) -> None:
+        """Add the batch's ``scores`` (B x K, the fused output) to the confusion matrix."""
         k = scores.shape[1]
         pairs = target.long() * k + scores.argmax(1)
         counts = torch.bincount(pairs, minlength=k * k).reshape(k, k).cpu()
@@ -196,8 +195,8 @@ class Accumulator:
 
     @classmethod
     def merged(cls, parts: list[Accumulator]) -> Accumulator:
-        """One accumulator holding the counts of ``parts`` (evaluation shards), in their order."""
-        out = cls(keep_scores=any(p.keep_scores for p in parts))
+        """One accumulator holding the counts of ``parts`` (evaluation shards, at least one), in their order."""
+        out = cls(parts[0].num_scales, keep_scores=any(p.keep_scores for p in parts))
         for p in parts:
             for k, c in p.correct.items():
                 out.correct[k] += c
@@ -206,7 +205,6 @@ class Accumulator:
             for k, c in p.correct5.items():
                 out.correct5[k] += c
             if p.confusion is not None:
-                out.fused_key = p.fused_key
                 out.confusion = p.confusion if out.confusion is None else out.confusion + p.confusion
             out.n += p.n
             out.ious += p.ious
@@ -273,12 +271,10 @@ def accumulate(
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    acc = Accumulator(keep_scores=keep_scores)
+    acc = Accumulator(model.cfg.num_scales, keep_scores=keep_scores)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        images = batch["image"].to(device, non_blocking=True)  # B x 3 x S x S
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype(device), enabled=amp):
+        images = place_batch(batch["image"], device, channels_last=channels_last)  # B x 3 x S x S
+        with autocast(device, amp):
             out = model(images)
             mirrored = model(images.flip(3)) if tta == "flip" else None
         logits = {k: v.float() for k, v in (out.logits | model.fusion_variants(out)).items()}
@@ -316,7 +312,7 @@ def evaluate(model: RACNN, loader: Iterable[dict[str, Any]], **kwargs: Any) -> d
     """Top-1 accuracy of every scale and fusion (the model's, and every kind as ``acc_s123_<kind>``), scale-1
     box IoU with the object box, scale-2 head hits, the share of images whose scale-s view lies at least
     half on the object, and box side mean/std per scale (fractions of that scale's input side). Keywords
-    as :func:`accumulate`."""
+    as :func:`accumulate` (whose counts the trainer and `racnn eval` read: this is its one-call form)."""
     return accumulate(model, loader, **kwargs).summary()
 
 
@@ -359,13 +355,6 @@ def evaluate_split(
     if cfg.data.skip_bad_images:
         metrics["bad_images"] = int(distributed.all_reduce_sum(torch.tensor(loader.bad_images), env))
     return distributed.broadcast_object(metrics, env)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CPU and on GPUs that support it, else fp16."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
 
 
 def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:

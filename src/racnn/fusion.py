@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import FUSIONS
+# the kinds of fused output (model.fusion), each a branch of fuse()
+FUSIONS = ("concat", "mean_prob", "mean_logprob", "weighted")
 
 __all__ = ["FUSIONS", "cross_fitted_correct", "fit_model_weights", "fit_weights", "fuse"]
 
@@ -111,8 +112,7 @@ def fit_model_weights(
     out: dict[str, float] = {}
     if num_scales < 2 or m == 0:
         return out
-    for n in range(2, num_scales + 1):
-        key = model.keys[num_scales + n - 2]
+    for n, key in enumerate(model.fusion_keys, start=2):
         model.fusion_weights[n - 2, :n] = fit_weights(logprobs[:n], target).to(model.fusion_weights)
         out[f"acc_{key}_weighted"] = cross_fitted_correct(logprobs[:n], target) / m
         if model.cfg.fusion == "weighted":

@@ -14,6 +14,7 @@ from .attention import box_to_xyxy
 from .data import load_image
 from .evaluation import check_tta, flip_tta_logits
 from .model import RACNN
+from .runtime import place_model
 
 ImageLike = str | Path | Image.Image | torch.Tensor
 
@@ -94,7 +95,7 @@ def evaluating(model: RACNN, device: torch.device | str | None) -> Iterator[torc
     it was after (a model in training stays in training mode). Yields the device."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
-    model.eval().to(device)
+    place_model(model.eval(), device)
     try:
         yield device
     finally:
@@ -133,8 +134,8 @@ def records(
     result = []
     for i, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
         top = {}
-        for key, pr in probs.items():
-            val, idx = pr[i].topk(k)
+        for key in model.keys:
+            val, idx = probs[key][i].topk(k)
             top[key] = [
                 {"class": classes[j], "index": int(j), "prob": float(v)}
                 for v, j in zip(val, idx, strict=True)

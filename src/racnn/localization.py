@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
+
+# the kinds of box (apn.init_box): peak_response_boxes, region_response_boxes, aolm_boxes
+INIT_BOXES = ("peak", "region", "aolm")
 
 
 def class_activation(fmap: torch.Tensor, head: nn.Linear, target: torch.Tensor) -> torch.Tensor:
@@ -82,6 +84,8 @@ def aolm_boxes(fmap: torch.Tensor, min_side: float, max_side: float) -> torch.Te
     area (side ``sqrt(w h)``, clamped to ``[min_side, max_side]``) and moved inside the image. Unlike
     :func:`region_response_boxes` a second blob (a branch, another bird) does not stretch the box.
     B x C x h x w -> B x 3."""
+    from scipy import ndimage  # here: importing racnn (to predict or serve) does not import scipy
+
     _, _, h, w = fmap.shape
     resp = fmap.detach().float().sum(1)  # B x h x w
     hot = (resp > resp.mean((1, 2), keepdim=True)).cpu().numpy()

@@ -7,6 +7,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from .model import fusion_keys, scale_keys
+
 
 def true_class_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``p_t``: softmax probability of the true class. B x K, B -> B."""
@@ -47,7 +49,8 @@ def ranking_loss(
 ) -> torch.Tensor:
     """Inter-scale pairwise ranking loss, Eq. 8, summed over adjacent scales and averaged over the batch:
     ``sum_s mean_b max(0, p_t(s) - p_t(s+1) + margin)``. ``probs``: per-scale ``p_t``, B each. Keywords as
-    :func:`ranking_hinges`."""
+    :func:`ranking_hinges`. (The paper's loss as one function, for users and tests; the training step sums
+    :func:`ranking_hinges` itself, as it also logs their active share.)"""
     total = probs[0].new_zeros(())
     for hinge in ranking_hinges(probs, margin, detach_coarse=detach_coarse, ceiling=ceiling):
         total = total + hinge.mean()
@@ -73,9 +76,10 @@ def classification_losses(
 def total_classification(
     terms: dict[str, torch.Tensor], *, num_scales: int, fusion_weight: float = 1.0
 ) -> torch.Tensor:
-    """Sum of the per-scale cross-entropies plus ``fusion_weight`` times the fusion ones."""
-    scale = sum(terms[f"ce_s{i + 1}"] for i in range(num_scales))
-    fused = [v for k, v in terms.items() if len(k) > len("ce_s1")]
+    """Sum of the per-scale cross-entropies plus ``fusion_weight`` times the fusion ones (the model's output
+    keys, :func:`racnn.model.scale_keys` and :func:`~racnn.model.fusion_keys`)."""
+    scale = sum(terms[f"ce_{k}"] for k in scale_keys(num_scales))
+    fused = [terms[f"ce_{k}"] for k in fusion_keys(num_scales)]
     return scale + fusion_weight * sum(fused, torch.zeros((), device=scale.device))
 
 

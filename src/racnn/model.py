@@ -9,7 +9,6 @@ import contextlib
 import copy
 import dataclasses
 import itertools
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -20,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import APN, compose_boxes, crop_zoom, crop_zoom_compiled, soft_box_gradient
+from .attention import APN, compose_boxes, soft_box_gradient
 from .backbones import Backbone, Preprocessing, build_backbone
-from .config import Config, ModelConfig, validate_model
-from .crop_cpp import CropKernelUnavailable, build_failed, crop_zoom_cpp, load_crop_kernel
+from .config import MAX_SCALES, Config, ModelConfig, validate_model
+from .crop_cpp import crop_function
 from .data.transforms import ImageTransform, eval_transform
 from .fusion import FUSIONS, fuse
 
@@ -52,33 +51,17 @@ def _recompute_contexts(
     return contextlib.nullcontext(), _frozen_bn_stats(module)
 
 
-def _crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """The crop-and-zoom this forward runs. ``compile_crop``: ``torch.compile`` of it on CUDA, the C++ kernel on a
-    CPU (:mod:`racnn.crop_cpp`; built on first use, the plain crop with one warning where it cannot be built).
-    A forward that is itself being traced (torch.compile of the whole model, ONNX export) runs the plain crop,
-    whose graph the tracer can read. All give the same values and gradients."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
-    if not compile_crop or torch.compiler.is_compiling() or exporting or torch.jit.is_tracing():
-        return crop_zoom
-    if images.is_cuda:
-        return crop_zoom_compiled
-    if images.device.type != "cpu" or build_failed():  # a failed build has warned once already
-        return crop_zoom
-    try:
-        load_crop_kernel()
-    except CropKernelUnavailable as e:
-        warnings.warn(
-            f"{e}; runtime.compile_crop falls back to the plain crop (same values, slower)", stacklevel=3
-        )
-        return crop_zoom
-    return crop_zoom_cpp
-
-
 def scale_keys(num_scales: int) -> list[str]:
-    """Output names: ``s1 .. sN`` for the scales, then ``s12``, ``s123``, ... for the fused prefixes."""
-    keys = [f"s{i + 1}" for i in range(num_scales)]
-    keys += ["s" + "".join(str(j + 1) for j in range(n)) for n in range(2, num_scales + 1)]
-    return keys
+    """The per-scale output names, ``s1 .. sN``."""
+    if not 1 <= num_scales <= MAX_SCALES:
+        raise ValueError(f"num_scales must be in 1..{MAX_SCALES}, got {num_scales}")
+    return [f"s{i + 1}" for i in range(num_scales)]
+
+
+def fusion_keys(num_scales: int) -> list[str]:
+    """The fused output names: ``s12`` (scales 1 and 2), ``s123``, ... up to all ``num_scales`` scales."""
+    digits = "".join(k[1:] for k in scale_keys(num_scales))
+    return [f"s{digits[:n]}" for n in range(2, num_scales + 1)]
 
 
 @dataclass
@@ -130,6 +113,11 @@ class RACNN(nn.Module):
         if classes is not None and len(classes) != num_classes:
             raise ValueError(f"{len(classes)} class names for {num_classes} classes")
         self.cfg = cfg
+        # the output contract every consumer reads (losses, evaluation, predict, serve, ONNX): the names of
+        # RACNNOutput.logits, the scales' first, then the fusions' (docs/api.md)
+        self.scale_keys = scale_keys(cfg.num_scales)
+        self.fusion_keys = fusion_keys(cfg.num_scales)
+        self.keys = self.scale_keys + self.fusion_keys
         self.num_classes = num_classes
         self.classes = list(classes) if classes is not None else None
         # side of the image given to forward (resized to input_size when it differs; crop_from="source"
@@ -159,7 +147,6 @@ class RACNN(nn.Module):
             self.register_buffer("fusion_weights", _uniform_fusion_weights(cfg.num_scales))
             self.register_load_state_dict_pre_hook(_default_fusion_weights)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.keys = scale_keys(cfg.num_scales)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -230,7 +217,7 @@ class RACNN(nn.Module):
         """
         x = self.scale_input(images)
         view = None  # the region of `images` that the current scale sees (None: all of it)
-        zoom = _crop_function(self.compile_crop, images)
+        zoom = crop_function(self.compile_crop, images)
         crop = partial(soft_box_gradient, zoom, k=self.cfg.mask_k, k_grad=self.cfg.mask_k_backward)
         pooled, boxes, crops, maps, views = [], [], [], [], []
         for s in range(self.cfg.num_scales):
@@ -268,7 +255,7 @@ class RACNN(nn.Module):
         relative to ``images``) from the real pixels of ``images``; ``"previous"`` (the paper) zooms ``box``
         (B x 3, relative to scale ``s``'s input ``x``) out of ``x``."""
         if crop is None:
-            zoom = _crop_function(self.compile_crop, images)
+            zoom = crop_function(self.compile_crop, images)
             crop = partial(soft_box_gradient, zoom, k=self.cfg.mask_k, k_grad=self.cfg.mask_k_backward)
         size = self.scale_sizes[s + 1]
         return crop(images, view, size) if self.cfg.crop_from == "source" else crop(x, box, size)
@@ -276,29 +263,31 @@ class RACNN(nn.Module):
     def _heads(self, feats: RACNNFeatures) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-scale logits ``s1..sN`` and the concat heads' ``s12, s123, ...``, B x K each."""
         pooled = [self.dropout(p) for p in feats.pooled]
-        logits = {f"s{i + 1}": head(p) for i, (head, p) in enumerate(zip(self.heads, pooled, strict=True))}
+        logits = {k: head(p) for k, head, p in zip(self.scale_keys, self.heads, pooled, strict=True)}
         concat = {
-            self.keys[self.cfg.num_scales + n - 2]: fusion(torch.cat(pooled[:n], dim=1))
-            for n, fusion in enumerate(self.fusions, start=2)
+            key: fusion(torch.cat(pooled[:n], dim=1))
+            for n, (key, fusion) in enumerate(zip(self.fusion_keys, self.fusions, strict=True), start=2)
         }
         return logits, concat
 
     def _fused(self, kind: str, logits: dict[str, torch.Tensor], concat: dict[str, torch.Tensor]):
         """``{"s12": ..., "s123": ...}`` by the fusion ``kind`` (:mod:`racnn.fusion`)."""
-        scales = [logits[f"s{i + 1}"] for i in range(self.cfg.num_scales)]
+        scales = [logits[k] for k in self.scale_keys]
         return {
             key: fuse(kind, scales[:n], concat=concat[key], weights=self.fusion_weights[n - 2, :n])
-            for n, key in enumerate(self.keys[self.cfg.num_scales :], start=2)
+            for n, key in enumerate(self.fusion_keys, start=2)
         }
 
     def forward_scale(self, s: int, x: torch.Tensor) -> torch.Tensor:
         """Scale ``s`` (0-based) alone on its input ``x`` (B x 3 x S x S): trunk, pooling, head -> B x K."""
         return self.heads[s](self.dropout(self.trunk(s, x).mean(dim=(2, 3))))
 
-    def forward_head(self, feats: RACNNFeatures) -> dict[str, torch.Tensor]:
-        """Per-scale logits and the fused ones of ``model.fusion``, B x K each."""
+    def forward_head(self, feats: RACNNFeatures) -> RACNNOutput:
+        """The classifiers and the fusion on ``feats``: the per-scale logits, the fused ones of ``model.fusion``
+        (B x K each) and the concat heads, with ``feats``' boxes, crops, maps and views."""
         logits, concat = self._heads(feats)
-        return logits | self._fused(self.cfg.fusion, logits, concat)
+        logits |= self._fused(self.cfg.fusion, logits, concat)
+        return RACNNOutput(logits, feats.boxes, feats.crops, feats.maps, feats.views, concat)
 
     def fusion_variants(self, out: RACNNOutput) -> dict[str, torch.Tensor]:
         """Every fusion kind of ``out``'s fused outputs, side by side: ``{"s123_concat": ..,
@@ -317,12 +306,11 @@ class RACNN(nn.Module):
         detach_crops: bool = False,
         return_maps: bool = False,
     ) -> RACNNOutput:
-        feats = self.forward_features(
-            images, detach_boxes=detach_boxes, detach_crops=detach_crops, return_maps=return_maps
+        return self.forward_head(
+            self.forward_features(
+                images, detach_boxes=detach_boxes, detach_crops=detach_crops, return_maps=return_maps
+            )
         )
-        logits, concat = self._heads(feats)
-        logits |= self._fused(self.cfg.fusion, logits, concat)
-        return RACNNOutput(logits, feats.boxes, feats.crops, feats.maps, feats.views, concat)
 
 
 def _uniform_fusion_weights(num_scales: int) -> torch.Tensor:

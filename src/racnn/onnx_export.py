@@ -45,7 +45,7 @@ class RACNNOnnxWrapper(nn.Module):
 
 def output_names(model: RACNN) -> list[str]:
     """``logits_<key>`` for every key of ``model.keys``, then ``box_s1`` .. ``box_s<N-1>``."""
-    boxes = [f"box_s{i + 1}" for i in range(model.cfg.num_scales - 1)]
+    boxes = [f"box_{k}" for k in model.scale_keys[:-1]]
     return [f"logits_{k}" for k in model.keys] + boxes
 
 

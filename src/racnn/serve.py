@@ -46,6 +46,7 @@ from .data.errors import DatasetError
 from .data.io import ImageTooLarge, NotAnImage, load_image
 from .inference import forward_probs, records
 from .model import RACNN
+from .runtime import place_batch, place_model
 
 Inputs = Any  # list[PIL.Image.Image] (decoded) or torch.Tensor (n x 3 x S x S, preprocessed)
 
@@ -400,10 +401,8 @@ class Batcher:
                     for i in inputs
                 ]
             )
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             t0 = time.perf_counter()
-            out = forward_probs(self.model, x.to(self.device))
+            out = forward_probs(self.model, place_batch(x, self.device, channels_last=self.channels_last))
             seconds = time.perf_counter() - t0
             self.forward_s.setdefault(len(x), deque(maxlen=256)).append(seconds)
             self.s_per_image = seconds / len(x)
@@ -478,9 +477,7 @@ def create_app(
     ``limits.max_connections`` is not the app's to enforce: :func:`serve` gives it to uvicorn."""
     limits = limits or ServeLimits()
     device = torch.device(device)
-    model = model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(model.eval(), device, channels_last=channels_last)
     state: dict[str, Batcher] = {}
     metrics, drain = Metrics(limits.max_batch), Drain()
     metrics.queue_depth.set_function(lambda: state["batcher"].queued if "batcher" in state else 0)

@@ -68,7 +68,7 @@ def attention_figure(
 
     model.eval()
     result = model(images)
-    probs = {k: v.float().softmax(1) for k, v in result.logits.items()}
+    probs = {k: result.logits[k].float().softmax(1) for k in model.keys}
     boxes = [b.float() for b in result.views]
     prep = model.preprocessing
     n, scales = images.shape[0], model.cfg.num_scales

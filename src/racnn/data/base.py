@@ -16,8 +16,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from racnn.data.errors import DatasetError
-from racnn.data.io import image_size, load_image
-from racnn.data.transforms import PairedTransformFn, build_transform
+from racnn.data.io import load_image
+from racnn.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairedTransformFn, build_transform
 
 __all__ = [
     "SPLITS",
@@ -33,10 +33,6 @@ __all__ = [
 _log = logging.getLogger("racnn.data")
 
 SPLITS = ("train", "val", "test", "trainval")
-
-# Fallback normalisation when no transform is given (the model publishes its own; these are ImageNet's).
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -135,12 +131,41 @@ class AnnotatedImageDataset(Dataset):
     samples: list[Sample]
     classes: list[str]
 
-    def __init__(self, transform: PairedTransformFn | None) -> None:
+    def __init__(
+        self,
+        root: str | Path | None,
+        split: str = "train",
+        transform: PairedTransformFn | None = None,
+        *,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        max_images: int | None = None,
+    ) -> None:
+        """What every dataset's constructor starts with: the options checked (:func:`check_options`), the
+        transform (default: the evaluation one, 224 px, ImageNet normalisation) and ``root``, an existing
+        folder (``None``: a dataset without files)."""
+        check_options(split, val_fraction, max_images)
         self.transform: PairedTransformFn = (
             transform
             if transform is not None
-            else build_transform(size=224, mean=_IMAGENET_MEAN, std=_IMAGENET_STD, train=False)
+            else build_transform(size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, train=False)
         )
+        self.split, self.val_fraction, self.seed, self.max_images = split, val_fraction, seed, max_images
+        if root is not None:
+            if not Path(root).is_dir():
+                raise DatasetError(f"{root}: dataset folder not found")
+            self.root = Path(root).absolute()
+
+    def _pick(self, labels: Sequence[int], *, carve: bool = True) -> list[int]:
+        """The positions in ``labels`` (the images of the list this split reads) that the split keeps: train
+        or val carved from them (seeded, per class; with ``carve`` and only for those splits), then at most
+        ``max_images`` of them, spread over the classes."""
+        positions = list(range(len(labels)))
+        if carve and self.split in ("train", "val"):
+            train, val = carve_val(labels, self.val_fraction, self.seed)
+            positions = train if self.split == "train" else val
+        kept = cap_spread([labels[p] for p in positions], self.max_images, self.seed)
+        return [positions[i] for i in kept]
 
     @property
     def num_classes(self) -> int:
@@ -148,14 +173,6 @@ class AnnotatedImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.samples)
-
-    def image_path(self, i: int) -> Path:
-        """Path of image ``i``."""
-        return self.samples[i].path
-
-    def original_size(self, i: int) -> tuple[int, int]:
-        """``(width, height)`` of image ``i`` in pixels, reading only the file header."""
-        return image_size(self.samples[i].path)
 
     def _load(self, path: Path) -> Image.Image:
         """Decode one image as RGB (datasets that edit the pixels, e.g. crop a banner, override this)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from racnn.data.base import AnnotatedImageDataset, Sample, cap_spread, carve_val, check_options
+from racnn.data.base import AnnotatedImageDataset, Sample
 from racnn.data.errors import DatasetError, line_error
 from racnn.data.transforms import PairedTransformFn
 
@@ -31,8 +31,6 @@ HEAD_PART_NAMES = ("beak", "crown", "forehead", "left eye", "right eye", "throat
 def _find_root(root: str | Path) -> Path:
     """Accept the ``CUB_200_2011`` folder itself or its parent."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found")
     for candidate in (root, root / "CUB_200_2011"):
         if (candidate / "images.txt").is_file():
             return candidate
@@ -128,11 +126,8 @@ class CUB200(AnnotatedImageDataset):
         seed: int = 0,
         max_images: int | None = None,
     ) -> None:
-        check_options(split, val_fraction, max_images)
-        super().__init__(transform)
-        self.root = _find_root(root).absolute()
-        self.split = split
-        root = self.root
+        super().__init__(root, split, transform, val_fraction=val_fraction, seed=seed, max_images=max_images)
+        self.root = root = _find_root(self.root)
 
         # Classes: contiguous labels in sorted id order.
         class_table = _id_table(root / "classes.txt", text_last=True)
@@ -188,10 +183,7 @@ class CUB200(AnnotatedImageDataset):
 
         # Select the split.
         ids = [i for i in images if is_train[i] == (split != "test")]
-        if split in ("train", "val"):
-            train_pos, val_pos = carve_val([labels[i] for i in ids], val_fraction, seed)
-            ids = [ids[p] for p in (train_pos if split == "train" else val_pos)]
-        ids = [ids[p] for p in cap_spread([labels[i] for i in ids], max_images, seed)]
+        ids = [ids[p] for p in self._pick([labels[i] for i in ids])]
 
         self.samples: list[Sample] = []
         for image_id in ids:

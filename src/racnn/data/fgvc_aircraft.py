@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from racnn.data.base import AnnotatedImageDataset, Sample, cap_spread, carve_val, check_options
+from racnn.data.base import AnnotatedImageDataset, Sample
 from racnn.data.errors import DatasetError, line_error
-from racnn.data.io import image_size, load_image
+from racnn.data.io import load_image
 from racnn.data.transforms import PairedTransformFn
 
 __all__ = ["BANNER_PX", "LEVELS", "FGVCAircraft"]
@@ -27,8 +27,6 @@ _LAYOUT = (
 
 def _find_data(root: Path) -> Path:
     """The ``data`` folder of ``root`` (``fgvc-aircraft-2013b``) or of ``root/fgvc-aircraft-2013b``."""
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found")
     for candidate in (root, root / "fgvc-aircraft-2013b"):
         if (candidate / "data").is_dir():
             return candidate / "data"
@@ -108,7 +106,7 @@ class FGVCAircraft(AnnotatedImageDataset):
 
     ``crop_banner`` (default True) cuts the bottom :data:`BANNER_PX` rows (a copyright banner) off every
     image, as is usual in the literature; boxes keep their coordinates (the origin is the top-left corner)
-    and are clipped to the cropped image when loaded, and :meth:`original_size` reports the cropped size.
+    and are clipped to the cropped image when loaded.
     ``images_box.txt`` boxes (1-based inclusive) become continuous xyxy ``(xmin - 1, ymin - 1, xmax, ymax)``.
     """
 
@@ -125,27 +123,23 @@ class FGVCAircraft(AnnotatedImageDataset):
         crop_banner: bool = True,
         official_val: bool = False,
     ) -> None:
-        check_options(split, val_fraction, max_images)
+        super().__init__(root, split, transform, val_fraction=val_fraction, seed=seed, max_images=max_images)
         if level not in LEVELS:
             raise DatasetError(f"unknown level {level!r} (expected one of: {', '.join(LEVELS)})")
-        super().__init__(transform)
-        data = _find_data(Path(root))
-        self.root = data.parent.absolute()
-        self.split, self.level, self.crop_banner = split, level, bool(crop_banner)
+        self.root = _find_data(self.root).parent
+        self.level, self.crop_banner = level, bool(crop_banner)
         data = self.root / "data"
         self.classes: list[str] = _read_classes(data / LEVELS[level])
         label_of = {name: i for i, name in enumerate(self.classes)}
 
-        if split in ("train", "val") and official_val:
+        official = split in ("train", "val") and official_val
+        if official:
             entries = _read_split(data / f"images_{level}_{split}.txt", label_of)
         else:
             entries = _read_split(
                 data / f"images_{level}_{'test' if split == 'test' else 'trainval'}.txt", label_of
             )
-            if split in ("train", "val"):
-                train_pos, val_pos = carve_val([label for _, label in entries], val_fraction, seed)
-                entries = [entries[p] for p in (train_pos if split == "train" else val_pos)]
-        entries = [entries[p] for p in cap_spread([label for _, label in entries], max_images, seed)]
+        entries = [entries[p] for p in self._pick([label for _, label in entries], carve=not official)]
 
         box_file = data / "images_box.txt"
         boxes = _read_boxes(box_file)
@@ -168,8 +162,3 @@ class FGVCAircraft(AnnotatedImageDataset):
                 )
             image = image.crop((0, 0, width, height - BANNER_PX))
         return image
-
-    def original_size(self, i: int) -> tuple[int, int]:
-        """``(width, height)`` of image ``i`` after the banner crop, reading only the file header."""
-        width, height = image_size(self.samples[i].path)
-        return (width, max(height - BANNER_PX, 0)) if self.crop_banner else (width, height)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from racnn.data.base import AnnotatedImageDataset, Sample, cap_spread, carve_val, check_options
+from racnn.data.base import AnnotatedImageDataset, Sample
 from racnn.data.errors import DatasetError
 from racnn.data.transforms import PairedTransformFn
 
@@ -67,12 +67,7 @@ class ImageFolderDataset(AnnotatedImageDataset):
         seed: int = 0,
         max_images: int | None = None,
     ) -> None:
-        check_options(split, val_fraction, max_images)
-        super().__init__(transform)
-        if not Path(root).is_dir():
-            raise DatasetError(f"{root}: dataset folder not found")
-        self.root = Path(root).absolute()
-        self.split = split
+        super().__init__(root, split, transform, val_fraction=val_fraction, seed=seed, max_images=max_images)
         train_dir, val_dir, test_dir = (self.root / s for s in ("train", "val", "test"))
         if not train_dir.is_dir():
             raise DatasetError(f"{train_dir}: not found ({_LAYOUT})")
@@ -92,8 +87,5 @@ class ImageFolderDataset(AnnotatedImageDataset):
                 samples += _scan(val_dir, self.classes)
         else:
             samples = _scan(train_dir, self.classes)
-            if split in ("train", "val"):
-                train_pos, val_pos = carve_val([s.label for s in samples], val_fraction, seed)
-                samples = [samples[p] for p in (train_pos if split == "train" else val_pos)]
-        keep = cap_spread([s.label for s in samples], max_images, seed)
+        keep = self._pick([s.label for s in samples], carve=not val_dir.is_dir())
         self.samples: list[Sample] = [samples[p] for p in keep]

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from racnn.data.errors import DatasetError
 
-__all__ = ["ImageTooLarge", "NotAnImage", "image_size", "load_image", "to_rgb"]
+__all__ = ["ImageTooLarge", "NotAnImage", "load_image", "to_rgb"]
 
 # Background that transparent pixels are composited onto.
 _WHITE = (255, 255, 255)
@@ -75,13 +75,3 @@ def load_image(
     except (OSError, SyntaxError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
         raise DatasetError(f"{name}: cannot read image ({reason or type(exc).__name__})") from exc
-
-
-def image_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of an image, reading only its header."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
-        raise DatasetError(f"{path}: cannot read image ({reason or type(exc).__name__})") from exc

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from racnn.data.base import AnnotatedImageDataset, Sample, cap_spread, carve_val, check_options
+from racnn.data.base import AnnotatedImageDataset, Sample
 from racnn.data.errors import DatasetError
 from racnn.data.stanford_dogs import load_mat, mat_number, mat_string, mat_values
 from racnn.data.transforms import PairedTransformFn
@@ -26,8 +26,6 @@ _FIELDS = ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname")
 
 def _find_root(root: Path) -> Path:
     """Accept the folder holding ``devkit/`` or its parent with a ``stanford_cars`` folder (torchvision's)."""
-    if not root.is_dir():
-        raise DatasetError(f"{root}: dataset folder not found")
     for candidate in (root, root / "stanford_cars"):
         if (candidate / "devkit").is_dir():
             return candidate
@@ -73,10 +71,8 @@ class StanfordCars(AnnotatedImageDataset):
         seed: int = 0,
         max_images: int | None = None,
     ) -> None:
-        check_options(split, val_fraction, max_images)
-        super().__init__(transform)
-        self.root = _find_root(Path(root)).absolute()
-        self.split = split
+        super().__init__(root, split, transform, val_fraction=val_fraction, seed=seed, max_images=max_images)
+        self.root = _find_root(self.root)
         meta = self.root / "devkit" / "cars_meta.mat"
         self.classes: list[str] = []
         for i, value in enumerate(mat_values(load_mat(meta, ("class_names",), _LAYOUT)["class_names"]), 1):
@@ -96,10 +92,7 @@ class StanfordCars(AnnotatedImageDataset):
         else:
             annos, image_dir = self.root / "devkit" / "cars_train_annos.mat", self.root / "cars_train"
         entries = self._read_annos(annos)
-        if split in ("train", "val"):
-            train_pos, val_pos = carve_val([label for _, label, _ in entries], val_fraction, seed)
-            entries = [entries[p] for p in (train_pos if split == "train" else val_pos)]
-        entries = [entries[p] for p in cap_spread([label for _, label, _ in entries], max_images, seed)]
+        entries = [entries[p] for p in self._pick([label for _, label, _ in entries])]
 
         self.samples: list[Sample] = []
         for fname, label, box in entries:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from racnn.data.base import AnnotatedImageDataset, Sample, cap_spread, carve_val, check_options
+from racnn.data.base import AnnotatedImageDataset, Sample
 from racnn.data.errors import DatasetError, line_error
 from racnn.data.transforms import PairedTransformFn
 
@@ -120,13 +120,7 @@ class StanfordDogs(AnnotatedImageDataset):
         seed: int = 0,
         max_images: int | None = None,
     ) -> None:
-        check_options(split, val_fraction, max_images)
-        super().__init__(transform)
-        root = Path(root)
-        if not root.is_dir():
-            raise DatasetError(f"{root}: dataset folder not found")
-        self.root = root.absolute()
-        self.split = split
+        super().__init__(root, split, transform, val_fraction=val_fraction, seed=seed, max_images=max_images)
         images_dir = self.root / "Images"
         if not images_dir.is_dir():
             raise DatasetError(f"{images_dir}: not found (expected {_LAYOUT})")
@@ -138,10 +132,7 @@ class StanfordDogs(AnnotatedImageDataset):
 
         list_file = self.root / "lists" / ("test_list.mat" if split == "test" else "train_list.mat")
         entries = self._read_list(list_file)
-        if split in ("train", "val"):
-            train_pos, val_pos = carve_val([label for _, label in entries], val_fraction, seed)
-            entries = [entries[p] for p in (train_pos if split == "train" else val_pos)]
-        entries = [entries[p] for p in cap_spread([label for _, label in entries], max_images, seed)]
+        entries = [entries[p] for p in self._pick([label for _, label in entries])]
 
         self.samples: list[Sample] = []
         for rel, label in entries:

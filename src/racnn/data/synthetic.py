@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from racnn.data.base import AnnotatedImageDataset, Sample, cap_spread, carve_val, check_options
+from racnn.data.base import AnnotatedImageDataset, Sample
 from racnn.data.transforms import PairedTransformFn
 
 COLOURS = {"red": (200, 50, 40), "blue": (40, 80, 210)}
@@ -106,26 +106,17 @@ class SyntheticBirds(AnnotatedImageDataset):
         max_images: int | None = None,
         image_size: int = 160,
     ) -> None:
-        super().__init__(transform)
-        check_options(split, val_fraction, max_images)
-        self.split, self.seed, self.size = split, seed, image_size
+        super().__init__(None, split, transform, val_fraction=val_fraction, seed=seed, max_images=max_images)
+        self.size = image_size
         self.classes = class_names()
         self.part_names = ["head"]
         self.head_parts = [0]
         official = "test" if split == "test" else "trainval"
         n = SPLIT_SIZES[official]
         labels = [i % len(self.classes) for i in range(n)]
-        positions = list(range(n))
-        if split in ("train", "val"):
-            train, val = carve_val(labels, val_fraction, seed)
-            positions = train if split == "train" else val
-        picked = cap_spread([labels[p] for p in positions], max_images, seed)
         self._official = official
-        self._index = [positions[i] for i in picked]
+        self._index = self._pick(labels)
         self.samples = [Sample(path=f"synthetic://{official}/{p}", label=labels[p]) for p in self._index]  # type: ignore[arg-type]
-
-    def original_size(self, i: int) -> tuple[int, int]:
-        return self.size, self.size
 
     def raw(self, index: int) -> tuple[Image.Image, torch.Tensor, torch.Tensor]:
         """Image ``index`` with its object box (xyxy px) and head part ``[1, 3]`` (x, y, visible) in pixels."""

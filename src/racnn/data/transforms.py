@@ -28,6 +28,10 @@ from racnn.data.io import to_rgb
 
 __all__ = ["ImageTransform", "PairedTransform", "PairedTransformFn", "build_transform", "eval_transform"]
 
+# ImageNet's normalisation: what the torchvision backbones expect (racnn.backbones.Preprocessing's default)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # Anything that maps (image, box xyxy pixels | None, parts [P, 3] | None) -> (image, box, parts).
 PairedTransformFn = Callable[[Image.Image, "Tensor | None", "Tensor | None"], tuple[Tensor, Tensor, Tensor]]
 

@@ -12,8 +12,8 @@
 - :mod:`~racnn.training.state`: where a run stands and the checkpoint ``last.pt`` it resumes from;
 - :mod:`~racnn.training.outputs`: the run folder (config, checkpoints, metrics log, TensorBoard);
 - :mod:`~racnn.training.loaders`, :mod:`~racnn.training.optim`, :mod:`~racnn.training.runtime`: a run's
-  datasets and loaders, its optimisers and learning-rate schedule, the device and the model on it, random
-  generators, Ctrl-C;
+  datasets and loaders, its optimisers and learning-rate schedule, the model placed for training, random
+  generators, Ctrl-C (the device, autocast and memory format are :mod:`racnn.runtime`'s);
 - :mod:`~racnn.training.distributed` and :mod:`~racnn.training.ddp`: the process group and collectives; the
   DDP wrapper and synchronised BatchNorm.
 

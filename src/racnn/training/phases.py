@@ -109,7 +109,7 @@ def _ranked(
     lc, n_scales = cfg.loss, model.cfg.num_scales
     terms = classification_losses(out.trained_logits, labels, label_smoothing=lc.label_smoothing)
     cls = total_classification(terms, num_scales=n_scales, fusion_weight=lc.fusion_weight)
-    probs = [true_class_prob(out.logits[f"s{i + 1}"], labels) for i in range(n_scales)]
+    probs = [true_class_prob(out.logits[k], labels) for k in model.scale_keys]
     ceiling = rank_ceiling(lc.label_smoothing, model.num_classes, lc.rank_margin) if lc.rank_quiet else None
     hinges = ranking_hinges(probs, lc.rank_margin, detach_coarse=lc.rank_detach_coarse, ceiling=ceiling)
     rank = sum((h.mean() for h in hinges), cls.new_zeros(()))
@@ -164,8 +164,7 @@ def _search_terms(
 ) -> Terms:
     """``search``, every APN's regression towards the box its finer scale ranks best
     (:func:`racnn.training.search.search_loss`); the ranking loss of the current boxes for the log."""
-    n_scales = model.cfg.num_scales
-    probs = [true_class_prob(out.logits[f"s{i + 1}"], labels) for i in range(n_scales)]
+    probs = [true_class_prob(out.logits[k], labels) for k in model.scale_keys]
     rank = sum((h.mean() for h in ranking_hinges(probs, cfg.loss.rank_margin, detach_coarse=True)), 0.0)
     terms = search_loss(model, images, out, labels, cfg)
     return {"loss": terms["search"], "rank": torch.as_tensor(rank), **terms}

@@ -1,5 +1,7 @@
-"""How a training process runs on this machine: the device and the model on it, the random generators,
-autocast, and Ctrl-C."""
+"""How a training process runs on this machine: the model placed for training (on :mod:`racnn.runtime`'s
+device and memory format, with the crop mode and synchronised BatchNorm), the random generators, and Ctrl-C;
+the device, autocast and the memory format themselves are :mod:`racnn.runtime`'s (imported here for the
+trainer)."""
 
 from __future__ import annotations
 
@@ -13,25 +15,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import runtime as _device
 from ..config import RuntimeConfig
-from ..evaluation import autocast_dtype
 from ..model import RACNN
+from ..runtime import autocast, place_batch, resolve_device
 from .ddp import sync_batchnorm
 from .distributed import DistEnv
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={name}: CUDA is not available on this machine; use cpu or auto")
-    return device
+__all__ = [
+    "autocast",
+    "place_batch",
+    "place_model",
+    "raise_if_interrupted",
+    "resolve_device",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "sturdy_ctrl_c",
+]
 
 
 def place_model(model: RACNN, cfg: RuntimeConfig, *, device: torch.device, env: DistEnv) -> RACNN:
@@ -42,9 +43,7 @@ def place_model(model: RACNN, cfg: RuntimeConfig, *, device: torch.device, env: 
     model.checkpoint_activations = cfg.checkpoint_activations
     model.to(device)
     model = sync_batchnorm(model, device, env)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+    return _device.place_model(model, device, channels_last=cfg.channels_last)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -68,11 +67,6 @@ def set_rng_state(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-def autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    """``runtime.amp``: bf16 autocast on a CPU and on GPUs that support it, else fp16; a no-op when off."""
-    return torch.autocast(device.type, dtype=autocast_dtype(device), enabled=enabled)
 
 
 _ctrl_c = {"requested": False}

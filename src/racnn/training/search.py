@@ -48,7 +48,8 @@ def search_targets(
             cands = torch.cat([cands[:, :1], cands.gather(1, (pick + 1)[..., None].expand(-1, -1, 3))], 1)
         b = cands.shape[0]
         q = finer_probs(model, s, images, x, out, y, cands)  # B x C: p_t(s+1) on every candidate
-        goal = true_class_prob(out.logits[f"s{s + 1}"], y) + lc.rank_margin  # the coarse scale is a reference
+        coarse = out.logits[model.scale_keys[s]]
+        goal = true_class_prob(coarse, y) + lc.rank_margin  # the coarse scale is a reference
         if ceiling is not None:
             goal = goal.clamp(max=ceiling)
         hinge = (goal[:, None] - q).clamp(min=0)  # B x C, the pair's ranking loss on every candidate
@@ -85,7 +86,7 @@ def finer_probs(
     rep = lambda t: t.repeat_interleave(c - 1, dim=0)  # noqa: E731  (B x ... -> B(C-1) x ...)
     view = alt if s == 0 else compose_boxes(rep(out.views[s - 1].detach().float()), alt)
     logits = model.forward_scale(s + 1, model.zoom_in(s, rep(images), rep(x), alt, view))  # B(C-1) x K
-    own = true_class_prob(out.logits[f"s{s + 2}"], y)[:, None]
+    own = true_class_prob(out.logits[model.scale_keys[s + 1]], y)[:, None]
     return torch.cat([own, true_class_prob(logits, rep(y)).view(b, c - 1)], dim=1)
 
 

@@ -207,9 +207,7 @@ class Trainer:
             yield bar, batch
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["image"].to(self.device, non_blocking=True)
-        if self.cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = runtime.place_batch(batch["image"], self.device, channels_last=self.cfg.runtime.channels_last)
         return x, batch["label"].to(self.device, non_blocking=True)
 
     def _step(
@@ -265,7 +263,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         set_phase(model, phase, cfg)
         forward = self.forward_model()  # after set_phase: DDP covers what this phase trains
-        acc = Accumulator()
+        acc = Accumulator(model.cfg.num_scales)
         sums: dict[str, torch.Tensor] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
         epoch = self.schedule.epoch + 1
