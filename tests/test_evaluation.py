@@ -150,3 +150,14 @@ def test_confusion_figure_of_200_classes(tmp_path) -> None:
     out = confusion_figure(confusion, names, [(names[3], names[7], 4)], tmp_path / "figs" / "confusion.png")
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width >= 2500 and image.height >= 2000  # room for 200 names
+
+
+def test_the_table_lists_every_output_of_the_model_it_comes_from() -> None:
+    """The table's accuracy rows follow the model's output keys: 2 and 4 scales as well as 3."""
+    from racnn.evaluation import format_table
+
+    two = format_table({"acc_s1": 0.5, "acc_s2": 0.6, "acc_s12": 0.7})
+    assert [line.split("  ")[0] for line in two.splitlines()[2:]] == ["scale 1", "scale 2", "scale 1+2"]
+    four = {f"acc_{k}": 0.5 for k in ("s1", "s2", "s3", "s4", "s12", "s123", "s1234")}
+    labels = [line.split("  ")[0].strip() for line in format_table(four).splitlines()[2:]]
+    assert labels == ["scale 1", "scale 2", "scale 3", "scale 4", "scale 1+2", "scale 1+2+3", "scale 1+2+3+4"]

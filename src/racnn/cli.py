@@ -101,7 +101,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             )
         return 130
     if trainer.main:
-        print(json.dumps({k: metrics[k] for k in ("acc_s1", "acc_s123") if k in metrics}))
+        first, fused = trainer.model.scale_keys[0], trainer.model.keys[-1]  # scale 1; the last fusion
+        print(json.dumps({k: metrics[k] for k in (f"acc_{first}", f"acc_{fused}") if k in metrics}))
         print(f"wrote {Path(a.out) / 'metrics.json'}")
     return 0
 
@@ -143,6 +144,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .config import apply_overrides
     from .data import DatasetError
     from .evaluation import accumulate, format_table, json_safe
+    from .runtime import place_model
     from .training import loaders, runtime
 
     model = load_model(a.checkpoint)
@@ -162,7 +164,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         )
     loader = loaders.make_loader(dataset, cfg)
     head_parts = getattr(dataset, "head_parts", None)
-    acc = accumulate(model.to(device), loader, device=device, head_parts=head_parts, tta=a.tta)
+    acc = accumulate(place_model(model, device), loader, device=device, head_parts=head_parts, tta=a.tta)
     if acc.n == 0:  # --skip-bad-images skipped every image: no figure means anything
         raise DatasetError(
             f"{a.data} ({a.split}): no image could be read ({loader.bad_images} unreadable, skipped); "

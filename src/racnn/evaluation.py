@@ -25,12 +25,8 @@ from .runtime import autocast, place_batch
 if TYPE_CHECKING:
     from .training.distributed import DistEnv
 
+# the rows after the outputs' accuracies (those come from the model's keys: :func:`output_rows`)
 TABLE_ROWS = [
-    ("acc_s1", "scale 1"),
-    ("acc_s2", "scale 2"),
-    ("acc_s3", "scale 3"),
-    ("acc_s12", "scale 1+2"),
-    ("acc_s123", "scale 1+2+3"),
     ("mean_per_class_acc", "mean per-class accuracy (fused)"),
     ("loc_iou_mean", "scale-1 box IoU (mean)"),
     ("loc_acc_iou50", "scale-1 box IoU >= 0.5"),
@@ -357,11 +353,21 @@ def evaluate_split(
     return distributed.broadcast_object(metrics, env)
 
 
+def output_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(acc_<key>, label)`` of every output of the model ``metrics`` come from, in the model's order (its
+    :func:`~racnn.model.scale_keys` and :func:`~racnn.model.fusion_keys`; the number of scales is that of the
+    ``acc_s<i>`` keys present): ``scale 1``, ..., ``scale 1+2``, ``scale 1+2+3``, ..."""
+    n = sum(1 for i in range(1, 10) if f"acc_s{i}" in metrics)
+    rows = [(f"acc_{k}", f"scale {k[1:]}") for k in scale_keys(n)]
+    return rows + [(f"acc_{k}", "scale " + "+".join(k[1:])) for k in fusion_keys(n)]
+
+
 def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
     """The paper-style table as aligned text."""
-    width = max(len(label) for _, label in TABLE_ROWS)
+    rows = output_rows(metrics) + TABLE_ROWS
+    width = max(len(label) for _, label in rows)
     lines = [f"{title}", "-" * (width + 12)]
-    for key, label in TABLE_ROWS:
+    for key, label in rows:
         if key in metrics and not (isinstance(metrics[key], float) and math.isnan(metrics[key])):
             v = metrics[key]
             if not key.startswith(("acc", "mean_per", "loc", "head", "view")):

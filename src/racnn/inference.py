@@ -14,7 +14,7 @@ from .attention import box_to_xyxy
 from .data import load_image
 from .evaluation import check_tta, flip_tta_logits
 from .model import RACNN
-from .runtime import place_model
+from .runtime import place_batch, place_model
 
 ImageLike = str | Path | Image.Image | torch.Tensor
 
@@ -78,7 +78,7 @@ def predict(
     with evaluating(model, device) as device:
         for start in range(0, len(items), batch_size):
             x, names, sizes = _as_inputs(model, items[start : start + batch_size])
-            probs, views = forward_probs(model, x.to(device), tta=tta)
+            probs, views = forward_probs(model, place_batch(x, device), tta=tta)
             out += records(model, probs, views, names, sizes, topk=topk, tta=tta)
     return out
 

@@ -34,6 +34,7 @@ from .evaluation import check_tta
 from .filelock import LockHeld, hold_lock
 from .inference import check_topk, evaluating, format_predictions, forward_probs, records
 from .model import RACNN
+from .runtime import place_batch
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl"}
 _EXTENSIONS = ", ".join(IMAGE_EXTENSIONS)
@@ -189,7 +190,7 @@ def classify_files(
                 first = bad[0][0]  # the images before it are written, then the run stops
                 good = [item for item in good if item[0] < first]
             if good:
-                x = torch.stack([x for _, x, _ in good]).to(device)
+                x = place_batch(torch.stack([x for _, x, _ in good]), device)
                 probs, views = forward_probs(model, x, tta=tta)
                 names = [paths[i] for i, _, _ in good]
                 sizes = [size for _, _, size in good]

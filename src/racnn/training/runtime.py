@@ -15,17 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import runtime as _device
 from ..config import RuntimeConfig
 from ..model import RACNN
-from ..runtime import autocast, place_batch, resolve_device
+from ..runtime import autocast, place_batch, place_model, resolve_device
 from .ddp import sync_batchnorm
 from .distributed import DistEnv
 
 __all__ = [
     "autocast",
     "place_batch",
-    "place_model",
+    "place_for_training",
     "raise_if_interrupted",
     "resolve_device",
     "rng_state",
@@ -35,7 +34,7 @@ __all__ = [
 ]
 
 
-def place_model(model: RACNN, cfg: RuntimeConfig, *, device: torch.device, env: DistEnv) -> RACNN:
+def place_for_training(model: RACNN, cfg: RuntimeConfig, *, device: torch.device, env: DistEnv) -> RACNN:
     """``model`` set up to train on ``device`` as ``cfg`` says (compiled crop, activation checkpointing,
     memory format), its BatchNorm synchronised over the processes of ``env``
     (:func:`racnn.training.ddp.sync_batchnorm`): the module whose parameters the optimisers hold."""
@@ -43,7 +42,7 @@ def place_model(model: RACNN, cfg: RuntimeConfig, *, device: torch.device, env: 
     model.checkpoint_activations = cfg.checkpoint_activations
     model.to(device)
     model = sync_batchnorm(model, device, env)
-    return _device.place_model(model, device, channels_last=cfg.channels_last)
+    return place_model(model, device, channels_last=cfg.channels_last)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -29,6 +29,7 @@ from ..checkpoint import load_model, model_record
 from ..config import Config
 from ..evaluation import Accumulator, epoch_line, evaluate_split, format_table
 from ..model import RACNN, build_model
+from ..runtime import place_model
 from . import ddp, distributed, loaders, optim, runtime
 from .outputs import RunFolder, RunFolderError, TensorBoard
 from .phases import Phase, attend_phase, set_phase
@@ -109,7 +110,7 @@ class Trainer:
             )
         model.classes = self.classes
         # raw module: parameter groups, state dicts, evaluation; `self.forward_model()`: what a step calls
-        self.model: RACNN = runtime.place_model(model, cfg.runtime, device=self.device, env=self.dist)
+        self.model: RACNN = runtime.place_for_training(model, cfg.runtime, device=self.device, env=self.dist)
         self.forward_model = ddp.PhaseDDP(self.model, self.device, self.dist)
         self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs, attend=attend_phase(cfg))
         self.optimizers = optim.run_optimizers(
@@ -288,7 +289,7 @@ class Trainer:
             if steps % cfg.train.log_every == 0:
                 bar.set_postfix(
                     loss=f"{float(sums['loss']) / steps:.3f}",
-                    acc=f"{acc.correct['s1'] / acc.n:.2f}",
+                    acc=f"{acc.correct[model.scale_keys[0]] / acc.n:.2f}",
                     ips=f"{seen / (time.perf_counter() - t0):.1f}",
                 )
         watch.check()
@@ -370,7 +371,8 @@ class Trainer:
         """Evaluate the selected model (``best.pt``) on the test split; writes ``metrics.json``."""
         self.start()
         distributed.barrier(self.dist)  # rank 0 has written best.pt
-        model = load_model(self.run.best).to(self.device) if self.run.best.is_file() else self.model
+        best = self.run.best
+        model = place_model(load_model(best), self.device) if best.is_file() else self.model
         test_set = self.test_set
         if test_set is None:
             test_set = loaders.make_dataset(
