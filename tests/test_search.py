@@ -15,7 +15,8 @@ from racnn.checkpoint import load_checkpoint
 from racnn.model import RACNNOutput, build_model
 from racnn.training.phases import APN_INIT, ATTEND, ATTEND_SEARCH, CLASSIFY, attend_phase
 from racnn.training.schedule import PhaseSchedule
-from racnn.training.search import search_targets
+from racnn.training import search
+from racnn.training.search import chain_probs, finer_probs, search_targets
 from racnn.training.state import initial_apns
 from racnn.training.trainer import Trainer
 from test_training import _same, _snapshot, run_schedule, tiny_config
@@ -177,3 +178,46 @@ def test_the_attend_probe_compares_learned_and_initial_boxes(fake_cub: Path, tmp
     assert set(line["learned_minus_initial"]) == set(line["learned"]) and "pt_s2" in line["learned"]
     with pytest.raises(SystemExit, match="exists"):
         probe.main(args)
+
+
+def test_the_search_chain_reproduces_the_forward_on_the_box_itself() -> None:
+    """``chain_probs`` on a candidate equal to the current box gives the forward's own p_t at every finer
+    scale (the finer APNs re-run on the same view): the machinery of the total score, on a real tiny model."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(Path(".")).model, num_classes=3).eval()
+    images, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    out = model(images)
+    box = out.boxes[0].float()
+    m = model.cfg
+    moved = box_candidates(box, shift=0.1, zoom=1.2, min_side=m.box_min_side, max_side=m.box_max_side)[:, 2]
+    cands = torch.stack([box, box, moved], 1)
+    q = chain_probs(model, 0, images, model.scale_input(images), out, y, cands, depth=2)
+    assert q.shape == (2, 3, 2)
+    torch.testing.assert_close(q[:, 1], q[:, 0], atol=1e-5, rtol=0)  # PROB_TOL: kernels differ across batches
+    assert not torch.allclose(q[:, 2], q[:, 0], atol=1e-5)  # a moved box shows the finer scales another view
+    torch.testing.assert_close(finer_probs(model, 0, images, model.scale_input(images), out, y, cands), q[..., 0])
+
+
+def test_the_total_score_weighs_what_a_box_costs_the_finer_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """APN 1's candidates judged by p_t(2) alone (``pair``) and by the hinges of (1, 2) and (2, 3) together
+    (``total``): the candidate that pleases scale 2 most but drops scale 3 wins the pair score only."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(Path(".")).model, num_classes=2).eval()
+    images, y = torch.zeros(1, 3, 32, 32), torch.tensor([0])
+    box = torch.tensor([[0.5, 0.5, 0.25]])
+    logits = {"s1": torch.tensor([[2.0, 0.0]]), "s2": torch.zeros(1, 2), "s3": torch.zeros(1, 2)}
+    out = RACNNOutput(logits, [box, box.clone()], [torch.zeros(1, 3, 32, 32)] * 2, views=[box, box.clone()])
+    # p_t(1) = 0.88, current p_t(2) = p_t(3) = 0.5; candidates 1 and 2 raise p_t(2), only 2 keeps scale 3 up
+    apn1 = torch.tensor([[0.5, 0.5], [0.95, 0.1], [0.9, 0.9], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+
+    def fake_chain(model, s, images, x, out, y, cands, *, depth):  # B x 7 x depth
+        return (apn1 if s == 0 else torch.full((7, 2), 0.5))[None, :, :depth]
+
+    monkeypatch.setattr(search, "chain_probs", fake_chain)
+    pick = lambda score: search_targets(  # noqa: E731
+        model, images, out, y, tiny_config(Path("."), **{"apn.update": "search", "apn.search_score": score})
+    )[0][0]
+    m = model.cfg
+    cands = box_candidates(box, shift=0.1, zoom=1.15, min_side=m.box_min_side, max_side=m.box_max_side)
+    torch.testing.assert_close(pick("pair"), cands[:, 1])
+    torch.testing.assert_close(pick("total"), cands[:, 2])

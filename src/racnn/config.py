@@ -109,6 +109,10 @@ class APNConfig:
     search_zoom: float = 1.15
     search_min_gain: float = 0.0
     search_candidates: int = 6  # neighbours the finer scale judges per image and step (of 6, drawn at random)
+    # what a candidate is judged by: "pair", the hinge of (s, s+1); "total", every pair's hinge from (s, s+1) to
+    # the last, the finer APNs re-run on the candidate's view (the paper's whole ranking loss; costs APN s
+    # one more pass per finer scale)
+    search_score: str = "pair"
 
 
 @dataclass
@@ -308,6 +312,7 @@ _CHOICES = {
     "apn.optimizer": ("adam", "sgd"),
     "apn.init_response": ("sum", "cam"),
     "apn.update": ("gradient", "search"),
+    "apn.search_score": ("pair", "total"),
     "schedule.mode": ("alternate", "joint"),
     "train.select": ("val", "last"),
 }

@@ -31,9 +31,15 @@ def search_targets(
     model's forward ``out`` on it (classifiers frozen, in eval mode). Returns the targets (per APN, B x 3,
     relative to that scale's input) and the log's figures: ``search_moved_s<s>``, the share of images whose
     APN s moves; ``search_gain_s<s>``, the mean rise of ``p_t(s+1)`` on the chosen boxes over the current
-    ones; ``search_grow_s<s>``, the share of images whose chosen box is larger."""
+    ones; ``search_grow_s<s>``, the share of images whose chosen box is larger.
+
+    A candidate's score is the ranking loss it leaves: ``apn.search_score=pair``, the hinge of the pair
+    (s, s+1) alone; ``total``, the hinges of every pair from (s, s+1) to the last, the finer APNs re-run on
+    what the candidate shows them (a larger scale-1 box may please scale 2 and cost scale 3). Each pair's
+    coarse side is the current forward's ``p_t``, a fixed reference (``loss.rank_detach_coarse``)."""
     a, lc, m = cfg.apn, cfg.loss, model.cfg
     ceiling = rank_ceiling(lc.label_smoothing, model.num_classes, lc.rank_margin) if lc.rank_quiet else None
+    current = [true_class_prob(out.logits[k], y) for k in model.scale_keys]  # p_t of every scale, B each
     targets, stats = [], {}
     x = model.scale_input(images)  # scale s's input (crop_from="previous" zooms it)
     for s, box in enumerate(out.boxes):
@@ -47,21 +53,22 @@ def search_targets(
             ]
             cands = torch.cat([cands[:, :1], cands.gather(1, (pick + 1)[..., None].expand(-1, -1, 3))], 1)
         b = cands.shape[0]
-        q = finer_probs(model, s, images, x, out, y, cands)  # B x C: p_t(s+1) on every candidate
-        coarse = out.logits[model.scale_keys[s]]
-        goal = true_class_prob(coarse, y) + lc.rank_margin  # the coarse scale is a reference
+        depth = len(out.boxes) - s if a.search_score == "total" else 1
+        q = chain_probs(model, s, images, x, out, y, cands, depth=depth)  # B x C x depth: p_t(s+1), ...
+        goal = torch.stack(current[s : s + depth], dim=1) + lc.rank_margin  # B x depth, the coarse sides
         if ceiling is not None:
             goal = goal.clamp(max=ceiling)
-        hinge = (goal[:, None] - q).clamp(min=0)  # B x C, the pair's ranking loss on every candidate
-        # the lowest hinge, ties (several quiet boxes) to the most confident finer scale
-        best = (hinge - 1e-6 * q).argmin(dim=1)
-        gain = q.gather(1, best[:, None]).squeeze(1) - q[:, 0]
-        move = (hinge[:, 0] > 0) & (gain > a.search_min_gain)
+        score = (goal[:, None, :] - q).clamp(min=0).sum(2)  # B x C, the ranking loss each candidate leaves
+        # the lowest score, ties (several quiet boxes) to the most confident finer scale
+        best = (score - 1e-6 * q[..., 0]).argmin(dim=1)
+        rise = q[..., 0].gather(1, best[:, None]).squeeze(1) - q[:, 0, 0]  # of p_t(s+1)
+        gain = rise if depth == 1 else score[:, 0] - score.gather(1, best[:, None]).squeeze(1)
+        move = (score[:, 0] > 0) & (gain > a.search_min_gain)
         best = torch.where(move, best, torch.zeros_like(best))
         target = cands[torch.arange(b, device=cands.device), best]  # B x 3
         targets.append(target)
         stats[f"search_moved_s{s + 1}"] = move.float().mean()
-        stats[f"search_gain_s{s + 1}"] = torch.where(move, gain, torch.zeros_like(gain)).mean()
+        stats[f"search_gain_s{s + 1}"] = torch.where(move, rise, torch.zeros_like(rise)).mean()
         stats[f"search_grow_s{s + 1}"] = (target[:, 2] > box[:, 2] * (1 + 1e-6)).float().mean()
         if s + 1 < len(out.boxes):
             x = out.crops[s].detach()
@@ -81,13 +88,41 @@ def finer_probs(
     """``p_t(s+1)``, the true class's probability at scale ``s + 1`` (0-based ``s``: of APN s's finer scale), on
     each candidate box ``cands`` (B x C x 3, relative to scale s's input ``x``; candidate 0 is ``out``'s own box,
     whose ``p_t`` ``out`` holds). ``images``: the model's input, ``y``: the labels. Returns B x C."""
+    return chain_probs(model, s, images, x, out, y, cands, depth=1)[..., 0]
+
+
+@torch.no_grad()
+def chain_probs(
+    model: RACNN,
+    s: int,
+    images: torch.Tensor,
+    x: torch.Tensor,
+    out: RACNNOutput,
+    y: torch.Tensor,
+    cands: torch.Tensor,
+    *,
+    depth: int,
+) -> torch.Tensor:
+    """``p_t`` at scales ``s + 1 .. s + depth`` (0-based ``s``: APN s's finer scales) when APN s's box is each
+    candidate of ``cands`` (B x C x 3, relative to scale s's input ``x``; candidate 0 is ``out``'s own box,
+    whose figures ``out`` holds): the finer APNs run on what each candidate shows them, as they would at test
+    time. ``images``: the model's input, ``y``: the labels. Returns B x C x depth."""
     b, c = cands.shape[:2]
     alt = cands[:, 1:].reshape(-1, 3)  # B(C-1) x 3, image-major
     rep = lambda t: t.repeat_interleave(c - 1, dim=0)  # noqa: E731  (B x ... -> B(C-1) x ...)
+    big = rep(images)
     view = alt if s == 0 else compose_boxes(rep(out.views[s - 1].detach().float()), alt)
-    logits = model.forward_scale(s + 1, model.zoom_in(s, rep(images), rep(x), alt, view))  # B(C-1) x K
-    own = true_class_prob(out.logits[model.scale_keys[s + 1]], y)[:, None]
-    return torch.cat([own, true_class_prob(logits, rep(y)).view(b, c - 1)], dim=1)
+    z, probs = model.zoom_in(s, big, rep(x), alt, view), []
+    for j in range(s + 1, s + depth):  # z: scale j's input, B(C-1) x 3 x S x S; a finer scale follows
+        fmap = model.trunk(j, z)
+        probs.append(true_class_prob(model.heads[j](model.dropout(fmap.mean(dim=(2, 3)))), rep(y)))
+        box = model.apns[j](fmap).float()  # the finer APN's box on this candidate's view
+        view = compose_boxes(view, box)
+        z = model.zoom_in(j, big, z, box, view)
+    probs.append(true_class_prob(model.forward_scale(s + depth, z), rep(y)))  # the chain's last scale
+    own = torch.stack([true_class_prob(out.logits[k], y) for k in model.scale_keys[s + 1 : s + 1 + depth]], 1)
+    alts = torch.stack(probs, dim=1).view(b, c - 1, depth)
+    return torch.cat([own[:, None], alts], dim=1)
 
 
 def search_loss(
