@@ -27,6 +27,7 @@ from racnn.model import RACNN, build_model  # noqa: E402
 from racnn.onnx_export import RACNNOnnxWrapper, export_onnx, output_names  # noqa: E402
 
 NAMES = ["logits_s1", "logits_s2", "logits_s3", "logits_s12", "logits_s123", "box_s1", "box_s2"]
+NAMES += ["concat_s12", "concat_s123"]
 CLASSES = ["a", "b", "c", "d"]
 # ModelConfig(backbone="tiny", pretrained=False, input_size=32, zoom_size=24, apn_grid=2, apn_hidden=8), 4 classes
 OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]

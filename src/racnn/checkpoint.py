@@ -121,10 +121,32 @@ def rebuild_model(
     return model.eval()
 
 
-def load_model(path: str | Path) -> RACNN:
+def load_model(path: str | Path, *, backend: str | None = None, threads: int | None = None) -> RACNN:
     """Rebuild a model (in eval mode, on the CPU) from a ``.pt`` checkpoint or an exported folder. It carries
     its class names (``model.classes``), its preprocessing (``model.transforms()``) and the config of the run
-    that trained it (``model.training_config``)."""
+    that trained it (``model.training_config``).
+
+    ``backend``: what runs it. ``"torch"``: eager PyTorch, a :class:`racnn.model.RACNN`. ``"onnxruntime"``: an
+    :class:`racnn.onnx_model.OnnxRACNN` on the graph of an ONNX export (``racnn export --format onnx``; a
+    ``.pt`` checkpoint or a safetensors folder is exported first, into memory), ``threads`` its intra-op
+    threads. Default: onnxruntime for an ONNX export, torch for the others. Both are called alike by
+    :func:`racnn.predict`, ``racnn eval`` and ``racnn serve``."""
+    from .onnx_model import BACKENDS, load_onnx_model, onnx_file
+
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    graph = onnx_file(path)
+    if backend == "onnxruntime" or (backend is None and graph is not None):
+        return load_onnx_model(graph or path, threads=threads)  # type: ignore[return-value]
+    if graph is not None:
+        raise CheckpointError(
+            f"{path}: an ONNX export holds no PyTorch model; run it with the onnxruntime backend, or pass "
+            "the .pt checkpoint or safetensors folder it was exported from"
+        )
+    return _load_torch_model(path)
+
+
+def _load_torch_model(path: str | Path) -> RACNN:
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":
         folder = path if path.is_dir() else path.parent
@@ -150,7 +172,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write release weights: ``out_dir/model.safetensors`` and ``out_dir/config.json``."""
     from safetensors.torch import save_file
 
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, backend="torch")
     cfg, classes = model.training_config, model.classes
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

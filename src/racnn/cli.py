@@ -12,7 +12,7 @@ from typing import Any
 
 from .cli_analyze import add_analyze
 from .cli_pictures import add_demo, add_plot, add_visualize
-from .cli_predict import add_predict
+from .cli_predict import CHECKPOINT_HELP, add_backend, add_predict, load_for_inference
 
 EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
 
@@ -116,12 +116,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "fused output. Accepts a .pt checkpoint or an exported folder.",
         epilog=EPILOG,
     )
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--split", default="test", choices=["train", "val", "test", "trainval"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    add_backend(p)
     p.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
     p.add_argument(
@@ -140,20 +140,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, load_model
+    from .checkpoint import CheckpointError
     from .config import apply_overrides
     from .data import DatasetError
     from .evaluation import accumulate, format_table, json_safe
     from .runtime import place_model
-    from .training import loaders, runtime
+    from .training import loaders
 
-    model = load_model(a.checkpoint)
+    model, device = load_for_inference(a)
     cfg, classes = model.training_config, model.classes
+    if cfg is None:
+        raise CheckpointError(
+            f"{a.checkpoint}: the export records no training config (exported by an older racnn), so the "
+            "dataset cannot be read as it was trained; export it again from its checkpoint"
+        )
     overrides = [f"data.root={a.data}", f"train.batch_size={a.batch_size}"]
     overrides += [f"data.max_images={a.max_images}"] if a.max_images else []
     overrides += ["data.skip_bad_images=true"] if a.skip_bad_images else []
     apply_overrides(cfg, overrides)
-    device = runtime.resolve_device(a.device)
     dataset = loaders.make_dataset(cfg, a.split, model.preprocessing, train=False)
     if list(dataset.classes) != list(classes):
         n = len(dataset.classes)
@@ -210,12 +214,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "predictions get a 503 while the requests received are answered, then it closes its socket and exits "
         "0; a second Ctrl-C stops at once. See docs/serve.md.",
     )
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument("--device", default="auto")
+    add_backend(p)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="per request (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image (default: %(default)s)")
     p.add_argument(
@@ -260,9 +264,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .runtime import resolve_device
-
     try:
         from .serve import ServeLimits, serve
     except ImportError as e:
@@ -276,8 +277,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         timeout_s=a.timeout_seconds,
         max_connections=a.max_connections,
     )
-    model = load_model(a.checkpoint)
-    device = resolve_device(a.device)
+    model, device = load_for_inference(a)
     serve(
         model,
         host=a.host,
@@ -327,7 +327,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format == "onnx":
         from .onnx_export import export_onnx
 
-        model = load_model(a.checkpoint)
+        model = load_model(a.checkpoint, backend="torch")
         path = export_onnx(
             model, Path(a.out) / "model.onnx", image_size=model.image_size, classes=model.classes
         )

@@ -71,7 +71,7 @@ def cmd_derivative_map(a: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .data import load_image
 
-    model = load_model(a.checkpoint)
+    model = load_model(a.checkpoint, backend="torch")
     classes = model.classes
     if model.cfg.num_scales < 2:
         raise ValueError(f"{a.checkpoint}: a one-scale model has no attention to analyse")

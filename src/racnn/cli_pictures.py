@@ -65,7 +65,7 @@ def cmd_visualize(a: argparse.Namespace) -> int:
     from .data import load_image
     from .visualization import attention_figure
 
-    model = load_model(a.checkpoint)
+    model = load_model(a.checkpoint, backend="torch")
     transform = model.transforms()
     images = torch.stack([transform(load_image(p)) for p in a.images])
     out = attention_figure(

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+CHECKPOINT_HELP = "best.pt / last.pt, or an exported folder (racnn export: safetensors or ONNX)"
 SKIPPED_EXIT = 3  # the run finished, but --skip-bad-images left images out
 SKIPPED_SHOWN = 20  # unreadable images named on stderr at the end with --out (the side file lists them all)
 
@@ -22,7 +23,7 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "--skip-bad-images skipped an image; 130 when interrupted; 1 or 2 on an error (with --json, what was "
         "classified before it is still a valid JSON array).",
     )
-    p.add_argument("--checkpoint", required=True, help="best.pt / last.pt or an exported folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument(
         "images",
         nargs="+",
@@ -58,16 +59,41 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "--tta", choices=["flip"], help="flip: average the probabilities of each image and its mirror image"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default="auto")
+    add_backend(p)
     p.set_defaults(func=cmd_predict)
+
+
+def add_backend(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--device``, as predict, eval and serve take them (:func:`load_for_inference`)."""
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        help="what runs the model: torch (eager PyTorch) or onnxruntime (an ONNX export, or a checkpoint "
+        "exported on the fly, about a minute; 1.8-2.4x faster on a CPU, docs/performance.md). Default: "
+        "onnxruntime for an ONNX export (a folder holding model.onnx), torch otherwise",
+    )
+    p.add_argument("--device", default="auto", help="torch backend: auto, cpu, cuda, ... (default: auto)")
+
+
+def load_for_inference(a: argparse.Namespace) -> tuple[Any, Any]:
+    """The model ``a.checkpoint`` names, run by ``a.backend``, and the device it runs on."""
+    from .checkpoint import load_model
+    from .runtime import resolve_device
+
+    model = load_model(a.checkpoint, backend=a.backend)
+    if getattr(model, "backend", "torch") == "onnxruntime":
+        if a.device not in ("auto", "cpu"):
+            raise ValueError(
+                f"--device {a.device}: the onnxruntime backend runs on the CPU; pass --device cpu"
+            )
+        return model, model.device
+    return model, resolve_device(a.device)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_model
     from .predict_files import check_out, classify_files, expand_inputs
-    from .runtime import resolve_device
 
     if a.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {a.topk}")
@@ -80,7 +106,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.batch_size < 1 or a.workers < 0:
         raise ValueError("--batch-size must be at least 1 and --workers at least 0")
     paths = expand_inputs(a.images)
-    model = load_model(a.checkpoint)
+    model, device = load_for_inference(a)
     sink, todo = _sink(a, model, paths)
     bar = tqdm(total=len(paths), initial=len(paths) - len(todo), unit="img", disable=a.no_progress or None)
     try:
@@ -92,7 +118,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             tta=a.tta,
             batch_size=a.batch_size,
             workers=a.workers,
-            device=resolve_device(a.device),
+            device=device,
             skip_bad_images=a.skip_bad_images,
             progress=bar,
         )

@@ -93,7 +93,9 @@ def check_topk(topk: int) -> None:
 def evaluating(model: RACNN, device: torch.device | str | None) -> Iterator[torch.device]:
     """``model`` in eval mode on ``device`` (default: where its parameters are) inside; its training mode as
     it was after (a model in training stays in training mode). Yields the device."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device is None:  # where the model is: its parameters', or an onnxruntime model's own (the CPU)
+        device = model.device if hasattr(model, "device") else next(model.parameters()).device
+    device = torch.device(device)
     was_training = model.training
     place_model(model.eval(), device)
     try:

@@ -8,8 +8,10 @@ shape (a gather with an expanded index), which ``AdaptiveAvgPool2d`` in the APN 
 
 Graph: input ``images`` (B x 3 x S x S, float32, normalised with the model's mean/std); outputs
 ``logits_s1``, ..., ``logits_s123`` (B x K, in ``model.keys`` order), then ``box_s1``, ... (B x 3 boxes
-``(cx, cy, half)``, each normalised to the input of its scale). The file's metadata holds the class names,
-the normalisation and the output keys (see :func:`export_onnx`).
+``(cx, cy, half)``, each normalised to the input of its scale), then ``concat_s12``, ... (B x K, the paper's
+concat fusion heads, so that an evaluation reports every fusion kind whatever ``model.fusion`` is). The
+file's metadata holds the class names, the normalisation, the output keys, the ``weighted`` fusion's weights
+and the run's config (see :func:`export_onnx`); :class:`racnn.onnx_model.OnnxRACNN` runs it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, model_config_dict
 from .model import RACNN
+from .onnx_model import ONNX_FORMAT
 
 __all__ = ["DEFAULT_OPSET", "RACNNOnnxWrapper", "export_onnx", "output_names"]
 
@@ -32,7 +35,8 @@ _EXTERNAL_DATA_BYTES = 1536 * 1024**2
 
 
 class RACNNOnnxWrapper(nn.Module):
-    """``forward(images) -> (logits per key in model.keys order..., box of each attended scale...)``."""
+    """``forward(images) -> (logits per key in model.keys order..., box of each attended scale..., concat
+    head of each fusion key...)``."""
 
     def __init__(self, model: RACNN) -> None:
         super().__init__()
@@ -40,19 +44,21 @@ class RACNNOnnxWrapper(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(images)
-        return tuple(out.logits[k] for k in self.model.keys) + tuple(out.boxes)
+        concat = tuple(out.concat[k] for k in self.model.fusion_keys)
+        return tuple(out.logits[k] for k in self.model.keys) + tuple(out.boxes) + concat
 
 
 def output_names(model: RACNN) -> list[str]:
-    """``logits_<key>`` for every key of ``model.keys``, then ``box_s1`` .. ``box_s<N-1>``."""
+    """``logits_<key>`` for every key of ``model.keys``, then ``box_s1`` .. ``box_s<N-1>``, then
+    ``concat_<key>`` for every fusion key."""
     boxes = [f"box_{k}" for k in model.scale_keys[:-1]]
-    return [f"logits_{k}" for k in model.keys] + boxes
+    return [f"logits_{k}" for k in model.keys] + boxes + [f"concat_{k}" for k in model.fusion_keys]
 
 
 def _metadata(model: RACNN, image_size: int, classes: Sequence[str] | None) -> dict[str, str]:
     prep = model.preprocessing
     meta = {
-        "racnn.format": "racnn-onnx-v1",
+        "racnn.format": ONNX_FORMAT,
         "racnn.keys": json.dumps(list(model.keys)),
         "racnn.mean": json.dumps(list(prep.mean)),
         "racnn.std": json.dumps(list(prep.std)),
@@ -62,6 +68,10 @@ def _metadata(model: RACNN, image_size: int, classes: Sequence[str] | None) -> d
     }
     if classes is not None:
         meta["racnn.classes"] = json.dumps(list(classes))
+    if model.cfg.num_scales > 1:
+        meta["racnn.fusion_weights"] = json.dumps(model.fusion_weights.tolist())
+    if model.training_config is not None:  # what racnn eval needs to read the dataset it was trained on
+        meta["racnn.config"] = json.dumps(model_config_dict(model.training_config))
     return meta
 
 

@@ -510,6 +510,7 @@ def create_app(
         "crop_from": model.cfg.crop_from,
         "fusion": model.cfg.fusion,
         "outputs": model.keys,
+        "backend": getattr(model, "backend", "torch"),
         "max_upload_bytes": limits.max_upload_bytes,
         "max_pixels": limits.max_pixels,
         "max_images": limits.images_per_request,
