@@ -18,12 +18,12 @@ import torch
 pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
-import racnn  # noqa: E402
-from conftest import assert_same_prediction  # noqa: E402
-from racnn.checkpoint import CheckpointError, load_model  # noqa: E402
-from racnn.cli import main  # noqa: E402
-from racnn.onnx_model import OnnxRACNN  # noqa: E402
-from test_cli import SEVEN, _seven_class_checkpoint, _seven_class_folder  # noqa: E402
+import racnn
+from conftest import assert_same_prediction
+from racnn.checkpoint import CheckpointError, load_model
+from racnn.cli import main
+from racnn.onnx_model import OnnxRACNN
+from test_cli import SEVEN, _seven_class_checkpoint, _seven_class_folder
 
 # onnxruntime against eager PyTorch: float32 through the same network, other kernels
 ENGINE_TOL = 1e-4
@@ -159,3 +159,32 @@ def test_a_missing_onnxruntime_names_the_pip_extra(
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     with pytest.raises(RuntimeError, match=r"pip install 'racnn\[onnx\]'"):
         load_model(release[1])
+
+
+def test_early_exit_runs_the_stage_graphs_as_the_eager_stages(
+    release: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The export's stage graphs (stage_s1.onnx ..) give the eager stages' records: the same scales run, the
+    same decisions; a folder without them is refused in one line when early exit asks for them."""
+    from test_early_exit import _between
+
+    ckpt, folder, trees = release
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.onnx",
+        "stage_s1.onnx",
+        "stage_s2.onnx",
+        "stage_s3.onnx",
+    ]
+    images = sorted((trees / "test").rglob("*.png"))
+    model, runner = load_model(ckpt), load_model(folder)
+    p = _between(torch.tensor([r["top"]["s1"][0]["prob"] for r in racnn.predict(model, images)]))
+    want = racnn.predict(model, images, exit_confidence=p)
+    got = racnn.predict(runner, images, exit_confidence=p)
+    assert [r["scales_run"] for r in got] == [r["scales_run"] for r in want]
+    assert len({r["scales_run"] for r in want}) > 1
+    for g, w in zip(got, want, strict=True):
+        assert g["answered_by"] == w["answered_by"]
+        assert_same_prediction(g["top"], w["top"], tol=ENGINE_TOL)
+    (tmp_path / "model.onnx").write_bytes((folder / "model.onnx").read_bytes())  # no stage graphs beside it
+    with pytest.raises(CheckpointError, match=r"stage_s1\.onnx: not found; early exit in onnxruntime"):
+        racnn.predict(load_model(tmp_path), images[:1], exit_confidence=p)

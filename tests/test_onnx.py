@@ -62,8 +62,9 @@ def _check_outputs(session: ort.InferenceSession, model: RACNN, images: torch.Te
 
 def test_cli_writes_model_onnx(exported: tuple[Path, Path, str]) -> None:
     _, out, stdout = exported
-    assert stdout == f"wrote {out / 'model.onnx'}"
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]  # weights inside, no .data file
+    stages = ["stage_s1.onnx", "stage_s2.onnx", "stage_s3.onnx"]  # early exit's graphs (test_backend.py)
+    assert stdout == f"wrote {out / 'model.onnx'} and the stage graphs of early exit: {', '.join(stages)}"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", *stages]  # weights inside, no .data file
 
 
 def test_onnxruntime_matches_pytorch_with_dynamic_batch(exported: tuple[Path, Path, str]) -> None:

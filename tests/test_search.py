@@ -13,9 +13,9 @@ from conftest import load_benchmark
 from racnn.attention import box_candidates
 from racnn.checkpoint import load_checkpoint
 from racnn.model import RACNNOutput, build_model
+from racnn.training import search
 from racnn.training.phases import APN_INIT, ATTEND, ATTEND_SEARCH, CLASSIFY, attend_phase
 from racnn.training.schedule import PhaseSchedule
-from racnn.training import search
 from racnn.training.search import chain_probs, finer_probs, search_targets
 from racnn.training.state import initial_apns
 from racnn.training.trainer import Trainer
@@ -195,7 +195,9 @@ def test_the_search_chain_reproduces_the_forward_on_the_box_itself() -> None:
     assert q.shape == (2, 3, 2)
     torch.testing.assert_close(q[:, 1], q[:, 0], atol=1e-5, rtol=0)  # PROB_TOL: kernels differ across batches
     assert not torch.allclose(q[:, 2], q[:, 0], atol=1e-5)  # a moved box shows the finer scales another view
-    torch.testing.assert_close(finer_probs(model, 0, images, model.scale_input(images), out, y, cands), q[..., 0])
+    torch.testing.assert_close(
+        finer_probs(model, 0, images, model.scale_input(images), out, y, cands), q[..., 0]
+    )
 
 
 def test_the_total_score_weighs_what_a_box_costs_the_finer_pairs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from .cli_analyze import add_analyze
 from .cli_pictures import add_demo, add_plot, add_visualize
-from .cli_predict import CHECKPOINT_HELP, add_backend, add_predict, load_for_inference
+from .cli_predict import CHECKPOINT_HELP, add_backend, add_exit, add_predict, load_for_inference
 
 EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
 
@@ -121,6 +121,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test", "trainval"])
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--batch-size", type=int, default=32)
+    add_exit(p)
     add_backend(p)
     p.add_argument("--max-images", type=int, help="evaluate only the first N images of the split")
     p.add_argument("--skip-bad-images", action="store_true", help="skip (and count) unreadable images")
@@ -168,7 +169,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
         )
     loader = loaders.make_loader(dataset, cfg)
     head_parts = getattr(dataset, "head_parts", None)
-    acc = accumulate(place_model(model, device), loader, device=device, head_parts=head_parts, tta=a.tta)
+    model = place_model(model, device)
+    acc = accumulate(
+        model, loader, device=device, head_parts=head_parts, tta=a.tta, exit_confidence=a.exit_confidence
+    )
     if acc.n == 0:  # --skip-bad-images skipped every image: no figure means anything
         raise DatasetError(
             f"{a.data} ({a.split}): no image could be read ({loader.bad_images} unreadable, skipped); "
@@ -176,7 +180,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         )
     metrics: dict[str, Any] = acc.summary()
     report = acc.class_report(list(classes))
-    metrics |= {"split": a.split, "tta": a.tta}
+    metrics |= {"split": a.split, "tta": a.tta, "exit_confidence": a.exit_confidence}
     if a.split in ("val", "trainval") and model.cfg.num_scales > 1:
         print(
             f"note: acc_*_weighted on the {a.split} split is in-sample (the weighted fusion's weights were "
@@ -187,6 +191,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         metrics["bad_images"] = loader.bad_images
         print(f"skipped {loader.bad_images} unreadable image(s)", file=sys.stderr)
     tta = ", flip TTA" if a.tta else ""
+    tta += f", early exit at {a.exit_confidence:g}" if a.exit_confidence is not None else ""
     print(format_table(metrics, title=f"RA-CNN on {a.split} ({len(dataset)} images{tta})"))
     for true, pred, n in report["most_confused"][:5]:
         print(f"confused: {n} x {true} taken for {pred}")
@@ -219,6 +224,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
     )
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    add_exit(p)
     add_backend(p)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="per request (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image (default: %(default)s)")
@@ -276,6 +282,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_queue=a.max_queue,
         timeout_s=a.timeout_seconds,
         max_connections=a.max_connections,
+        exit_confidence=a.exit_confidence,
     )
     model, device = load_for_inference(a)
     serve(
@@ -325,13 +332,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .checkpoint import export_model, load_model
 
     if a.format == "onnx":
-        from .onnx_export import export_onnx
+        from .onnx_export import export_onnx, export_stages
 
         model = load_model(a.checkpoint, backend="torch")
         path = export_onnx(
             model, Path(a.out) / "model.onnx", image_size=model.image_size, classes=model.classes
         )
-        print(f"wrote {path}")
+        stages = export_stages(model, a.out, image_size=model.image_size)
+        print(f"wrote {path} and the stage graphs of early exit: {', '.join(p.name for p in stages)}")
         return 0
     out = export_model(a.checkpoint, a.out)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")

@@ -59,8 +59,21 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
         "--tta", choices=["flip"], help="flip: average the probabilities of each image and its mirror image"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_exit(p)
     add_backend(p)
     p.set_defaults(func=cmd_predict)
+
+
+def add_exit(p: argparse.ArgumentParser) -> None:
+    """``--exit-confidence``, as predict, eval and serve take it."""
+    p.add_argument(
+        "--exit-confidence",
+        type=float,
+        metavar="P",
+        help="early exit: the scales run in order and an image stops at the first whose fused prediction's "
+        "top probability is at least P (0 < P <= 1; each record says which scale answered). Choose P on "
+        "validation (benchmarks/deploy.py). Default: every image runs every scale",
+    )
 
 
 def add_backend(p: argparse.ArgumentParser) -> None:
@@ -93,10 +106,12 @@ def load_for_inference(a: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_predict(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from .early_exit import check_exit_confidence
     from .predict_files import check_out, classify_files, expand_inputs
 
     if a.topk < 1:
         raise ValueError(f"--topk must be at least 1, got {a.topk}")
+    check_exit_confidence(a.exit_confidence, a.tta)
     if a.out:
         if a.json:
             raise ValueError(
@@ -116,6 +131,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             sink.write,
             topk=a.topk,
             tta=a.tta,
+            exit_confidence=a.exit_confidence,
             batch_size=a.batch_size,
             workers=a.workers,
             device=device,
@@ -146,7 +162,13 @@ def _sink(a: argparse.Namespace, model: Any, paths: list[str]) -> tuple[Any, lis
     if not a.out:
         return (PrintJson() if a.json else PrintTable(a.topk)), paths
     sink = PredictionFile(
-        a.out, model, checkpoint=a.checkpoint, topk=a.topk, tta=a.tta, overwrite=a.overwrite
+        a.out,
+        model,
+        checkpoint=a.checkpoint,
+        topk=a.topk,
+        tta=a.tta,
+        exit_confidence=a.exit_confidence,
+        overwrite=a.overwrite,
     )
     todo = [p for p in paths if not sink.holds(p)]
     if sink.rows:

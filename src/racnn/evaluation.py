@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .attention import box_to_xyxy
 from .config import Config
+from .early_exit import ExitOutput, check_exit_confidence, model_stages, staged_forward
 from .fusion import fit_model_weights
 from .model import RACNN, fusion_keys, scale_keys
 from .runtime import autocast, place_batch
@@ -100,6 +101,7 @@ class Accumulator:
         self.keep_scores = keep_scores
         self.logprobs: list[torch.Tensor] = []  # per batch, N x B x K (keep_scores)
         self.targets: list[torch.Tensor] = []  # per batch, B (keep_scores)
+        self.scales_run: list[torch.Tensor] = []  # per batch, B: the scales each image ran (early exit)
 
     def update(
         self,
@@ -124,8 +126,9 @@ class Accumulator:
             scales = [logits[k] for k in self.scale_keys]
             self.logprobs.append(torch.stack([z.float().log_softmax(1).cpu() for z in scales]))
             self.targets.append(target.cpu())
-        for s, box in enumerate(boxes):
-            self.sides[s + 1].append((2 * box[:, 2]).float().cpu())
+        for s, box in enumerate(boxes):  # (early exit: NaN where an image stopped before the box)
+            side = (2 * box[:, 2]).float().cpu()
+            self.sides[s + 1].append(side[~side.isnan()])
         if not boxes:
             return
         views = [v.float().cpu() for v in views]
@@ -134,17 +137,24 @@ class Accumulator:
             if "has_box" in batch
             else torch.zeros(len(target), dtype=torch.bool)
         )
+        has_box &= ~views[0].isnan().any(1)
         if has_box.any():
             att, gt = box_to_xyxy(views[0][has_box]), batch["box"][has_box].float()
             self.ious.append(box_iou(att, gt))
             centre = (gt[:, :2] + gt[:, 2:]) / 2  # the object's centre lies in the attention box
             self.centre_hits.append(((centre >= att[:, :2]) & (centre <= att[:, 2:])).all(1))
             for s, view in enumerate(views, start=2):  # the region scale s sees, at least half on the object
-                self.in_object[s].append(share_inside(box_to_xyxy(view[has_box]), gt) >= 0.5)
+                ran = ~view[has_box].isnan().any(1)  # (early exit: the images that ran scale s)
+                self.in_object[s].append(share_inside(box_to_xyxy(view[has_box][ran]), gt[ran]) >= 0.5)
         if head_parts and len(views) > 1 and "parts" in batch and batch["parts"].shape[1] > 0:
             hit, has = head_hits(box_to_xyxy(views[1]), batch["parts"].float(), head_parts)
-            self.head_hit += int(hit.sum())
+            has &= ~views[1].isnan().any(1)
+            self.head_hit += int((hit & has).sum())
             self.head_n += int(has.sum())
+
+    def count_exits(self, scales_run: torch.Tensor) -> None:
+        """Early exit: how many scales each image of the batch ran (B)."""
+        self.scales_run.append(scales_run.cpu())
 
     def _confuse(self, scores: torch.Tensor, target: torch.Tensor) -> None:
         """Add the batch's ``scores`` (B x K, the fused output) to the confusion matrix."""
@@ -241,6 +251,12 @@ class Accumulator:
             side = torch.cat(sides)
             out[f"box_side_s{s}"] = float(side.mean())
             out[f"box_side_std_s{s}"] = float(side.std()) if side.numel() > 1 else 0.0
+        if self.scales_run:  # early exit: the mean scales run, and the share each answer took
+            ran = torch.cat(self.scales_run)
+            out["exit_scales_mean"] = float(ran.float().mean())
+            answers = [self.scale_keys[0], *self.output_keys[self.num_scales :]]  # s1, s12, s123
+            for n, key in enumerate(answers, start=1):
+                out[f"exit_share_{key}"] = float((ran == n).float().mean())
         out["num_images"] = self.n
         return out
 
@@ -258,18 +274,27 @@ def accumulate(
     progress: bool = True,
     keep_scores: bool = False,
     tta: str | None = None,
+    exit_confidence: float | None = None,
 ) -> Accumulator:
     """Run ``model`` (in eval mode, restored after) over ``loader`` and sum the evaluation counts: every
     output, every fusion kind (``acc_s123_<kind>``), the boxes. ``tta="flip"``: every output's scores are
     the mean probabilities of the image and its mirror image (:func:`flip_tta_logits`); the boxes are the
-    original image's."""
+    original image's. ``exit_confidence``: early exit (:func:`exit_logits`)."""
     check_tta(tta)
+    check_exit_confidence(exit_confidence, tta)
     device = torch.device(device)
     was_training = model.training
     model.eval()
     acc = Accumulator(model.cfg.num_scales, keep_scores=keep_scores)
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
         images = place_batch(batch["image"], device, channels_last=channels_last)  # B x 3 x S x S
+        if exit_confidence is not None:
+            ran = staged_forward(
+                model_stages(model), images, keys=model.keys, exit_confidence=exit_confidence
+            )
+            acc.update(exit_logits(ran, model.keys), ran.out.boxes, ran.out.views, batch, head_parts)
+            acc.count_exits(ran.scales_run)
+            continue
         with autocast(device, amp):
             out = model(images)
             mirrored = model(images.flip(3)) if tta == "flip" else None
@@ -279,6 +304,19 @@ def accumulate(
         acc.update(logits, out.boxes, out.views, batch, head_parts)
     model.train(was_training)
     return acc
+
+
+def exit_logits(ran: ExitOutput, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Early exit's outputs as an evaluation counts them: an output an image did not run takes the answer it
+    stopped at (the fusion of the scales it ran), so the last fusion (``s123``) is the early-exit model's
+    prediction and every output has a score for every image."""
+    answers = ran.answer_keys(keys)
+    logits = {k: v.clone() for k, v in ran.out.logits.items()}
+    for i, key in enumerate(answers):
+        for k in keys:
+            if logits[k][i].isnan().any():
+                logits[k][i] = ran.out.logits[key][i]
+    return logits
 
 
 def check_tta(tta: str | None) -> None:
@@ -376,6 +414,13 @@ def format_table(metrics: dict[str, float], title: str = "RA-CNN") -> str:
             line = f"{label:<{width}}  {100 * v:7.2f}%"
             top5 = metrics.get(key.replace("acc_", "top5_", 1)) if key.startswith("acc_") else None
             lines.append(line + (f"   top-5 {100 * top5:6.2f}%" if top5 is not None else ""))
+    if "exit_scales_mean" in metrics:  # early exit: the last fusion's row is the early-exit model's answer
+        shares = ", ".join(
+            f"{k.removeprefix('exit_share_')} {100 * v:.1f}%"
+            for k, v in metrics.items()
+            if k.startswith("exit_share_")
+        )
+        lines.append(f"early exit: {metrics['exit_scales_mean']:.2f} scales per image (answered by {shares})")
     return "\n".join(lines)
 
 

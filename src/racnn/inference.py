@@ -12,6 +12,7 @@ from PIL import Image
 
 from .attention import box_to_xyxy
 from .data import load_image
+from .early_exit import EXIT_KEY, check_exit_confidence, model_stages, staged_forward
 from .evaluation import check_tta, flip_tta_logits
 from .model import RACNN
 from .runtime import place_batch, place_model
@@ -56,6 +57,7 @@ def predict(
     device: torch.device | str | None = None,
     batch_size: int = 16,
     tta: str | None = None,
+    exit_confidence: float | None = None,
 ) -> list[dict[str, Any]]:
     """Classify ``images`` (file paths, PIL images, or preprocessed 3 x S x S tensors; one or a list). Files
     are turned upright by their EXIF orientation, as a viewer shows them. ``tta="flip"``: probabilities are
@@ -66,9 +68,15 @@ def predict(
     (``s1``..) and the fused outputs (``s12``, ``s123``, by the model's fusion); box ``s`` is where scale ``s``
     looked, i.e. the input of scale ``s + 1``, relative to the image (``cx``, ``cy``, ``side`` in 0..1) and in
     its pixels. ``tta`` is the test-time augmentation the record's probabilities had (None or ``"flip"``).
-    Class names come from ``model.classes`` (indices when the model has none)."""
+    ``scales_run`` is how many scales ran and ``answered_by`` the output that answered (the fusion of the
+    scales run: ``s123`` for 3). ``exit_confidence``: early exit (:mod:`racnn.early_exit`): an image stops
+    after the first scale whose fused prediction's top probability reaches it, and its record holds the
+    outputs and boxes it ran. ``model``: a :class:`RACNN` or an onnxruntime model
+    (``racnn.load_model(path, backend="onnxruntime")``). Class names come from ``model.classes`` (indices
+    when the model has none)."""
     check_topk(topk)
     check_tta(tta)
+    check_exit_confidence(exit_confidence, tta)
     if isinstance(images, (str, Path, Image.Image)) or (
         isinstance(images, torch.Tensor) and images.ndim == 3
     ):
@@ -78,7 +86,9 @@ def predict(
     with evaluating(model, device) as device:
         for start in range(0, len(items), batch_size):
             x, names, sizes = _as_inputs(model, items[start : start + batch_size])
-            probs, views = forward_probs(model, place_batch(x, device), tta=tta)
+            probs, views = forward_probs(
+                model, place_batch(x, device), tta=tta, exit_confidence=exit_confidence
+            )
             out += records(model, probs, views, names, sizes, topk=topk, tta=tta)
     return out
 
@@ -106,12 +116,18 @@ def evaluating(model: RACNN, device: torch.device | str | None) -> Iterator[torc
 
 @torch.no_grad()
 def forward_probs(
-    model: RACNN, x: torch.Tensor, *, tta: str | None = None
+    model: RACNN, x: torch.Tensor, *, tta: str | None = None, exit_confidence: float | None = None
 ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """The model on a preprocessed batch (B x 3 x S x S): every output's probabilities (B x K, on the CPU)
     and the views of scales 2..N relative to the image (B x 3 each). ``tta="flip"``: each output's
     probabilities are the mean of the batch's and of its mirror image's, each view zoomed into by its own
-    boxes; the views returned are the original image's."""
+    boxes; the views returned are the original image's. ``exit_confidence``: early exit
+    (:mod:`racnn.early_exit`): the outputs and views an image did not run are NaN rows, and the probabilities
+    gain ``scales_run`` (B, the scales that answered each image)."""
+    if exit_confidence is not None:
+        ran = staged_forward(model_stages(model), x, keys=model.keys, exit_confidence=exit_confidence)
+        probs = {k: v.softmax(1) for k, v in ran.out.logits.items()} | {EXIT_KEY: ran.scales_run}
+        return probs, ran.out.views
     out = model(x)
     logits = out.logits
     if tta == "flip":
@@ -130,20 +146,25 @@ def records(
     tta: str | None = None,
 ) -> list[dict[str, Any]]:
     """The prediction records (schema of :func:`predict`) of a batch's probabilities and views; ``tta``: the
-    test-time augmentation that made ``probs`` (:func:`forward_probs`), recorded in each."""
+    test-time augmentation that made ``probs`` (:func:`forward_probs`), recorded in each. After an early exit
+    (``probs`` holds ``scales_run``) a record has the outputs and boxes its image ran."""
     classes = model.classes or [str(i) for i in range(model.num_classes)]
     k = min(topk, model.num_classes)
+    fused = [model.scale_keys[0], *model.fusion_keys]  # the answer of 1, 2, ... scales: s1, s12, s123
     result = []
     for i, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
+        ran = int(probs[EXIT_KEY][i]) if EXIT_KEY in probs else len(model.scale_keys)
         top = {}
         for key in model.keys:
+            if probs[key][i].isnan().any():  # early exit: an output this image did not run
+                continue
             val, idx = probs[key][i].topk(k)
             top[key] = [
                 {"class": classes[j], "index": int(j), "prob": float(v)}
                 for v, j in zip(val, idx, strict=True)
             ]
         boxes = []
-        for s, b in enumerate(views):
+        for s, b in enumerate(views[: ran - 1]):  # the boxes this image's scales gave
             x0, y0, x1, y1 = box_to_xyxy(b[i]).tolist()
             boxes.append(
                 {
@@ -154,7 +175,18 @@ def records(
                     "xyxy_px": [round(x0 * w, 1), round(y0 * h, 1), round(x1 * w, 1), round(y1 * h, 1)],
                 }
             )
-        result.append({"image": name, "width": w, "height": h, "tta": tta, "top": top, "boxes": boxes})
+        result.append(
+            {
+                "image": name,
+                "width": w,
+                "height": h,
+                "tta": tta,
+                "top": top,
+                "boxes": boxes,
+                "scales_run": ran,
+                "answered_by": fused[ran - 1],
+            }
+        )
     return result
 
 

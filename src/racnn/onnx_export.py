@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write, model_config_dict
+from .early_exit import STAGE_OUTPUTS, ScaleStage
 from .model import RACNN
 from .onnx_model import ONNX_FORMAT
 
-__all__ = ["DEFAULT_OPSET", "RACNNOnnxWrapper", "export_onnx", "output_names"]
+__all__ = ["DEFAULT_OPSET", "RACNNOnnxWrapper", "export_onnx", "export_stages", "output_names", "stage_files"]
 
 DEFAULT_OPSET = 18
 # Weights above this size go to a separate ``<file>.data`` next to the graph (protobuf caps a file at 2 GiB).
@@ -104,18 +105,74 @@ def export_onnx(
         raise ValueError(f"image_size must be >= 1, got {size}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    was_training = model.training
-    wrapper = RACNNOnnxWrapper(model).eval()
     param = next(model.parameters())
     example = torch.randn(2, 3, size, size, device=param.device, dtype=param.dtype)
-    dynamic = ({0: torch.export.Dim("batch", min=1)},) if batch_dynamic else None
+    _export(
+        RACNNOnnxWrapper(model),
+        (example,),
+        path,
+        input_names=["images"],
+        output_names=output_names(model),
+        metadata=_metadata(model, size, classes),
+        batch_dynamic=batch_dynamic,
+        opset=opset,
+        optimize=optimize,
+    )
+    return path
+
+
+def stage_files(folder: str | Path, num_scales: int) -> list[Path]:
+    """The stage graphs of an export (early exit, :mod:`racnn.early_exit`): ``stage_s1.onnx`` .. in ``folder``."""
+    return [Path(folder) / f"stage_s{s + 1}.onnx" for s in range(num_scales)]
+
+
+def export_stages(
+    model: RACNN, folder: str | Path, *, image_size: int | None = None, opset: int = DEFAULT_OPSET
+) -> list[Path]:
+    """Write each scale of ``model`` as a graph of its own (:class:`racnn.early_exit.ScaleStage`, dynamic
+    batch; inputs and outputs named as its signature) into ``folder``: what early exit runs in onnxruntime,
+    where one graph cannot send part of its batch on. Returns the files (:func:`stage_files`)."""
+    size = model.input_size if image_size is None else int(image_size)
+    param = next(model.parameters())
+    images = torch.randn(2, 3, size, size, device=param.device, dtype=param.dtype)
+    paths, state = stage_files(folder, model.cfg.num_scales), ()
+    for s, path in enumerate(paths):
+        stage = ScaleStage(model, s)
+        inputs = ["images"] + (["x", "view_in", "logits_in", "pooled_in"] if s else [])  # (not output names)
+        outputs = list(STAGE_OUTPUTS[: 3 if stage.last else 6])
+        meta = {"racnn.format": ONNX_FORMAT, "racnn.stage": str(s)}
+        _export(stage, (images, *state), path, input_names=inputs, output_names=outputs, metadata=meta)
+        if not stage.last:
+            with torch.no_grad():
+                got = stage.eval()(images, *state)
+            state = (got[5], got[4], got[1], got[2])  # the next stage's x, view, logits, pooled
+    return paths
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    metadata: dict[str, str],
+    batch_dynamic: bool = True,
+    opset: int = DEFAULT_OPSET,
+    optimize: bool = True,
+) -> None:
+    """``module`` (in eval mode for the export; its mode restored after) traced on ``args`` and written to
+    ``path`` with ``metadata``; the batch axis of every input symbolic with ``batch_dynamic``."""
+    modes = [(m, m.training) for m in module.modules()]  # a wrapper's own mode is no guide to its model's
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in args) if batch_dynamic else None
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                wrapper,
-                (example,),
-                input_names=["images"],
-                output_names=output_names(model),
+                module.eval(),
+                args,
+                input_names=input_names,
+                output_names=output_names,
                 opset_version=opset,
                 dynamo=True,
                 dynamic_shapes=dynamic,
@@ -123,13 +180,13 @@ def export_onnx(
                 verbose=False,
             )
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if program is None:  # pragma: no cover - only the TorchScript exporter returns None
         raise RuntimeError("torch.onnx.export returned no program")
-    program.model.metadata_props.update(_metadata(model, size, classes))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    program.model.metadata_props.update(metadata)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
     if weight_bytes > _EXTERNAL_DATA_BYTES:
         program.save(str(path), external_data=True)  # the .data file is named after ``path``: no temp file
     else:
         atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
-    return path

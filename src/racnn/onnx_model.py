@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,20 +59,13 @@ class OnnxRACNN:
     device = torch.device("cpu")
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
-        ort = import_onnxruntime()
+        import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: not found")
-        options = ort.SessionOptions()
-        threads = default_threads() if threads is None else threads
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own classes, one per failure
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{self.path}: not a readable ONNX graph ({first[:200]})") from e
+        self.threads = default_threads() if threads is None else threads
+        self._stages: list[_Stage] | None = None
+        self.session = self._session(self.path)
         meta = self.session.get_modelmeta().custom_metadata_map
         if meta.get("racnn.format") != ONNX_FORMAT:
             raise CheckpointError(
@@ -101,6 +95,18 @@ class OnnxRACNN:
         self._outputs = outputs
         weights = meta.get("racnn.fusion_weights")
         self.fusion_weights = torch.tensor(json.loads(weights)) if weights else None
+
+    def _session(self, path: Path) -> Any:
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own classes, one per failure
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: not a readable ONNX graph ({first[:200]})") from e
 
     def _training_config(self, meta: dict[str, str]) -> Config | None:
         if "racnn.config" not in meta:  # an export from before the config was recorded: predict only
@@ -154,6 +160,20 @@ class OnnxRACNN:
             views.append(box if not views else compose_boxes(views[-1], box))
         return RACNNOutput(logits, boxes, [], views=views, concat=concat)
 
+    def stages(self) -> list[Callable[..., tuple[torch.Tensor, ...]]]:
+        """The export's stage graphs (``stage_s1.onnx`` .. beside ``model.onnx``) as callables on torch tensors,
+        what early exit runs (:mod:`racnn.early_exit`); their sessions are opened on first use."""
+        if self._stages is None:
+            files = [self.path.parent / f"stage_s{s + 1}.onnx" for s in range(len(self.scale_keys))]
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(
+                    f"{missing[0]}: not found; early exit in onnxruntime runs the stage graphs that racnn export "
+                    "--format onnx writes beside model.onnx: export the model again"
+                )
+            self._stages = [_Stage(self._session(f)) for f in files]
+        return self._stages
+
     def fusion_variants(self, out: RACNNOutput) -> dict[str, torch.Tensor]:
         """Every fusion kind of ``out``'s fused outputs that the graph lets one compute (as
         :meth:`racnn.model.RACNN.fusion_variants`): ``concat`` needs the graph's concat heads, ``weighted`` the
@@ -171,6 +191,21 @@ class OnnxRACNN:
                     kind, scales[:n], concat=out.concat.get(key), weights=weights
                 )
         return variants
+
+
+class _Stage:
+    """A stage graph as a callable on torch tensors (:mod:`racnn.early_exit`'s signature)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.inputs = [i.name for i in session.get_inputs()]
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feed = {
+            n: np.ascontiguousarray(a.detach().float().cpu().numpy())
+            for n, a in zip(self.inputs, args, strict=True)
+        }
+        return tuple(torch.from_numpy(o) for o in self.session.run(None, feed))
 
 
 def load_onnx_model(path: str | Path, *, threads: int | None = None) -> OnnxRACNN:

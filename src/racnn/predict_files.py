@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import DatasetError, load_image
 from .data.imagefolder import IMAGE_EXTENSIONS
+from .early_exit import check_exit_confidence
 from .evaluation import check_tta
 from .filelock import LockHeld, hold_lock
 from .inference import check_topk, evaluating, format_predictions, forward_probs, records
@@ -162,6 +163,7 @@ def classify_files(
     *,
     topk: int = 5,
     tta: str | None = None,
+    exit_confidence: float | None = None,
     batch_size: int = 16,
     workers: int = 0,
     device: torch.device | str | None = None,
@@ -172,9 +174,11 @@ def classify_files(
     processes; 0: here) and pass each batch's records (:func:`racnn.predict`'s) to ``write``, in order.
     An unreadable file is a :class:`DatasetError` naming it, raised once the records of the files before it
     are written; with ``skip_bad_images`` it is left out instead. Returns the skipped (path, reason)
-    pairs. ``progress``: a tqdm bar advanced by each image done."""
+    pairs. ``progress``: a tqdm bar advanced by each image done. ``exit_confidence``: early exit, as
+    :func:`racnn.predict`."""
     check_topk(topk)
     check_tta(tta)
+    check_exit_confidence(exit_confidence, tta)
     loader = DataLoader(
         ImageFiles(paths, model.transforms()),
         batch_size=batch_size,
@@ -191,7 +195,7 @@ def classify_files(
                 good = [item for item in good if item[0] < first]
             if good:
                 x = place_batch(torch.stack([x for _, x, _ in good]), device)
-                probs, views = forward_probs(model, x, tta=tta)
+                probs, views = forward_probs(model, x, tta=tta, exit_confidence=exit_confidence)
                 names = [paths[i] for i, _, _ in good]
                 sizes = [size for _, _, size in good]
                 write(records(model, probs, views, names, sizes, topk=topk, tta=tta))
@@ -265,14 +269,16 @@ def csv_columns(model: RACNN, topk: int) -> list[str]:
     return cols
 
 
-def csv_row(rec: dict[str, Any], output: str) -> list[Any]:
-    """One record as a row of :func:`csv_columns` (probabilities to 6 decimals)."""
+def csv_row(rec: dict[str, Any], output: str, boxes: int) -> list[Any]:
+    """One record as a row of :func:`csv_columns` (probabilities to 6 decimals): the classes of ``output``, or
+    of the output that answered after an early exit, whose later boxes are empty cells (``boxes``: the
+    columns' count of boxes)."""
     row: list[Any] = [rec["image"], rec["width"], rec["height"]]
-    for entry in rec["top"][output]:
+    for entry in rec["top"][output if output in rec["top"] else rec["answered_by"]]:
         row += [entry["class"], f"{entry['prob']:.6f}"]
     for box in rec["boxes"]:
         row += box["xyxy_px"]
-    return row
+    return row + [""] * 4 * (boxes - len(rec["boxes"]))
 
 
 def checkpoint_stamp(checkpoint: str | Path) -> list[Any]:
@@ -305,9 +311,11 @@ class PredictionFile:
         checkpoint: str | Path | None,
         topk: int = 5,
         tta: str | None = None,
+        exit_confidence: float | None = None,
         overwrite: bool = False,
     ) -> None:
         self.path = Path(path)
+        self.boxes = len(model.scale_keys) - 1
         self.format = check_out(self.path)
         self.settings: dict[str, Any] = {
             "written_by": "racnn predict",
@@ -317,6 +325,7 @@ class PredictionFile:
             "topk": topk,
             "tta": tta,
             "output": model.keys[-1],  # the fused output of every scale: the CSV's classes
+            "exit_confidence": exit_confidence,
         }
         if self.format == "csv":
             self.settings["columns"] = csv_columns(model, topk)
@@ -455,7 +464,7 @@ class PredictionFile:
         if self.rebase:
             recs = [r | {"image": _relative_to(r["image"], self.base)} for r in recs]
         if self.format == "csv":
-            lines = [self._csv_line(csv_row(r, self.settings["output"])) for r in recs]
+            lines = [self._csv_line(csv_row(r, self.settings["output"], self.boxes)) for r in recs]
         else:
             lines = [self._json_line(r) for r in recs]
         self._append(lines)

@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 from .data.errors import DatasetError
 from .data.io import ImageTooLarge, NotAnImage, load_image
+from .early_exit import check_exit_confidence
 from .inference import forward_probs, records
 from .model import RACNN
 from .runtime import place_batch, place_model
@@ -99,8 +100,12 @@ class ServeLimits:
     # connections served at once, idle keep-alive ones included (racnn serve: uvicorn's limit_concurrency; past
     # it uvicorn answers 503); None: max_queue + max_batch + 16 (:attr:`connections`)
     max_connections: int | None = None
+    # early exit (racnn.early_exit): an image stops at the first scale whose fused prediction is this confident;
+    # None: every image runs every scale
+    exit_confidence: float | None = None
 
     def __post_init__(self) -> None:
+        check_exit_confidence(self.exit_confidence)
         for name in ("max_upload_bytes", "max_pixels", "max_images", "max_batch", "topk", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -310,7 +315,9 @@ class Batcher:
         executor: Executor | None = None,
         max_queue: int | None = None,
         metrics: Metrics | None = None,
+        exit_confidence: float | None = None,
     ) -> None:
+        self.exit_confidence = exit_confidence
         if max_queue is not None and max_queue < 1:
             raise ValueError(f"max_queue must be at least 1 (None: no bound), not {max_queue}")
         self.model, self.device, self.max_batch = model, device, max_batch
@@ -402,7 +409,8 @@ class Batcher:
                 ]
             )
             t0 = time.perf_counter()
-            out = forward_probs(self.model, place_batch(x, self.device, channels_last=self.channels_last))
+            x = place_batch(x, self.device, channels_last=self.channels_last)
+            out = forward_probs(self.model, x, exit_confidence=self.exit_confidence)
             seconds = time.perf_counter() - t0
             self.forward_s.setdefault(len(x), deque(maxlen=256)).append(seconds)
             self.s_per_image = seconds / len(x)
@@ -491,6 +499,7 @@ def create_app(
             executor=executor,
             max_queue=limits.max_queue,
             metrics=metrics,
+            exit_confidence=limits.exit_confidence,
         )
         state["batcher"].start()
         drain.bind()
@@ -511,6 +520,7 @@ def create_app(
         "fusion": model.cfg.fusion,
         "outputs": model.keys,
         "backend": getattr(model, "backend", "torch"),
+        "exit_confidence": limits.exit_confidence,
         "max_upload_bytes": limits.max_upload_bytes,
         "max_pixels": limits.max_pixels,
         "max_images": limits.images_per_request,

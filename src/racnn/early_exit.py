@@ -1,0 +1,163 @@
+"""Early exit: the scales run one after another, and an image stops as soon as the prediction so far (the
+fusion of the scales run so far, ``model.fusion``) is confident enough.
+
+RA-CNN pays three backbone passes per image; most images are already clear at scale 1 or after scales 1 and 2.
+With ``exit_confidence=P``, an image whose top probability after scale s is at least P is answered there, and
+only the others go on to scale s + 1. ``P`` is chosen on validation (``benchmarks/deploy.py``), never on test.
+
+A stage is one scale as a module of its own (:class:`ScaleStage`): its backbone and head, the fusion of the
+scales so far, and, but for the last, its APN and the crop that is the next scale's input. The eager predictor
+runs the stages of the PyTorch model; the onnxruntime one runs them as separate graphs
+(:func:`racnn.onnx_export.export_stages`): a graph cannot send part of its batch on, so one graph per scale is
+the only way an image that stops early skips the later scales' cost.
+
+Stage signatures (B images; C the pooled channels, K the classes; scale s 0-based):
+
+- stage 0: ``images`` (B x 3 x H x W) -> ``fused`` (B x K, = scale 1's logits), ``logits`` (B x 1 x K),
+  ``pooled`` (B x 1 x C), ``box``, ``view`` (B x 3), ``next_input`` (B x 3 x S' x S');
+- stage s > 0: ``images``, ``x`` (its input), ``view`` (the region ``x`` shows), ``logits`` (B x s x K) and
+  ``pooled`` (B x s x C) of the earlier scales -> ``fused`` (the fusion of scales 1..s+1), ``logits``,
+  ``pooled`` (B x (s+1) x ...), and, but for the last stage, ``box``, ``view``, ``next_input``. (In the stage
+  graphs the inputs that share an output's name end in ``_in``.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attention import compose_boxes
+from .fusion import fuse
+from .model import RACNN, RACNNOutput
+
+# the entry of racnn.inference.forward_probs's probabilities that says how many scales answered each image
+EXIT_KEY = "scales_run"
+# a stage's outputs by name, in this order (the last stage has the first three only)
+STAGE_OUTPUTS = ("fused", "logits", "pooled", "box", "view", "next_input")
+
+
+class ScaleStage(nn.Module):
+    """Scale ``s`` (0-based) of ``model`` as a module of its own (signatures: the module's docstring)."""
+
+    def __init__(self, model: RACNN, s: int) -> None:
+        super().__init__()
+        self.model, self.s = model, s
+        self.last = s == model.cfg.num_scales - 1
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        x: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        m, s = self.model, self.s
+        if s == 0:  # the first scale reads the image alone
+            x, view, logits, pooled = m.scale_input(images), None, None, None
+        fmap = m.trunk(s, x)  # B x C x h x w
+        p = fmap.mean(dim=(2, 3))  # B x C
+        z = m.heads[s](m.dropout(p))  # B x K
+        logits = z[:, None] if logits is None else torch.cat([logits, z[:, None]], dim=1)
+        pooled = p[:, None] if pooled is None else torch.cat([pooled, p[:, None]], dim=1)
+        fused = z if s == 0 else self._fused(logits, pooled)
+        if self.last:
+            return fused, logits, pooled
+        box = m.apns[s](fmap)
+        view = box if view is None else compose_boxes(view, box)
+        return fused, logits, pooled, box, view, m.zoom_in(s, images, x, box, view)
+
+    def _fused(self, logits: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """The model's fusion of the n = s + 1 scales run: ``logits`` B x n x K, ``pooled`` B x n x C."""
+        m, n = self.model, self.s + 1
+        concat = m.fusions[n - 2](m.dropout(pooled.flatten(1)))  # the concat head of n scales: B x K
+        weights = m.fusion_weights[n - 2, :n]
+        return fuse(m.cfg.fusion, list(logits.unbind(1)), concat=concat, weights=weights)
+
+
+def model_stages(model: RACNN) -> list[Callable[..., tuple[torch.Tensor, ...]]]:
+    """The stages of ``model``: an onnxruntime model's stage graphs, or eager ones (no gradient)."""
+    if hasattr(model, "stages"):  # racnn.onnx_model.OnnxRACNN
+        return model.stages()
+    return [torch.no_grad()(ScaleStage(model, s)) for s in range(model.cfg.num_scales)]
+
+
+def check_exit_confidence(p: float | None, tta: str | None = None) -> None:
+    """``None`` (every scale) or a probability in (0, 1]; not with test-time augmentation (ValueError)."""
+    if p is None:
+        return
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"the exit confidence must be in (0, 1], got {p}")
+    if tta is not None:
+        raise ValueError("early exit and test-time augmentation do not combine: pass one of them")
+
+
+@dataclass
+class ExitOutput:
+    """What the staged run gives a batch of B images: the outputs each image ran (NaN rows for those it did not
+    run), the boxes and views it ran (NaN where not), and how many scales answered it (B, 1..N)."""
+
+    out: RACNNOutput
+    scales_run: torch.Tensor  # B, int64
+
+    def answer_keys(self, keys: Sequence[str]) -> list[str]:
+        """The output that answered each image: ``s1`` for 1 scale, ``s12`` for 2, ``s123`` for 3 ..."""
+        names = [keys[0], *[k for k in keys if len(k) > 2]]  # s1, s12, s123, ...
+        return [names[int(n) - 1] for n in self.scales_run]
+
+
+def staged_forward(
+    stages: Sequence[Callable[..., tuple[torch.Tensor, ...]]],
+    images: torch.Tensor,
+    *,
+    keys: Sequence[str],
+    exit_confidence: float,
+) -> ExitOutput:
+    """Run ``stages`` (eager or onnxruntime, :func:`torch_stages`) on ``images`` (B x 3 x H x W), each image as
+    far as its fused prediction's top probability stays below ``exit_confidence`` (``> 1``: every scale).
+    ``keys``: the model's output keys. Returns every output's logits (B x K; NaN rows where an image stopped
+    before that output), boxes and views alike, and the scales each image ran."""
+    b, n = images.shape[0], len(stages)
+    scale_names, fusion_names = keys[:n], keys[n:]
+    logits: dict[str, torch.Tensor] = {}
+    boxes: list[torch.Tensor] = []
+    views: list[torch.Tensor] = []
+    scales_run = torch.ones(b, dtype=torch.long)
+    rows = torch.arange(b)  # the images still running
+    state: tuple[torch.Tensor, ...] = ()
+    for s, stage in enumerate(stages):
+        got = stage(images[rows], *state)
+        fused, per_scale = got[0].float(), got[1].float()
+        _fill(logits, scale_names[s], rows, per_scale[:, -1], b)
+        if s > 0:
+            _fill(logits, fusion_names[s - 1], rows, fused, b)
+        scales_run[rows] = s + 1
+        if s == n - 1:
+            break
+        box, view, nxt = got[3].float(), got[4].float(), got[5]
+        boxes.append(_scatter(rows, box, b))
+        views.append(_scatter(rows, view, b))
+        go_on = (fused.softmax(1).amax(1) < exit_confidence).cpu()
+        if not bool(go_on.any()):
+            break
+        rows = rows[go_on]
+        state = (nxt[go_on], view[go_on], got[1][go_on], got[2][go_on])
+    k = logits[scale_names[0]].shape[1]
+    logits = {key: logits.get(key, torch.full((b, k), float("nan"))) for key in keys}  # every key, run or not
+    return ExitOutput(RACNNOutput(logits, boxes, [], views=views), scales_run)
+
+
+def _scatter(rows: torch.Tensor, values: torch.Tensor, b: int) -> torch.Tensor:
+    """``values`` (len(rows) x ...) into a B x ... tensor of NaN at ``rows``."""
+    out = torch.full((b, *values.shape[1:]), float("nan"), dtype=values.dtype)
+    out[rows] = values.cpu()
+    return out
+
+
+def _fill(
+    logits: dict[str, torch.Tensor], key: str, rows: torch.Tensor, values: torch.Tensor, b: int
+) -> None:
+    logits[key] = _scatter(rows, values, b)

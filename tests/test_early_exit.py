@@ -1,0 +1,135 @@
+"""Early exit (racnn.early_exit): the staged model is the model, stage by stage; an image stops at the first
+scale whose fused prediction is confident enough, and predict, eval and the CSV say which output answered."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import racnn
+from racnn.cli import main
+from racnn.early_exit import check_exit_confidence, model_stages, staged_forward
+from test_cli import _seven_class_checkpoint, _seven_class_folder
+
+
+def _model(num_scales: int = 3, fusion: str = "mean_logprob") -> racnn.RACNN:
+    torch.manual_seed(0)
+    return racnn.create_model(
+        "tiny",
+        num_classes=5,
+        num_scales=num_scales,
+        input_size=32,
+        zoom_size=24,
+        apn_grid=2,
+        apn_hidden=8,
+        fusion=fusion,
+        image_size=40,
+    ).eval()
+
+
+def _between(values: torch.Tensor) -> float:
+    """A threshold in the middle of the widest gap between ``values`` (no value is near it on any CPU)."""
+    v = values.sort().values
+    i = int((v[1:] - v[:-1]).argmax())
+    return float((v[i] + v[i + 1]) / 2)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean_prob", "mean_logprob", "weighted"])
+@pytest.mark.parametrize("num_scales", [2, 3, 4])
+def test_the_stages_without_an_exit_are_the_model(fusion: str, num_scales: int) -> None:
+    model = _model(num_scales, fusion)
+    x = torch.randn(5, 3, 40, 40)
+    with torch.no_grad():
+        want = model(x)
+    ran = staged_forward(model_stages(model), x, keys=model.keys, exit_confidence=2.0)  # nothing is that sure
+    assert ran.scales_run.tolist() == [num_scales] * 5
+    for k in model.keys:
+        torch.testing.assert_close(ran.out.logits[k], want.logits[k], atol=1e-5, rtol=0)
+    for got, w in zip(ran.out.views, want.views, strict=True):
+        torch.testing.assert_close(got, w, atol=1e-5, rtol=0)
+
+
+def test_an_image_stops_at_the_first_confident_scale() -> None:
+    model = _model()
+    x = torch.randn(12, 3, 40, 40)
+    with torch.no_grad():
+        want = model(x)
+    conf1 = want.logits["s1"].softmax(1).amax(1)
+    p = _between(conf1)
+    conf12 = want.logits["s12"].softmax(1).amax(1)
+    ran = staged_forward(model_stages(model), x, keys=model.keys, exit_confidence=p)
+    expect = torch.where(conf1 >= p, 1, torch.where(conf12 >= p, 2, 3))
+    assert ran.scales_run.tolist() == expect.tolist() and 1 in expect.tolist() and 3 in expect.tolist()
+    for k, needs in {"s1": 1, "s2": 2, "s12": 2, "s3": 3, "s123": 3}.items():
+        rows = expect >= needs
+        torch.testing.assert_close(ran.out.logits[k][rows], want.logits[k][rows], atol=1e-5, rtol=0)
+        assert bool(ran.out.logits[k][~rows].isnan().all()), k  # what an image did not run is NaN
+    assert ran.answer_keys(model.keys) == [["s1", "s12", "s123"][int(n) - 1] for n in expect]
+    # the records: the outputs and boxes each image ran, which answered, and the answer's classes first
+    recs = racnn.predict(model, list(x), exit_confidence=p, topk=2)
+    for rec, n in zip(recs, expect.tolist(), strict=True):
+        assert rec["scales_run"] == n and rec["answered_by"] == ["s1", "s12", "s123"][n - 1]
+        needs = {"s1": 1, "s2": 2, "s12": 2, "s3": 3, "s123": 3}
+        assert list(rec["top"]) == [k for k in model.keys if needs[k] <= n]
+        assert len(rec["boxes"]) == n - 1  # the boxes that made the inputs of the scales it ran
+    full = racnn.predict(model, list(x), topk=2)
+    assert {r["scales_run"] for r in full} == {3} and {r["answered_by"] for r in full} == {"s123"}
+
+
+def test_exit_confidence_must_be_a_probability_and_not_with_tta() -> None:
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+            check_exit_confidence(bad)
+    with pytest.raises(ValueError, match="do not combine"):
+        check_exit_confidence(0.9, "flip")
+    check_exit_confidence(None, "flip")
+    check_exit_confidence(1.0)
+
+
+def test_predict_eval_and_the_csv_with_early_exit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trees = tmp_path / "trees"
+    _seven_class_folder(trees)
+    ckpt = _seven_class_checkpoint(tmp_path / "best.pt")
+    model = racnn.load_model(ckpt)
+    images = sorted((trees / "test").rglob("*.png"))
+    with torch.no_grad():
+        first = [r["top"]["s1"][0]["prob"] for r in racnn.predict(model, images)]
+    p = _between(torch.tensor(first))
+    base = ["--checkpoint", str(ckpt), "--exit-confidence", str(p)]
+    assert main(["predict", *base, str(trees / "test"), "--json", "--workers", "0", "--no-progress"]) == 0
+    recs = json.loads(capsys.readouterr().out)
+    ran = [r["scales_run"] for r in recs]
+    assert 1 in ran and max(ran) > 1
+    # the CSV: the answer's classes, and empty cells for the boxes an image did not reach
+    out = tmp_path / "preds.csv"
+    args = ["predict", *base, str(trees / "test"), "--out", str(out), "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    by_path = {r["image"]: r for r in recs}
+    for row in rows:
+        rec = by_path[row["path"]]
+        assert row["class"] == rec["top"][rec["answered_by"]][0]["class"]
+        assert (row["box1_x0"] == "") == (rec["scales_run"] == 1)
+        assert (row["box2_x0"] == "") == (rec["scales_run"] < 3)
+    capsys.readouterr()
+    # the same file continued with another threshold is refused
+    assert main([*args[:4], "0.99", *args[5:]]) == 1  # (PredictionFileError: a ValueError)
+    assert "exit_confidence" in capsys.readouterr().err
+    # eval: the last fusion's figure is the early-exit model's accuracy; the mean scales run and the shares
+    js = tmp_path / "m.json"
+    assert main(["eval", *base, "--data", str(trees), "--batch-size", "4", "--json", str(js)]) == 0
+    assert "early exit:" in capsys.readouterr().out
+    m = json.loads(js.read_text())
+    right = [Path(r["image"]).parent.name == r["top"][r["answered_by"]][0]["class"] for r in recs]
+    assert m["acc_s123"] == pytest.approx(sum(right) / len(right), abs=1e-9)
+    assert m["exit_scales_mean"] == pytest.approx(sum(ran) / len(ran), abs=1e-6)  # (a float32 mean)
+    shares = [m["exit_share_s1"], m["exit_share_s12"], m["exit_share_s123"]]
+    assert shares == pytest.approx([ran.count(n) / len(ran) for n in (1, 2, 3)], abs=1e-6)
+    assert m["exit_confidence"] == p
+    # with flip TTA: refused in one line
+    assert main(["eval", *base, "--data", str(trees), "--tta", "flip"]) == 1
+    assert "do not combine" in capsys.readouterr().err
