@@ -31,10 +31,11 @@ ENGINE_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """``(checkpoint, ONNX folder, image folder)`` of a 7-class tiny model."""
+    """``(checkpoint, ONNX folder, image folder)`` of a 7-class tiny model that crops its zoomed scales from the
+    40 px image (the recipe's crop_from=source)."""
     tmp = tmp_path_factory.mktemp("backend")
     _seven_class_folder(tmp / "trees")
-    ckpt = _seven_class_checkpoint(tmp / "best.pt")
+    ckpt = _seven_class_checkpoint(tmp / "best.pt", "model.crop_from=source", "data.image_size=40")
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp / "onnx")]) == 0
     return ckpt, tmp / "onnx", tmp / "trees"
 

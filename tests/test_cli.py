@@ -166,14 +166,14 @@ def _seven_class_folder(root: Path, per_class: int = 2) -> list[tuple[Path, int]
     return test
 
 
-def _seven_class_checkpoint(path: Path) -> Path:
+def _seven_class_checkpoint(path: Path, *overrides: str) -> Path:
     import torch
 
     from racnn.checkpoint import model_record, save_checkpoint
     from racnn.config import load_config
     from racnn.model import build_model
 
-    cfg = load_config(None, [*TINY_MODEL, "data.num_workers=0", "data.name=imagefolder"])
+    cfg = load_config(None, [*TINY_MODEL, "data.num_workers=0", "data.name=imagefolder", *overrides])
     torch.manual_seed(0)
     save_checkpoint(model_record(build_model(cfg.model, num_classes=len(SEVEN)), cfg, SEVEN), path)
     return path

@@ -16,12 +16,13 @@ from racnn.early_exit import check_exit_confidence, model_stages, staged_forward
 from test_cli import _seven_class_checkpoint, _seven_class_folder
 
 
-def _model(num_scales: int = 3, fusion: str = "mean_logprob") -> racnn.RACNN:
+def _model(num_scales: int = 3, fusion: str = "mean_logprob", crop_from: str = "previous") -> racnn.RACNN:
     torch.manual_seed(0)
     return racnn.create_model(
         "tiny",
         num_classes=5,
         num_scales=num_scales,
+        crop_from=crop_from,
         input_size=32,
         zoom_size=24,
         apn_grid=2,
@@ -39,9 +40,9 @@ def _between(values: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("fusion", ["concat", "mean_prob", "mean_logprob", "weighted"])
-@pytest.mark.parametrize("num_scales", [2, 3, 4])
-def test_the_stages_without_an_exit_are_the_model(fusion: str, num_scales: int) -> None:
-    model = _model(num_scales, fusion)
+@pytest.mark.parametrize(("num_scales", "crop_from"), [(2, "previous"), (3, "source"), (4, "previous")])
+def test_the_stages_without_an_exit_are_the_model(fusion: str, num_scales: int, crop_from: str) -> None:
+    model = _model(num_scales, fusion, crop_from)
     x = torch.randn(5, 3, 40, 40)
     with torch.no_grad():
         want = model(x)

@@ -14,7 +14,7 @@ the only way an image that stops early skips the later scales' cost.
 Stage signatures (B images; C the pooled channels, K the classes; scale s 0-based):
 
 - stage 0: ``images`` (B x 3 x H x W) -> ``fused`` (B x K, = scale 1's logits), ``logits`` (B x 1 x K),
-  ``pooled`` (B x 1 x C), ``box``, ``view`` (B x 3), ``next_input`` (B x 3 x S' x S');
+  ``pooled`` (B x 1 x C), ``box`` (B x 3, also the view of the next scale), ``next_input`` (B x 3 x S' x S');
 - stage s > 0: ``images``, ``x`` (its input), ``view`` (the region ``x`` shows), ``logits`` (B x s x K) and
   ``pooled`` (B x s x C) of the earlier scales -> ``fused`` (the fusion of scales 1..s+1), ``logits``,
   ``pooled`` (B x (s+1) x ...), and, but for the last stage, ``box``, ``view``, ``next_input``. (In the stage
@@ -35,8 +35,16 @@ from .model import RACNN, RACNNOutput
 
 # the entry of racnn.inference.forward_probs's probabilities that says how many scales answered each image
 EXIT_KEY = "scales_run"
-# a stage's outputs by name, in this order (the last stage has the first three only)
+# a stage's outputs by name, in this order (the last stage has the first three only; the first has no "view",
+# which is its box: a graph cannot name one value twice)
 STAGE_OUTPUTS = ("fused", "logits", "pooled", "box", "view", "next_input")
+
+
+def stage_outputs(s: int, num_scales: int) -> list[str]:
+    """The output names of stage ``s`` (0-based) of a model of ``num_scales`` scales."""
+    if s == num_scales - 1:
+        return list(STAGE_OUTPUTS[:3])
+    return [n for n in STAGE_OUTPUTS if s > 0 or n != "view"]
 
 
 class ScaleStage(nn.Module):
@@ -67,7 +75,9 @@ class ScaleStage(nn.Module):
         if self.last:
             return fused, logits, pooled
         box = m.apns[s](fmap)
-        view = box if view is None else compose_boxes(view, box)
+        if view is None:  # the first scale: its box is the view of the next, relative to the image
+            return fused, logits, pooled, box, m.zoom_in(s, images, x, box, box)
+        view = compose_boxes(view, box)
         return fused, logits, pooled, box, view, m.zoom_in(s, images, x, box, view)
 
     def _fused(self, logits: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -129,22 +139,23 @@ def staged_forward(
     rows = torch.arange(b)  # the images still running
     state: tuple[torch.Tensor, ...] = ()
     for s, stage in enumerate(stages):
-        got = stage(images[rows], *state)
-        fused, per_scale = got[0].float(), got[1].float()
+        got = dict(zip(stage_outputs(s, n), stage(images[rows], *state), strict=True))
+        fused, per_scale = got["fused"].float(), got["logits"].float()
         _fill(logits, scale_names[s], rows, per_scale[:, -1], b)
         if s > 0:
             _fill(logits, fusion_names[s - 1], rows, fused, b)
         scales_run[rows] = s + 1
         if s == n - 1:
             break
-        box, view, nxt = got[3].float(), got[4].float(), got[5]
+        box, nxt = got["box"].float(), got["next_input"]
+        view = got.get("view", got["box"]).float()
         boxes.append(_scatter(rows, box, b))
         views.append(_scatter(rows, view, b))
         go_on = (fused.softmax(1).amax(1) < exit_confidence).cpu()
         if not bool(go_on.any()):
             break
         rows = rows[go_on]
-        state = (nxt[go_on], view[go_on], got[1][go_on], got[2][go_on])
+        state = (nxt[go_on], view[go_on], got["logits"][go_on], got["pooled"][go_on])
     k = logits[scale_names[0]].shape[1]
     logits = {key: logits.get(key, torch.full((b, k), float("nan"))) for key in keys}  # every key, run or not
     return ExitOutput(RACNNOutput(logits, boxes, [], views=views), scales_run)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint import atomic_write, model_config_dict
-from .early_exit import STAGE_OUTPUTS, ScaleStage
+from .early_exit import ScaleStage, stage_outputs
 from .model import RACNN
 from .onnx_model import ONNX_FORMAT
 
@@ -139,13 +139,14 @@ def export_stages(
     for s, path in enumerate(paths):
         stage = ScaleStage(model, s)
         inputs = ["images"] + (["x", "view_in", "logits_in", "pooled_in"] if s else [])  # (not output names)
-        outputs = list(STAGE_OUTPUTS[: 3 if stage.last else 6])
+        outputs = stage_outputs(s, model.cfg.num_scales)
         meta = {"racnn.format": ONNX_FORMAT, "racnn.stage": str(s)}
         _export(stage, (images, *state), path, input_names=inputs, output_names=outputs, metadata=meta)
         if not stage.last:
             with torch.no_grad():
                 got = stage.eval()(images, *state)
-            state = (got[5], got[4], got[1], got[2])  # the next stage's x, view, logits, pooled
+            got = dict(zip(outputs, got, strict=True))  # the next stage's x, view, logits, pooled:
+            state = (got["next_input"], got.get("view", got["box"]), got["logits"], got["pooled"])
     return paths
 
 
