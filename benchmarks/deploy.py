@@ -140,6 +140,10 @@ def evaluate(model: Any, loader: Any, exit_confidence: float | None) -> dict[str
 def choose_exit(model: Any, val: Any) -> tuple[float | None, list[dict[str, float]]]:
     """The threshold of the fewest scales whose validation top-1 is not below the full model's (None when no
     threshold of the grid keeps it), and the validation figures of every threshold."""
+    if len(val.dataset) == 0:
+        raise SystemExit(
+            "the validation split is empty: early exit's threshold is chosen on it (data.val_fraction)"
+        )
     full = evaluate(model, val, None)["top1"]
     tried = [{"exit_confidence": p, **evaluate(model, val, p)} for p in EXIT_GRID]
     keep = [t for t in tried if t["top1"] >= full - 1e-9]
@@ -253,7 +257,7 @@ def serve_ratio(paths: list[Path] | None) -> dict[str, float] | None:
     if not paths:
         return None
     eager, fast = (json.loads(p.read_text()) for p in paths)
-    e, f = (r["clients"]["8"]["images_per_s"] for r in (eager, fast))
+    e, f = (r["many_clients"]["images_per_s"] for r in (eager, fast))
     return {"eager_8_images_per_s": e, "fast_8_images_per_s": f, "ratio": f / e}
 
 

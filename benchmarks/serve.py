@@ -173,11 +173,14 @@ def _rss(url: str) -> float:
     )
 
 
-def run_server(checkpoint: Path, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
-    """``racnn serve`` on a free port, once it answers. Its log goes to ``log``: a pipe nobody reads would
-    block the server once full (an access-log line per request)."""
+def run_server(
+    checkpoint: Path, threads: int, log: Path, extra: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """``racnn serve`` on a free port (``extra``: more of its flags), once it answers. Its log goes to ``log``:
+    a pipe nobody reads would block the server once full (an access-log line per request)."""
     port = _free_port()
     cmd = [sys.executable, "-m", "racnn", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    cmd += extra or []
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
@@ -221,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=0, help="torch threads, here and in the server (0: all cores)"
     )
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        help="racnn serve's --backend (default: its own: onnxruntime for an ONNX export, torch otherwise)",
+    )
+    p.add_argument("--exit-confidence", type=float, help="racnn serve's --exit-confidence (default: none)")
     p.add_argument("--json", help="write the results to this file")
     return p.parse_args(argv)
 
@@ -243,14 +252,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
             checkpoint = Path(args.checkpoint)
-            model = racnn.load_model(checkpoint)
+            model = racnn.load_model(checkpoint, backend=args.backend, threads=threads)
         else:
             model, cfg = recipe_model()
             checkpoint = Path(tmp) / "model.pt"
             save_checkpoint(model_record(model, cfg, model.classes or []), checkpoint)
         # the same pass in this process, for reference (on a shared VM two processes can differ by a quarter)
         here = forward_time(model, images[0][1], iters=args.iters)
-        proc, url = run_server(checkpoint, threads, Path(tmp) / "serve.log")
+        extra = ["--backend", args.backend] if args.backend else []
+        extra += ["--exit-confidence", str(args.exit_confidence)] if args.exit_confidence else []
+        proc, url = run_server(checkpoint, threads, Path(tmp) / "serve.log", extra)
         try:
             for _ in range(3):
                 _request(url, *images[0])  # warm-up
@@ -268,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best = max(per_size, key=lambda n: per_size[n])
     res = {
         "model": f"{model.cfg.backbone}, {model.cfg.num_scales} scales, {model.scale_sizes} px, image {model.image_size} px",
+        "backend": getattr(model, "backend", "torch"),
+        "exit_confidence": args.exit_confidence,
         "forward_batch1_s": forward,
         "forward_batch1_s_this_process": here,
         "server_forward_ms": health["forward_ms"],
