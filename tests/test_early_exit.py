@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import racnn
+from conftest import assert_same_prediction
 from racnn.cli import main
 from racnn.early_exit import check_exit_confidence, model_stages, staged_forward
 from test_cli import _seven_class_checkpoint, _seven_class_folder
@@ -81,9 +82,24 @@ def test_an_image_stops_at_the_first_confident_scale() -> None:
     assert {r["scales_run"] for r in full} == {3} and {r["answered_by"] for r in full} == {"s123"}
 
 
+def test_threshold_one_runs_every_scale_and_zero_scale_one_only() -> None:
+    """At 1.0 no uncertain prediction stops: every record is the full model's; at 0.0 scale 1 answers all."""
+    model = _model()
+    images = list(torch.randn(6, 3, 40, 40))
+    full = racnn.predict(model, images)
+    for got, want in zip(racnn.predict(model, images, exit_confidence=1.0), full, strict=True):
+        assert got["scales_run"] == 3 and got["answered_by"] == "s123"
+        assert_same_prediction(got["top"], want["top"])  # the staged run is the model (PROB_TOL)
+        for a, b in zip(got["boxes"], want["boxes"], strict=True):
+            assert a["xyxy_px"] == pytest.approx(b["xyxy_px"], abs=0.11)  # (rounded to 0.1 px)
+    for got, want in zip(racnn.predict(model, images, exit_confidence=0.0), full, strict=True):
+        assert got["scales_run"] == 1 and got["answered_by"] == "s1" and list(got["top"]) == ["s1"]
+        assert got["boxes"] == [] and got["top"]["s1"][0]["class"] == want["top"]["s1"][0]["class"]
+
+
 def test_exit_confidence_must_be_a_probability_and_not_with_tta() -> None:
-    for bad in (0.0, -0.5, 1.5):
-        with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+    for bad in (-0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
             check_exit_confidence(bad)
     with pytest.raises(ValueError, match="do not combine"):
         check_exit_confidence(0.9, "flip")

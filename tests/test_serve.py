@@ -515,7 +515,8 @@ def _served(tmp_path: Path, *flags: str, gated: bool = False) -> Iterator[Served
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(lambda: _answers(f"{url}/healthz") or proc.poll() is not None, "racnn serve did not answer")
+        started = lambda: _answers(f"{url}/healthz") or proc.poll() is not None  # noqa: E731
+        _wait_for(started, "racnn serve did not answer", timeout=120)  # (onnxruntime: an export first)
         if proc.poll() is not None:
             pytest.fail(f"racnn serve exited: {log.read_text()}")
         yield Served(proc, url, gate, log)
@@ -562,9 +563,11 @@ def _post_on(conn: http.client.HTTPConnection, files: list[tuple[str, bytes]]) -
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[str]:
-    """The URL of ``racnn serve`` of a tiny checkpoint (:func:`_served`); stopped with SIGTERM at the end."""
-    with _served(tmp_path) as s:
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URL of ``racnn serve`` of a tiny checkpoint (:func:`_served`); stopped with SIGTERM at the end. An
+    indirect parameter names the backend (default: torch; onnxruntime exports the checkpoint as it starts)."""
+    backend = getattr(request, "param", "torch")
+    with _served(tmp_path, "--backend", backend) as s:
         yield s.url
         s.proc.terminate()
         assert s.proc.wait(timeout=30) == 0
@@ -817,6 +820,9 @@ def _a_bird(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "server", ["torch", "onnxruntime"], indirect=True
+)  # the page works unchanged on either
 def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
     sync_api = _browser()
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]

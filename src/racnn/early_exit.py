@@ -96,11 +96,12 @@ def model_stages(model: RACNN) -> list[Callable[..., tuple[torch.Tensor, ...]]]:
 
 
 def check_exit_confidence(p: float | None, tta: str | None = None) -> None:
-    """``None`` (every scale) or a probability in (0, 1]; not with test-time augmentation (ValueError)."""
+    """``None`` (every scale) or a probability in [0, 1] (0: scale 1 answers every image; 1: only a certain
+    prediction stops); not with test-time augmentation (ValueError)."""
     if p is None:
         return
-    if not 0.0 < p <= 1.0:
-        raise ValueError(f"the exit confidence must be in (0, 1], got {p}")
+    if not 0.0 <= p <= 1.0:  # (NaN fails too)
+        raise ValueError(f"the exit confidence must be in [0, 1], got {p}")
     if tta is not None:
         raise ValueError("early exit and test-time augmentation do not combine: pass one of them")
 
