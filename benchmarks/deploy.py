@@ -82,7 +82,8 @@ def variants(args: argparse.Namespace, folder: Path) -> dict[str, Callable[[int]
     fp32 = folder / "fp32"
     if not (fp32 / "model.onnx").is_file():
         export = ["export", "--checkpoint", str(args.checkpoint), "--format", "onnx", "--out", str(fp32)]
-        assert racnn_main(export) == 0
+        if racnn_main(export) != 0:
+            raise SystemExit(f"{args.checkpoint}: racnn export --format onnx failed (its message is above)")
     out: dict[str, Callable[[int], Any]] = {
         "torch": lambda t: racnn.load_model(args.checkpoint),
         "torch_channels_last": lambda t: place_model(
@@ -104,7 +105,8 @@ def variants(args: argparse.Namespace, folder: Path) -> dict[str, Callable[[int]
             ]
             quantize += ["--quantize", "int8", "--calibrate", str(args.data)]
             quantize += ["--calibration-images", str(args.calibration_images)]
-            assert racnn_main(quantize) == 0
+            if racnn_main(quantize) != 0:
+                raise SystemExit(f"{args.checkpoint}: the int8 export failed (its message is above)")
         out["ort_int8"] = lambda t: racnn.load_model(int8, threads=t)
     return out
 
@@ -155,11 +157,12 @@ def choose_exit(model: Any, val: Any) -> tuple[float | None, list[dict[str, floa
 
 
 def time_pass(model: Any, images: torch.Tensor, batch: int, exit_p: float | None, cl: bool) -> list[float]:
-    """Seconds per image of each batch of one pass over ``images`` (model and softmax, no preprocessing)."""
+    """Seconds per image of each batch of one pass over ``images``: the batch's layout (NHWC for channels_last),
+    the model and the softmax; no decoding or preprocessing."""
     out = []
     for start in range(0, len(images) - batch + 1, batch):
-        x = place_batch(images[start : start + batch], "cpu", channels_last=cl)
         t0 = time.perf_counter()
+        x = place_batch(images[start : start + batch], "cpu", channels_last=cl)
         forward_probs(model, x, exit_confidence=exit_p)
         out.append((time.perf_counter() - t0) / batch)
     return out
@@ -257,6 +260,11 @@ def serve_ratio(paths: list[Path] | None) -> dict[str, float] | None:
     if not paths:
         return None
     eager, fast = (json.loads(p.read_text()) for p in paths)
+    for path, r in zip(paths, (eager, fast), strict=True):
+        if r["many_clients"]["clients"] != 8:
+            raise SystemExit(
+                f"{path}: measured {r['many_clients']['clients']} clients, not 8 (serve.py --many 8)"
+            )
     e, f = (r["many_clients"]["images_per_s"] for r in (eager, fast))
     return {"eager_8_images_per_s": e, "fast_8_images_per_s": f, "ratio": f / e}
 
@@ -324,7 +332,12 @@ def figure(result: dict[str, Any], path: Path) -> None:
     curve = [(x, y) for x, y in curve if x is not None]
     if curve:
         xs, ys = zip(*curve, strict=True)
-        ax.plot(xs, ys, "-o", ms=3, label="onnxruntime fp32, early exit over thresholds")
+        ax.plot(xs, ys, "-o", ms=3, label="onnxruntime fp32, early exit over thresholds (test)")
+        chosen = [c for c in result["exit_curve"] if c["exit_confidence"] == result["exit_confidence"]]
+        ms = result["exit_curve_times"].get(str(result["exit_confidence"]))
+        if chosen and ms is not None:
+            ax.scatter([ms], [100 * chosen[0]["top1"]], s=90, facecolors="none", edgecolors="k",
+                       label=f"the threshold chosen on validation ({result['exit_confidence']})")  # fmt: skip
     backbone = result["times"].get(f"backbone|full|{t}")
     if backbone:
         ax.axvline(backbone["ms"], ls="--", c="grey", label="ONE eager backbone at the scale-1 size")
@@ -339,6 +352,10 @@ def figure(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.time_images < max(args.batch):
+        raise SystemExit(
+            f"--time-images {args.time_images} is less than the largest --batch {max(args.batch)}"
+        )
     torch.manual_seed(0)
     with contextlib.ExitStack() as stack:
         folder = args.exports or Path(
@@ -366,7 +383,10 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
             curve = [{"exit_confidence": p, **evaluate(ort, test, p)} for p in EXIT_GRID]
-        images = torch.cat([b["image"] for b in test])[: args.time_images]
+        # the timed images: spread evenly over the test split (it is in class order), decoded alone
+        n = len(test.dataset)
+        picks = torch.linspace(0, n - 1, min(args.time_images, n)).round().long().unique().tolist()
+        images = torch.stack([test.dataset[i]["image"] for i in picks])
         cfg = ref.cfg
         small = torch.nn.functional.interpolate(images, size=cfg.input_size, mode="bilinear", antialias=True)
 
@@ -400,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         "batches": args.batch,
         "rounds": args.rounds,
         "time_images": len(images),
-        "test_images": sum(len(b["label"]) for b in test),
+        "test_images": len(test.dataset),
         "exit_confidence": exit_p,
         "exit_validation": tried,
         "accuracy": rows,

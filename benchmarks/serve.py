@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import racnn
 from racnn.checkpoint import model_record, save_checkpoint
 from racnn.config import Config
+from racnn.onnx_model import BACKENDS
 from racnn.runtime import place_batch, place_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--backend",
-        choices=["torch", "onnxruntime"],
+        choices=BACKENDS,
         help="racnn serve's --backend (default: its own: onnxruntime for an ONNX export, torch otherwise)",
     )
     p.add_argument("--exit-confidence", type=float, help="racnn serve's --exit-confidence (default: none)")
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the same pass in this process, for reference (on a shared VM two processes can differ by a quarter)
         here = forward_time(model, images[0][1], iters=args.iters)
         extra = ["--backend", args.backend] if args.backend else []
-        extra += ["--exit-confidence", str(args.exit_confidence)] if args.exit_confidence else []
+        extra += ["--exit-confidence", str(args.exit_confidence)] if args.exit_confidence is not None else []
         proc, url = run_server(checkpoint, threads, Path(tmp) / "serve.log", extra)
         try:
             for _ in range(3):

@@ -145,10 +145,20 @@ def test_backend_errors_are_one_line(
     assert main(["predict", "--checkpoint", str(tmp_path / "other.onnx"), str(trees / "test")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "other.onnx: an ONNX graph that racnn did not export" in err, err
+    # one stage of early exit is not a model
+    assert main(["predict", "--checkpoint", str(folder / "stage_s2.onnx"), str(trees / "test")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stage_s2.onnx: one stage of early exit" in err, err
+    # a folder holding both exports: torch reads the safetensors weights
+    both = tmp_path / "both"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(both)]) == 0
+    (both / "model.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    assert isinstance(load_model(both, backend="torch"), racnn.RACNN)
+    assert isinstance(load_model(both), OnnxRACNN)  # the default for an ONNX export: onnxruntime
 
 
 def test_a_missing_onnxruntime_names_the_pip_extra(
-    release: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+    release: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     real = builtins.__import__
 
@@ -160,6 +170,9 @@ def test_a_missing_onnxruntime_names_the_pip_extra(
     monkeypatch.setattr(builtins, "__import__", no_onnxruntime)
     with pytest.raises(RuntimeError, match=r"pip install 'racnn\[onnx\]'"):
         load_model(release[1])
+    assert main(["predict", "--checkpoint", str(release[1]), str(release[2] / "test")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "racnn predict: error: the onnxruntime backend needs onnxruntime: pip install 'racnn[onnx]'"
 
 
 def test_early_exit_runs_the_stage_graphs_as_the_eager_stages(
@@ -186,6 +199,22 @@ def test_early_exit_runs_the_stage_graphs_as_the_eager_stages(
     for g, w in zip(got, want, strict=True):
         assert g["answered_by"] == w["answered_by"]
         assert_same_prediction(g["top"], w["top"], tol=ENGINE_TOL)
+    # a checkpoint run by onnxruntime exports the stages too
+    for g, w in zip(
+        racnn.predict(load_model(ckpt, backend="onnxruntime"), images, exit_confidence=p), want, strict=True
+    ):
+        assert g["scales_run"] == w["scales_run"]
+        assert_same_prediction(g["top"], w["top"], tol=ENGINE_TOL)
     (tmp_path / "model.onnx").write_bytes((folder / "model.onnx").read_bytes())  # no stage graphs beside it
     with pytest.raises(CheckpointError, match=r"stage_s1\.onnx: not found; early exit in onnxruntime"):
+        racnn.predict(load_model(tmp_path), images[:1], exit_confidence=p)
+    # stages of another export beside it are refused, not run
+    other = _seven_class_checkpoint(tmp_path / "other.pt", "model.crop_from=source", "data.image_size=40")
+    state = torch.load(other, weights_only=True)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, other)
+    assert main(["export", "--checkpoint", str(other), "--format", "onnx", "--out", str(tmp_path / "o")]) == 0
+    for f in ("stage_s1.onnx", "stage_s2.onnx", "stage_s3.onnx"):
+        (tmp_path / f).write_bytes((tmp_path / "o" / f).read_bytes())
+    with pytest.raises(CheckpointError, match=r"stage_s1\.onnx: a stage graph of another export"):
         racnn.predict(load_model(tmp_path), images[:1], exit_confidence=p)

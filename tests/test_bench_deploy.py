@@ -40,7 +40,10 @@ def test_deploy_benchmark_writes_every_variant_and_the_ratios(fake_cub: Path, tm
     assert deploy.main(args) == 0
     r = json.loads(out.read_text())
     assert set(r["accuracy"]) >= {"torch|full", "torch_channels_last|full", "ort_fp32|full"}
-    assert r["accuracy"]["ort_fp32|full"]["top1"] == r["accuracy"]["torch|full"]["top1"]  # the same decisions
+    # the same decisions but where two classes tie within the engines' rounding: one image at most here
+    one = 1 / r["test_images"]
+    assert abs(r["accuracy"]["ort_fp32|full"]["top1"] - r["accuracy"]["torch|full"]["top1"]) <= one + 1e-9
+    assert r["exit_confidence"] in deploy.EXIT_GRID and "torch|exit" in r["accuracy"]  # chosen on validation
     for name in ("torch", "ort_fp32", "backbone"):
         for b in (1, 2):
             assert r["times"][f"{name}|full|t1|b{b}"]["ms"] > 0

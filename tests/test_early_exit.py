@@ -97,6 +97,43 @@ def test_threshold_one_runs_every_scale_and_zero_scale_one_only() -> None:
         assert got["boxes"] == [] and got["top"]["s1"][0]["class"] == want["top"]["s1"][0]["class"]
 
 
+def test_threshold_one_is_the_full_model_even_where_softmax_saturates() -> None:
+    """A float32 softmax reaches 1.0 on confident logits: at threshold 1 such an image still runs every scale."""
+    model = _model()
+    with torch.no_grad():
+        for head in model.heads:
+            head.bias[0] = 100.0  # every scale sure of class 0
+    x = torch.randn(3, 3, 40, 40)
+    assert bool((model(x).logits["s1"].softmax(1).amax(1) == 1.0).all())
+    ran = staged_forward(model_stages(model), x, keys=model.keys, exit_confidence=1.0)
+    assert ran.scales_run.tolist() == [3, 3, 3]
+
+
+def test_serve_with_early_exit_answers_where_each_image_stopped() -> None:
+    pytest.importorskip("fastapi")
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from racnn import serve
+
+    def jpeg(colour: tuple[int, int, int]) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (50, 40), colour).save(buf, "JPEG")
+        return buf.getvalue()
+
+    app = serve.create_app(_model(), limits=serve.ServeLimits(exit_confidence=0.0))
+    with TestClient(app) as client:
+        assert client.get("/info").json()["exit_confidence"] == 0.0
+        files = [("image", (f"{i}.jpg", jpeg((60 * i, 90, 30)), "image/jpeg")) for i in range(3)]
+        got = client.post("/predict", files=files)
+    assert got.status_code == 200, got.text
+    assert [(r["scales_run"], r["answered_by"], list(r["top"]), r["boxes"]) for r in got.json()] == [
+        (1, "s1", ["s1"], [])
+    ] * 3
+
+
 def test_exit_confidence_must_be_a_probability_and_not_with_tta() -> None:
     for bad in (-0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
@@ -132,6 +169,7 @@ def test_predict_eval_and_the_csv_with_early_exit(tmp_path: Path, capsys: pytest
         assert row["class"] == rec["top"][rec["answered_by"]][0]["class"]
         assert (row["box1_x0"] == "") == (rec["scales_run"] == 1)
         assert (row["box2_x0"] == "") == (rec["scales_run"] < 3)
+        assert (row["answered_by"], int(row["scales_run"])) == (rec["answered_by"], rec["scales_run"])
     capsys.readouterr()
     # the same file continued with another threshold is refused
     assert main([*args[:4], "0.99", *args[5:]]) == 1  # (PredictionFileError: a ValueError)

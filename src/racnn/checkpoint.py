@@ -136,9 +136,10 @@ def load_model(path: str | Path, *, backend: str | None = None, threads: int | N
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     graph = onnx_file(path)
+    weights = Path(path).is_dir() and (Path(path) / "model.safetensors").is_file()
     if backend == "onnxruntime" or (backend is None and graph is not None):
         return load_onnx_model(graph or path, threads=threads)  # type: ignore[return-value]
-    if graph is not None:
+    if graph is not None and not weights:
         raise CheckpointError(
             f"{path}: an ONNX export holds no PyTorch model; run it with the onnxruntime backend, or pass "
             "the .pt checkpoint or safetensors folder it was exported from"

@@ -78,9 +78,11 @@ def add_exit(p: argparse.ArgumentParser) -> None:
 
 def add_backend(p: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--device``, as predict, eval and serve take them (:func:`load_for_inference`)."""
+    from .onnx_model import BACKENDS  # (numpy and torch; onnxruntime only once a model needs it)
+
     p.add_argument(
         "--backend",
-        choices=["torch", "onnxruntime"],
+        choices=BACKENDS,
         help="what runs the model: torch (eager PyTorch) or onnxruntime (an ONNX export, or a checkpoint "
         "exported on the fly, about a minute; 1.8-2.4x faster on a CPU, docs/performance.md). Default: "
         "onnxruntime for an ONNX export (a folder holding model.onnx), torch otherwise",

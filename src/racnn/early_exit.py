@@ -116,8 +116,18 @@ class ExitOutput:
 
     def answer_keys(self, keys: Sequence[str]) -> list[str]:
         """The output that answered each image: ``s1`` for 1 scale, ``s12`` for 2, ``s123`` for 3 ..."""
-        names = [keys[0], *[k for k in keys if len(k) > 2]]  # s1, s12, s123, ...
-        return [names[int(n) - 1] for n in self.scales_run]
+        return [answer_key(keys, int(n)) for n in self.scales_run]
+
+
+def answer_key(keys: Sequence[str], ran: int) -> str:
+    """The output that answers an image that ran ``ran`` scales: ``s1``, ``s12``, ``s123``, ... (``keys``: the
+    model's output keys, scales first)."""
+    return [keys[0], *[k for k in keys if len(k) > 2]][ran - 1]
+
+
+def outputs_run(keys: Sequence[str], ran: int) -> list[str]:
+    """The outputs an image that ran ``ran`` scales has: its scales' and the fusions of them."""
+    return [k for k in keys if int(max(k[1:])) <= ran]
 
 
 def staged_forward(
@@ -127,8 +137,8 @@ def staged_forward(
     keys: Sequence[str],
     exit_confidence: float,
 ) -> ExitOutput:
-    """Run ``stages`` (eager or onnxruntime, :func:`torch_stages`) on ``images`` (B x 3 x H x W), each image as
-    far as its fused prediction's top probability stays below ``exit_confidence`` (``> 1``: every scale).
+    """Run ``stages`` (eager or onnxruntime, :func:`model_stages`) on ``images`` (B x 3 x H x W), each image as
+    far as its fused prediction's top probability stays below ``exit_confidence`` (1: every scale).
     ``keys``: the model's output keys. Returns every output's logits (B x K; NaN rows where an image stopped
     before that output), boxes and views alike, and the scales each image ran."""
     b, n = images.shape[0], len(stages)
@@ -152,7 +162,8 @@ def staged_forward(
         view = got.get("view", got["box"]).float()
         boxes.append(_scatter(rows, box, b))
         views.append(_scatter(rows, view, b))
-        go_on = (fused.softmax(1).amax(1) < exit_confidence).cpu()
+        # a threshold of 1 is the full model: a float32 softmax reaches 1.0 exactly on confident logits
+        go_on = (fused.softmax(1).amax(1) < exit_confidence).cpu() | (exit_confidence >= 1.0)
         if not bool(go_on.any()):
             break
         rows = rows[go_on]

@@ -307,16 +307,10 @@ def accumulate(
 
 
 def exit_logits(ran: ExitOutput, keys: list[str]) -> dict[str, torch.Tensor]:
-    """Early exit's outputs as an evaluation counts them: an output an image did not run takes the answer it
-    stopped at (the fusion of the scales it ran), so the last fusion (``s123``) is the early-exit model's
-    prediction and every output has a score for every image."""
-    answers = ran.answer_keys(keys)
-    logits = {k: v.clone() for k, v in ran.out.logits.items()}
-    for i, key in enumerate(answers):
-        for k in keys:
-            if logits[k][i].isnan().any():
-                logits[k][i] = ran.out.logits[key][i]
-    return logits
+    """Early exit's prediction as an evaluation counts it: under the last fusion's key (``s123``), each image's
+    answer (the fusion of the scales it ran). The other outputs are left out: not every image ran them."""
+    rows = torch.stack([ran.out.logits[key][i] for i, key in enumerate(ran.answer_keys(keys))])
+    return {keys[-1]: rows}
 
 
 def check_tta(tta: str | None) -> None:
@@ -394,8 +388,12 @@ def evaluate_split(
 def output_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """``(acc_<key>, label)`` of every output of the model ``metrics`` come from, in the model's order (its
     :func:`~racnn.model.scale_keys` and :func:`~racnn.model.fusion_keys`; the number of scales is that of the
-    ``acc_s<i>`` keys present): ``scale 1``, ..., ``scale 1+2``, ``scale 1+2+3``, ..."""
-    n = sum(1 for i in range(1, 10) if f"acc_s{i}" in metrics)
+    highest scale a key names: early exit reports the fusion of every scale alone): ``scale 1``, ...,
+    ``scale 1+2``, ``scale 1+2+3``, ..."""
+    digits = [k[5:] for k in metrics if k.startswith("acc_s") and k[5:].isdigit()]
+    n = max((int(max(d)) for d in digits), default=0)
+    if n == 0:
+        return []
     rows = [(f"acc_{k}", f"scale {k[1:]}") for k in scale_keys(n)]
     return rows + [(f"acc_{k}", "scale " + "+".join(k[1:])) for k in fusion_keys(n)]
 

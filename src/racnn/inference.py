@@ -12,7 +12,14 @@ from PIL import Image
 
 from .attention import box_to_xyxy
 from .data import load_image
-from .early_exit import EXIT_KEY, check_exit_confidence, model_stages, staged_forward
+from .early_exit import (
+    EXIT_KEY,
+    answer_key,
+    check_exit_confidence,
+    model_stages,
+    outputs_run,
+    staged_forward,
+)
 from .evaluation import check_tta, flip_tta_logits
 from .model import RACNN
 from .runtime import place_batch, place_model
@@ -150,14 +157,11 @@ def records(
     (``probs`` holds ``scales_run``) a record has the outputs and boxes its image ran."""
     classes = model.classes or [str(i) for i in range(model.num_classes)]
     k = min(topk, model.num_classes)
-    fused = [model.scale_keys[0], *model.fusion_keys]  # the answer of 1, 2, ... scales: s1, s12, s123
     result = []
     for i, (name, (w, h)) in enumerate(zip(names, sizes, strict=True)):
         ran = int(probs[EXIT_KEY][i]) if EXIT_KEY in probs else len(model.scale_keys)
         top = {}
-        for key in model.keys:
-            if probs[key][i].isnan().any():  # early exit: an output this image did not run
-                continue
+        for key in outputs_run(model.keys, ran):  # (early exit: what this image ran)
             val, idx = probs[key][i].topk(k)
             top[key] = [
                 {"class": classes[j], "index": int(j), "prob": float(v)}
@@ -184,7 +188,7 @@ def records(
                 "top": top,
                 "boxes": boxes,
                 "scales_run": ran,
-                "answered_by": fused[ran - 1],
+                "answered_by": answer_key(model.keys, ran),
             }
         )
     return result

@@ -26,7 +26,7 @@ from torch import nn
 from .checkpoint import atomic_write, model_config_dict
 from .early_exit import ScaleStage, stage_outputs
 from .model import RACNN
-from .onnx_model import ONNX_FORMAT
+from .onnx_model import ONNX_FORMAT, STAGE_FORMAT
 
 __all__ = ["DEFAULT_OPSET", "RACNNOnnxWrapper", "export_onnx", "export_stages", "output_names", "stage_files"]
 
@@ -71,6 +71,7 @@ def _metadata(model: RACNN, image_size: int, classes: Sequence[str] | None) -> d
         meta["racnn.classes"] = json.dumps(list(classes))
     if model.cfg.num_scales > 1:
         meta["racnn.fusion_weights"] = json.dumps(model.fusion_weights.tolist())
+    meta["racnn.export_id"] = export_identity(model)
     if model.training_config is not None:  # what racnn eval needs to read the dataset it was trained on
         meta["racnn.config"] = json.dumps(model_config_dict(model.training_config))
     return meta
@@ -136,11 +137,12 @@ def export_stages(
     param = next(model.parameters())
     images = torch.randn(2, 3, size, size, device=param.device, dtype=param.dtype)
     paths, state = stage_files(folder, model.cfg.num_scales), ()
+    export_id = export_identity(model)  # ties the stages to the model.onnx of the same weights
     for s, path in enumerate(paths):
         stage = ScaleStage(model, s)
         inputs = ["images"] + (["x", "view_in", "logits_in", "pooled_in"] if s else [])  # (not output names)
         outputs = stage_outputs(s, model.cfg.num_scales)
-        meta = {"racnn.format": ONNX_FORMAT, "racnn.stage": str(s)}
+        meta = {"racnn.format": STAGE_FORMAT, "racnn.stage": str(s), "racnn.export_id": export_id}
         _export(stage, (images, *state), path, input_names=inputs, output_names=outputs, metadata=meta)
         if not stage.last:
             with torch.no_grad():
@@ -148,6 +150,18 @@ def export_stages(
             got = dict(zip(outputs, got, strict=True))  # the next stage's x, view, logits, pooled:
             state = (got["next_input"], got.get("view", got["box"]), got["logits"], got["pooled"])
     return paths
+
+
+def export_identity(model: RACNN) -> str:
+    """A digest of ``model``'s weights: the ``racnn.export_id`` that ``model.onnx`` and its stage graphs share,
+    so that stages left by another export beside a new ``model.onnx`` are refused, not run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _export(

@@ -27,6 +27,7 @@ from .fusion import FUSIONS, fuse
 from .model import RACNNOutput, fusion_keys, scale_keys
 
 ONNX_FORMAT = "racnn-onnx-v1"
+STAGE_FORMAT = "racnn-onnx-stage-v1"  # a stage graph of early exit: not a model on its own
 MODEL_FILE = "model.onnx"
 BACKENDS = ("torch", "onnxruntime")  # what runs a trained model (racnn.load_model's backend)
 
@@ -60,13 +61,19 @@ class OnnxRACNN:
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
         import_onnxruntime()
-        self.path = Path(path)
+        self.path = self.graph = Path(
+            path
+        )  # path: what messages name; graph: the file (its folder: the stages)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: not found")
         self.threads = default_threads() if threads is None else threads
         self._stages: list[_Stage] | None = None
         self.session = self._session(self.path)
         meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("racnn.format") == STAGE_FORMAT:
+            raise CheckpointError(
+                f"{self.path}: one stage of early exit; pass the folder or the model.onnx beside it"
+            )
         if meta.get("racnn.format") != ONNX_FORMAT:
             raise CheckpointError(
                 f"{self.path}: an ONNX graph that racnn did not export (no racnn.format={ONNX_FORMAT} "
@@ -96,12 +103,14 @@ class OnnxRACNN:
         weights = meta.get("racnn.fusion_weights")
         self.fusion_weights = torch.tensor(json.loads(weights)) if weights else None
 
-    def _session(self, path: Path) -> Any:
+    def _session(self, path: Path, *, spin: bool = True) -> Any:
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         if self.threads is not None:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own classes, one per failure
@@ -161,17 +170,27 @@ class OnnxRACNN:
         return RACNNOutput(logits, boxes, [], views=views, concat=concat)
 
     def stages(self) -> list[Callable[..., tuple[torch.Tensor, ...]]]:
-        """The export's stage graphs (``stage_s1.onnx`` .. beside ``model.onnx``) as callables on torch tensors,
-        what early exit runs (:mod:`racnn.early_exit`); their sessions are opened on first use."""
+        """The export's stage graphs (``stage_s1.onnx`` .. beside ``model.onnx``, of the same export) as
+        callables on torch tensors, what early exit runs (:mod:`racnn.early_exit`); opened on first use."""
         if self._stages is None:
-            files = [self.path.parent / f"stage_s{s + 1}.onnx" for s in range(len(self.scale_keys))]
-            missing = [f for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(
-                    f"{missing[0]}: not found; early exit in onnxruntime runs the stage graphs that racnn export "
-                    "--format onnx writes beside model.onnx: export the model again"
-                )
-            self._stages = [_Stage(self._session(f)) for f in files]
+            from .onnx_export import stage_files
+
+            stages = []
+            for f in stage_files(self.graph.parent, len(self.scale_keys)):
+                if not f.is_file():
+                    raise CheckpointError(
+                        f"{f}: not found; early exit in onnxruntime runs the stage graphs that racnn export "
+                        "--format onnx writes beside model.onnx: export the model again"
+                    )
+                session = self._session(f, spin=False)  # the stages run in turn: idle pools must not spin
+                meta = session.get_modelmeta().custom_metadata_map
+                if meta.get("racnn.export_id") != self.metadata.get("racnn.export_id"):
+                    raise CheckpointError(
+                        f"{f}: a stage graph of another export than {self.graph.name} beside it; export the "
+                        "model again"
+                    )
+                stages.append(_Stage(session))
+            self._stages = stages
         return self._stages
 
     def fusion_variants(self, out: RACNNOutput) -> dict[str, torch.Tensor]:
@@ -210,23 +229,25 @@ class _Stage:
 
 def load_onnx_model(path: str | Path, *, threads: int | None = None) -> OnnxRACNN:
     """``path``'s model in onnxruntime: an ONNX export as it is; a checkpoint (``.pt``) or a safetensors
-    folder exported first, into a temporary file that is gone once onnxruntime holds the graph."""
+    folder exported first (the model and early exit's stage graphs) into a temporary folder that lives as long
+    as the returned model."""
     graph = onnx_file(path)
     if graph is not None:
         return OnnxRACNN(graph, threads=threads)
     import tempfile
 
     from .checkpoint import load_model
-    from .onnx_export import export_onnx
+    from .onnx_export import export_onnx, export_stages
 
     import_onnxruntime()  # before the export's minute: a missing onnxruntime is said at once
     model = load_model(path, backend="torch")
-    with tempfile.TemporaryDirectory(prefix="racnn-onnx-") as tmp:
-        exported = export_onnx(
-            model, Path(tmp) / MODEL_FILE, image_size=model.image_size, classes=model.classes
-        )
-        runner = OnnxRACNN(exported, threads=threads)
-    runner.path = Path(path)  # what error messages name: the user's file, not the temporary one
+    tmp = tempfile.TemporaryDirectory(prefix="racnn-onnx-")
+    exported = export_onnx(
+        model, Path(tmp.name) / MODEL_FILE, image_size=model.image_size, classes=model.classes
+    )
+    export_stages(model, tmp.name, image_size=model.image_size)
+    runner = OnnxRACNN(exported, threads=threads)
+    runner.path, runner._folder = Path(path), tmp  # messages name the user's file; the folder goes with it
     return runner
 
 

@@ -258,27 +258,29 @@ def check_out(out: str | Path) -> str:
     return fmt
 
 
-def csv_columns(model: RACNN, topk: int) -> list[str]:
-    """The CSV's columns: the image and its size, the fused output's top-1 class and probability and its
-    classes 2..k, then each scale's box (the input of the next scale) in the image's pixels."""
+def csv_columns(model: RACNN, topk: int, *, early_exit: bool = False) -> list[str]:
+    """The CSV's columns: the image and its size, the answer's top-1 class and probability and its classes
+    2..k (the fused output of every scale; with early exit, the output that answered), then each scale's box
+    (the input of the next scale) in the image's pixels; with ``early_exit``, then ``answered_by`` and
+    ``scales_run``."""
     cols = ["path", "width", "height", "class", "prob"]
     for rank in range(2, min(topk, model.num_classes) + 1):
         cols += [f"class_{rank}", f"prob_{rank}"]
     for s in range(1, model.cfg.num_scales):
         cols += [f"box{s}_{c}" for c in ("x0", "y0", "x1", "y1")]
-    return cols
+    return cols + (["answered_by", "scales_run"] if early_exit else [])
 
 
-def csv_row(rec: dict[str, Any], output: str, boxes: int) -> list[Any]:
-    """One record as a row of :func:`csv_columns` (probabilities to 6 decimals): the classes of ``output``, or
-    of the output that answered after an early exit, whose later boxes are empty cells (``boxes``: the
-    columns' count of boxes)."""
+def csv_row(rec: dict[str, Any], boxes: int, *, early_exit: bool = False) -> list[Any]:
+    """One record as a row of :func:`csv_columns` (probabilities to 6 decimals): the classes of the output that
+    answered, the boxes the image ran and empty cells for the others (``boxes``: the columns' count)."""
     row: list[Any] = [rec["image"], rec["width"], rec["height"]]
-    for entry in rec["top"][output if output in rec["top"] else rec["answered_by"]]:
+    for entry in rec["top"][rec["answered_by"]]:
         row += [entry["class"], f"{entry['prob']:.6f}"]
     for box in rec["boxes"]:
         row += box["xyxy_px"]
-    return row + [""] * 4 * (boxes - len(rec["boxes"]))
+    row += [""] * 4 * (boxes - len(rec["boxes"]))
+    return row + ([rec["answered_by"], rec["scales_run"]] if early_exit else [])
 
 
 def checkpoint_stamp(checkpoint: str | Path) -> list[Any]:
@@ -324,11 +326,11 @@ class PredictionFile:
             "checkpoint_stamp": checkpoint_stamp(checkpoint) if checkpoint else None,
             "topk": topk,
             "tta": tta,
-            "output": model.keys[-1],  # the fused output of every scale: the CSV's classes
+            "output": model.keys[-1],  # the CSV's classes: the fused output of every scale (or the answer)
             "exit_confidence": exit_confidence,
         }
         if self.format == "csv":
-            self.settings["columns"] = csv_columns(model, topk)
+            self.settings["columns"] = csv_columns(model, topk, early_exit=exit_confidence is not None)
         self.meta = self.path.with_name(self.path.name + ".racnn-predict.json")
         self.skipped_list = self.path.with_name(self.path.name + ".skipped.txt")
         self.lock_file = self.path.with_name(self.path.name + ".lock")
@@ -464,7 +466,8 @@ class PredictionFile:
         if self.rebase:
             recs = [r | {"image": _relative_to(r["image"], self.base)} for r in recs]
         if self.format == "csv":
-            lines = [self._csv_line(csv_row(r, self.settings["output"], self.boxes)) for r in recs]
+            early = self.settings["exit_confidence"] is not None
+            lines = [self._csv_line(csv_row(r, self.boxes, early_exit=early)) for r in recs]
         else:
             lines = [self._json_line(r) for r in recs]
         self._append(lines)

@@ -485,6 +485,7 @@ def create_app(
     ``limits.max_connections`` is not the app's to enforce: :func:`serve` gives it to uvicorn."""
     limits = limits or ServeLimits()
     device = torch.device(device)
+    channels_last &= getattr(model, "backend", "torch") == "torch"  # (onnxruntime takes NCHW arrays)
     model = place_model(model.eval(), device, channels_last=channels_last)
     state: dict[str, Batcher] = {}
     metrics, drain = Metrics(limits.max_batch), Drain()
