@@ -6,13 +6,16 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cli_analyze import add_analyze
 from .cli_pictures import add_demo, add_plot, add_visualize
 from .cli_predict import CHECKPOINT_HELP, add_backend, add_exit, add_predict, load_for_inference
+
+if TYPE_CHECKING:
+    from .model import RACNN
 
 EPILOG = "Paper: Fu, Zheng, Mei, 'Look Closer to See Better', CVPR 2017."
 
@@ -325,16 +328,41 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         help="safetensors: weights + config.json; onnx: model.onnx with input 'images' of side "
         "data.image_size and a dynamic batch (needs pip install 'racnn[onnx]') (default: %(default)s)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="with --format onnx: model.onnx is statically quantized with onnxruntime's tools (int8 weights "
+        "per channel and int8 activations in Conv, MatMul and Gemm; the resize, crop and box arithmetic stay "
+        "float), its activation ranges calibrated on --calibrate's images; same inputs, outputs and metadata, "
+        "plus racnn.quantized, racnn.calibrated_on and racnn.calibration_images",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="DATA",
+        help="with --quantize: the dataset folder whose train split calibrates the int8 ranges (read as the "
+        "model's training config reads its data, with the model's evaluation preprocessing)",
+    )
+    p.add_argument(
+        "--calibration-images",
+        type=int,
+        metavar="N",
+        help="with --quantize: calibrate on the first N images of DATA's train split, always the same ones "
+        "(spread over the classes as eval's --max-images picks them; all of them when fewer) "
+        "(default: 64)",
+    )
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .checkpoint import export_model, load_model
 
+    _check_export_flags(a)  # before the model loads: a bad flag fails at once, in one line
     if a.format == "onnx":
         from .onnx_export import export_onnx, export_stages
 
         model = load_model(a.checkpoint, backend="torch")
+        if a.quantize:
+            return _export_int8(a, model)
         path = export_onnx(
             model, Path(a.out) / "model.onnx", image_size=model.image_size, classes=model.classes
         )
@@ -343,6 +371,69 @@ def cmd_export(a: argparse.Namespace) -> int:
         return 0
     out = export_model(a.checkpoint, a.out)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    return 0
+
+
+def _check_export_flags(a: argparse.Namespace) -> None:
+    """A ``ValueError`` naming the first flag of ``racnn export`` that does not fit the others."""
+    if a.quantize and a.format != "onnx":
+        raise ValueError(f"--quantize {a.quantize} quantizes an ONNX graph: pass --format onnx")
+    if a.quantize and not a.calibrate:
+        raise ValueError(
+            f"--quantize {a.quantize} needs --calibrate DATA: the dataset folder whose train images "
+            "calibrate the int8 ranges"
+        )
+    if not a.quantize and (a.calibrate or a.calibration_images is not None):
+        flag = "--calibrate" if a.calibrate else "--calibration-images"
+        raise ValueError(f"{flag} calibrates a quantized export: pass --format onnx --quantize int8")
+    if a.calibration_images is not None and a.calibration_images < 1:
+        raise ValueError(f"--calibration-images must be at least 1, not {a.calibration_images}")
+
+
+def _export_int8(a: argparse.Namespace, model: RACNN) -> int:
+    """``racnn export --format onnx --quantize int8``: the calibration images are checked first (a bad folder
+    fails before the export's minutes), the fp32 graphs go to a temporary folder, and ``OUT/model.onnx`` and
+    early exit's ``OUT/stage_s*.onnx`` are their int8 versions (each stage calibrated on what the float
+    stages before it give it)."""
+    import tempfile
+
+    from tqdm.auto import tqdm
+
+    from .onnx_export import export_onnx, export_stages
+    from .onnx_quantize import (
+        DEFAULT_CALIBRATION_IMAGES,
+        calibration_batches,
+        quantize_onnx,
+        stage_calibration,
+    )
+
+    wanted = a.calibration_images or DEFAULT_CALIBRATION_IMAGES
+    n, batches = calibration_batches(model, a.calibrate, wanted)
+    out = Path(a.out)
+    with tempfile.TemporaryDirectory(prefix="racnn-export.") as tmp:
+        fp32 = export_onnx(
+            model, Path(tmp) / "model.onnx", image_size=model.image_size, classes=model.classes
+        )
+        stages = export_stages(model, tmp, image_size=model.image_size)
+        print(f"calibrating on {n} images of {a.calibrate} (train split)", file=sys.stderr)
+        graphs = [(fp32, lambda: batches)]
+        graphs += [
+            (f, lambda s=s: stage_calibration(model, s, calibration_batches(model, a.calibrate, wanted)[1]))
+            for s, f in enumerate(stages)
+        ]
+        with tqdm(total=n * len(graphs), desc="calibrating", unit="img", leave=False, disable=None) as bar:
+            for graph, feeds in graphs:
+
+                def counted(feeds: Iterator[Any]) -> Iterator[Any]:
+                    for batch in feeds:
+                        yield batch
+                        bar.update(len(batch["images"] if isinstance(batch, dict) else batch))  # run by now
+
+                quantize_onnx(
+                    graph, out / graph.name, counted(feeds()), calibrated_on=a.calibrate, num_images=n
+                )
+    names = ", ".join(f.name for f in stages)
+    print(f"wrote {out / 'model.onnx'} and {names} (int8, calibrated on {n} images of {a.calibrate} train)")
     return 0
 
 
