@@ -477,12 +477,12 @@ from racnn.cli import main
 
 gate, real = Path(os.environ["RACNN_TEST_GATE"]), serve.forward_probs
 
-def gated(model, batch):
+def gated(model, batch, **options):
     (gate / f"forward-{len(batch)}").touch()
     deadline = time.monotonic() + 120  # never a hung server
     while not (gate / "open").exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    return real(model, batch)
+    return real(model, batch, **options)
 
 serve.forward_probs = gated
 sys.exit(main(sys.argv[1:]))

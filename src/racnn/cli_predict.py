@@ -84,7 +84,7 @@ def add_backend(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         help="what runs the model: torch (eager PyTorch) or onnxruntime (an ONNX export, or a checkpoint "
-        "exported on the fly, about a minute; 1.8-2.4x faster on a CPU, docs/performance.md). Default: "
+        "exported on the fly, about a minute; about twice as fast on a CPU: docs/performance.md, Deployment). Default: "
         "onnxruntime for an ONNX export (a folder holding model.onnx), torch otherwise",
     )
     p.add_argument("--device", default="auto", help="torch backend: auto, cpu, cuda, ... (default: auto)")

@@ -3,8 +3,9 @@
 (logits by output key, boxes, views; no crops), and it carries the classes, the preprocessing
 (``transforms()``), the model config and, when the export recorded it, the training config.
 
-Why a second engine: the exported graph runs the whole model 1.8-2.4 times faster than eager PyTorch on a
-CPU (docs/performance.md), and it needs neither PyTorch's autograd nor the model's Python code.
+Why a second engine: the exported graph runs the whole model in 0.45 to 0.54 of eager PyTorch's time on a
+2-core CPU, at the same decisions (docs/performance.md, "Deployment"), and it needs neither autograd nor the
+model's Python code.
 """
 
 from __future__ import annotations
