@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -415,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             curve_times[str(p)] = next(iter(got.values()))["ms"]
     result = {
         "benchmark": "deploy",
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": os.path.relpath(args.checkpoint),  # (no machine's absolute path in the results)
         "machine": {"cpu": cpu_name(), "torch": torch.__version__, "threads": args.threads},
         "batches": args.batch,
         "rounds": args.rounds,
