@@ -190,11 +190,11 @@ def test_the_batcher_runs_what_waits_as_one_batch(monkeypatch: pytest.MonkeyPatc
     release, calls = threading.Event(), []
     real = serve.forward_probs
 
-    def slow(model, batch):  # the first batch waits until released
+    def slow(model, batch, **options):  # the first batch waits until released
         calls.append(len(batch))
         if len(calls) == 1:
             release.wait(10)
-        return real(model, batch)
+        return real(model, batch, **options)
 
     monkeypatch.setattr(serve, "forward_probs", slow)
     model = _model().eval()
@@ -295,10 +295,10 @@ def test_a_request_past_its_deadline_gets_a_504_and_leaves_the_queue(monkeypatch
     release, calls = threading.Event(), []
     real = serve.forward_probs
 
-    def held(model, batch):  # every forward pass waits until released (at most 30 s)
+    def held(model, batch, **options):  # every forward pass waits until released (at most 30 s)
         calls.append(len(batch))
         release.wait(30)
-        return real(model, batch)
+        return real(model, batch, **options)
 
     monkeypatch.setattr(serve, "forward_probs", held)
     jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
@@ -324,10 +324,10 @@ def test_a_drain_answers_what_was_received_and_refuses_new_predictions(
     release, calls = threading.Event(), []
     real = serve.forward_probs
 
-    def held(model, batch):
+    def held(model, batch, **options):
         calls.append(len(batch))
         release.wait(30)
-        return real(model, batch)
+        return real(model, batch, **options)
 
     monkeypatch.setattr(serve, "forward_probs", held)
     jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
