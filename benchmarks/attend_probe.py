@@ -27,7 +27,7 @@ from racnn.checkpoint import load_checkpoint, save_checkpoint
 from racnn.config import Config, apply_overrides, save_config
 from racnn.losses import true_class_prob
 from racnn.training.phases import ATTEND, attend_phase, set_phase
-from racnn.training.search import finer_probs
+from racnn.training.search import chain_probs
 from racnn.training.state import initial_apns
 from racnn.training.trainer import Trainer
 
@@ -79,7 +79,7 @@ def gradient_check(trainer: Trainer, batches: int) -> dict[str, float]:
             cands = box_candidates(
                 b, shift=a.search_shift, zoom=a.search_zoom, min_side=m.box_min_side, max_side=m.box_max_side
             )
-            q = finer_probs(model, s, x, crop_input, out, y, cands)  # B x 7
+            q = chain_probs(model, s, x, crop_input, out, y, cands, depth=1)[..., 0]  # B x 7: p_t(s+1)
             h = (probs[s].detach()[:, None] + lc.rank_margin - q).clamp(min=0)
             on = hinge.detach() > 0
             d_pred = ((cands[:, 1:] - b[:, None]) * g[:, None].float()).sum(-1)[on]  # n x 6

@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best = max(per_size, key=lambda n: per_size[n])
     res = {
         "model": f"{model.cfg.backbone}, {model.cfg.num_scales} scales, {model.scale_sizes} px, image {model.image_size} px",
-        "backend": getattr(model, "backend", "torch"),
+        "backend": model.backend,
         "exit_confidence": args.exit_confidence,
         "forward_batch1_s": forward,
         "forward_batch1_s_this_process": here,

@@ -16,7 +16,7 @@ from racnn.model import RACNNOutput, build_model
 from racnn.training import search
 from racnn.training.phases import APN_INIT, ATTEND, ATTEND_SEARCH, CLASSIFY, attend_phase
 from racnn.training.schedule import PhaseSchedule
-from racnn.training.search import chain_probs, finer_probs, search_targets
+from racnn.training.search import chain_probs, search_targets
 from racnn.training.state import initial_apns
 from racnn.training.trainer import Trainer
 from test_training import _same, _snapshot, run_schedule, tiny_config
@@ -196,7 +196,7 @@ def test_the_search_chain_reproduces_the_forward_on_the_box_itself() -> None:
     torch.testing.assert_close(q[:, 1], q[:, 0], atol=1e-5, rtol=0)  # PROB_TOL: kernels differ across batches
     assert not torch.allclose(q[:, 2], q[:, 0], atol=1e-5)  # a moved box shows the finer scales another view
     torch.testing.assert_close(
-        finer_probs(model, 0, images, model.scale_input(images), out, y, cands), q[..., 0]
+        chain_probs(model, 0, images, model.scale_input(images), out, y, cands, depth=1)[..., 0], q[..., 0]
     )
 
 

@@ -96,7 +96,7 @@ def load_for_inference(a: argparse.Namespace) -> tuple[Any, Any]:
     from .runtime import resolve_device
 
     model = load_model(a.checkpoint, backend=a.backend)
-    if getattr(model, "backend", "torch") == "onnxruntime":
+    if model.backend == "onnxruntime":
         if a.device not in ("auto", "cpu"):
             raise ValueError(
                 f"--device {a.device}: the onnxruntime backend runs on the CPU; pass --device cpu"

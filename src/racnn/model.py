@@ -58,6 +58,13 @@ def scale_keys(num_scales: int) -> list[str]:
     return [f"s{i + 1}" for i in range(num_scales)]
 
 
+def scale_sizes(cfg: ModelConfig) -> list[int]:
+    """Input side of every scale: ``input_size``, then ``zoom_size`` (default ``input_size``) for the zoomed
+    scales (paper Sec. 4.2: 448 px at scale 1, attended regions zoomed to 224 px)."""
+    zoom = cfg.zoom_size or cfg.input_size
+    return [cfg.input_size] + [zoom] * (cfg.num_scales - 1)
+
+
 def fusion_keys(num_scales: int) -> list[str]:
     """The fused output names: ``s12`` (scales 1 and 2), ``s123``, ... up to all ``num_scales`` scales."""
     digits = "".join(k[1:] for k in scale_keys(num_scales))
@@ -97,6 +104,8 @@ class RACNN(nn.Module):
     and the fusion; ``forward`` both. Besides its weights a model carries what using it needs: ``classes``
     (names, when known), ``image_size`` and :meth:`transforms` (the preprocessing of an image), and the
     runtime switches ``compile_crop`` and ``checkpoint_activations`` (off unless a trainer turns them on)."""
+
+    backend = "torch"  # what runs it (racnn.onnx_model.OnnxRACNN: "onnxruntime")
 
     def __init__(
         self,
@@ -166,10 +175,8 @@ class RACNN(nn.Module):
 
     @property
     def scale_sizes(self) -> list[int]:
-        """Input side of every scale: ``input_size``, then ``zoom_size`` (default ``input_size``) for the
-        zoomed scales (paper Sec. 4.2: 448 px at scale 1, attended regions zoomed to 224 px)."""
-        zoom = self.cfg.zoom_size or self.cfg.input_size
-        return [self.cfg.input_size] + [zoom] * (self.cfg.num_scales - 1)
+        """Input side of every scale (:func:`scale_sizes`)."""
+        return scale_sizes(self.cfg)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """``backbone`` / ``head`` (per-scale and fusion FCs) / ``apn``: the parts the phases train or freeze."""

@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError, ModelConfig
 from .data.transforms import ImageTransform, eval_transform
 from .fusion import FUSIONS, fuse
-from .model import RACNNOutput, fusion_keys, scale_keys
+from .model import RACNNOutput, fusion_keys, scale_keys, scale_sizes
 
 ONNX_FORMAT = "racnn-onnx-v1"
 STAGE_FORMAT = "racnn-onnx-stage-v1"  # a stage graph of early exit: not a model on its own
@@ -144,8 +144,7 @@ class OnnxRACNN:
 
     @property
     def scale_sizes(self) -> list[int]:
-        zoom = self.cfg.zoom_size or self.cfg.input_size
-        return [self.cfg.input_size] + [zoom] * (self.cfg.num_scales - 1)
+        return scale_sizes(self.cfg)
 
     def transforms(self) -> ImageTransform:
         """The evaluation preprocessing of one PIL image, as the exported model's (3 x S x S)."""

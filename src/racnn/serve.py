@@ -485,7 +485,7 @@ def create_app(
     ``limits.max_connections`` is not the app's to enforce: :func:`serve` gives it to uvicorn."""
     limits = limits or ServeLimits()
     device = torch.device(device)
-    channels_last &= getattr(model, "backend", "torch") == "torch"  # (onnxruntime takes NCHW arrays)
+    channels_last &= model.backend == "torch"  # (onnxruntime takes NCHW arrays)
     model = place_model(model.eval(), device, channels_last=channels_last)
     state: dict[str, Batcher] = {}
     metrics, drain = Metrics(limits.max_batch), Drain()
@@ -520,7 +520,7 @@ def create_app(
         "crop_from": model.cfg.crop_from,
         "fusion": model.cfg.fusion,
         "outputs": model.keys,
-        "backend": getattr(model, "backend", "torch"),
+        "backend": model.backend,
         "exit_confidence": limits.exit_confidence,
         "max_upload_bytes": limits.max_upload_bytes,
         "max_pixels": limits.max_pixels,

@@ -76,22 +76,6 @@ def search_targets(
 
 
 @torch.no_grad()
-def finer_probs(
-    model: RACNN,
-    s: int,
-    images: torch.Tensor,
-    x: torch.Tensor,
-    out: RACNNOutput,
-    y: torch.Tensor,
-    cands: torch.Tensor,
-) -> torch.Tensor:
-    """``p_t(s+1)``, the true class's probability at scale ``s + 1`` (0-based ``s``: of APN s's finer scale), on
-    each candidate box ``cands`` (B x C x 3, relative to scale s's input ``x``; candidate 0 is ``out``'s own box,
-    whose ``p_t`` ``out`` holds). ``images``: the model's input, ``y``: the labels. Returns B x C."""
-    return chain_probs(model, s, images, x, out, y, cands, depth=1)[..., 0]
-
-
-@torch.no_grad()
 def chain_probs(
     model: RACNN,
     s: int,
