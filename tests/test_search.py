@@ -134,6 +134,91 @@ def test_a_search_epoch_changes_only_the_apns(fake_cub: Path, tmp_path: Path) ->
     trainer.close()
 
 
+def _live_and_anchor(score: str = "pair"):
+    """A 3-scale tiny model whose APNs have moved since ``anchor`` (a copy of them) was taken."""
+    torch.manual_seed(0)
+    cfg = tiny_config(Path("."), **{"apn.update": "search", "apn.search_score": score})
+    model = build_model(cfg.model, num_classes=3).eval()
+    anchor = search.epoch_anchor(model)
+    with torch.no_grad():
+        for apn in model.apns:
+            apn.fc2.bias.add_(torch.tensor([0.3, -0.2, 0.4]))  # other centres and sides
+    return cfg, model, anchor
+
+
+@pytest.mark.parametrize("score", ["pair", "total"])
+def test_an_anchored_search_looks_around_the_anchors_boxes_and_pulls_every_image(
+    monkeypatch: pytest.MonkeyPatch, score: str
+) -> None:
+    cfg, model, anchor = _live_and_anchor(score)
+    images, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    out = model(images)
+    with search.apns_of(model, anchor):
+        ref = model(images)
+    assert not torch.allclose(out.boxes[0], ref.boxes[0], atol=1e-3)  # the APNs did move
+    seen = []
+    real = search.search_targets
+
+    def spy(model, images, out, y, cfg):
+        seen.append((out, [a is b for a, b in zip(model.apns, anchor, strict=True)]))
+        return real(model, images, out, y, cfg)
+
+    monkeypatch.setattr(search, "search_targets", spy)
+    terms = search.search_loss(model, images, out, y, cfg, anchor=anchor)
+    ((got, ran_anchor),) = seen
+    assert all(ran_anchor)  # the finer APNs of a total score are the anchor's too
+    torch.testing.assert_close(got.boxes[0], ref.boxes[0], atol=1e-5, rtol=0)  # PROB_TOL-like: kernels
+    assert model.apns is not anchor and all(p.requires_grad is False for p in anchor.parameters())
+    # every target is the anchor's box or one of its neighbours, and every image pulls (the loss is not 0
+    # although an image that keeps its box would pull on nothing without the anchor)
+    targets, _ = real(model, images, got, y, cfg)
+    m = model.cfg
+    for s in range(2):
+        cands = box_candidates(
+            got.boxes[s].float(), shift=0.1, zoom=1.15, min_side=m.box_min_side, max_side=m.box_max_side
+        )
+        gap = (cands - targets[s][:, None]).abs().amax(2).amin(1)  # B: distance to the nearest candidate
+        assert bool((gap < 1e-5).all()), s
+    assert float(terms["search"].detach()) > 0
+
+
+def test_an_anchor_equal_to_the_apns_searches_as_the_plain_update() -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(Path("."), **{"apn.update": "search"})  # all 6 neighbours: no random draw
+    model = build_model(cfg.model, num_classes=3).eval()
+    images, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    out = model(images)
+    plain = search.search_loss(model, images, out, y, cfg)
+    anchored = search.search_loss(model, images, out, y, cfg, anchor=search.epoch_anchor(model))
+    assert plain.keys() == anchored.keys()
+    for k in plain:  # the anchor's own forward: kernels may round differently from the first one
+        torch.testing.assert_close(anchored[k], plain[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_an_anchored_search_epoch_keeps_its_anchor_and_moves_the_apns(
+    fake_cub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(fake_cub, **{"apn.update": "search", "apn.search_anchor": True})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    m, anchors = trainer.model, []
+    real = search.search_loss
+
+    def spy(*args, anchor=None, **kw):
+        anchors.append((anchor, _snapshot([anchor]) if anchor is not None else None))
+        return real(*args, anchor=anchor, **kw)
+
+    monkeypatch.setattr("racnn.training.phases.search_loss", spy)
+    before = _snapshot([m.apns])
+    trainer.schedule.start_epoch(ATTEND_SEARCH)
+    rec = trainer.train_epoch(ATTEND_SEARCH)
+    assert rec["steps"] == len(anchors) > 1 and rec["search"] > 0
+    first = anchors[0][0]
+    assert first is not None and all(a is first for a, _ in anchors)  # one anchor for the whole epoch
+    assert all(_same(before, snap) for _, snap in anchors)  # taken at the start, never stepped
+    assert not _same(before, _snapshot([m.apns]))
+    trainer.close()
+
+
 @pytest.mark.parametrize("update", ["gradient", "search"])
 def test_the_test_reports_the_initial_boxes_under_the_final_classifiers(
     fake_cub: Path, tmp_path: Path, update: str

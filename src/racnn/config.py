@@ -113,6 +113,11 @@ class APNConfig:
     # the last, the finer APNs re-run on the candidate's view (the paper's whole ranking loss; costs APN s
     # one more pass per finer scale)
     search_score: str = "pair"
+    # the search's boxes and their neighbours come from the APNs as they were when the attention epoch began,
+    # and every image regresses towards its target (an image that does not move, back to that box): each epoch
+    # moves a box by at most one neighbour's step. Off, the search starts from the APN's current box and an
+    # image that does not move pulls on nothing, so steps add up within an epoch (docs/results.md)
+    search_anchor: bool = False
 
 
 @dataclass

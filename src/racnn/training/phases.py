@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import Config
 from ..localization import aolm_boxes
@@ -33,10 +34,20 @@ from .apn_init import apn_init_target, apn_saturation
 from .search import search_loss
 
 Terms = dict[str, torch.Tensor]
-# loss(model, cfg, out, images, labels, autocast): the batch's loss terms, ``loss`` the one minimised and the
-# rest for the log; ``out`` is the model's forward on ``images`` (B x 3 x S x S) under ``autocast``
+# loss(model, cfg, out, images, labels, autocast, anchor): the batch's loss terms, ``loss`` the one minimised
+# and the rest for the log; ``out`` is the model's forward on ``images`` (B x 3 x S x S) under ``autocast``;
+# ``anchor``, the APNs as the epoch began where the phase asks for them (``Phase.anchor``), else None
 LossFn = Callable[
-    [RACNN, Config, RACNNOutput, torch.Tensor, torch.Tensor, AbstractContextManager[Any]], Terms
+    [
+        RACNN,
+        Config,
+        RACNNOutput,
+        torch.Tensor,
+        torch.Tensor,
+        AbstractContextManager[Any],
+        nn.ModuleList | None,
+    ],
+    Terms,
 ]
 
 CLASSIFIERS = frozenset({"backbone", "head"})  # parameter groups (RACNN.parameter_groups)
@@ -64,6 +75,8 @@ class Phase:
     steps: Callable[[Config], int] | None = None
     probe: Callable[[RACNN, torch.Tensor], dict[str, float]] | None = None  # figures for the log after it
     initial_apns: bool = False  # the APNs it leaves are the run's initial ones (the test's ``*_init``)
+    # anchor(cfg): its loss reads the APNs as they were when the epoch began (train_epoch copies them)
+    anchor: Callable[[Config], bool] = lambda cfg: False
 
     def __str__(self) -> str:
         return self.name
@@ -93,6 +106,7 @@ def _apn_init_terms(
     images: torch.Tensor,
     labels: torch.Tensor,
     autocast: AbstractContextManager[Any],
+    anchor: nn.ModuleList | None,
 ) -> Terms:
     full_map = None
     if cfg.apn.init_full_size and images.shape[-1] > model.cfg.input_size:
@@ -134,7 +148,13 @@ def _prior_maps(cfg: Config, num_scales: int) -> bool:
 
 
 def _classify_terms(
-    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, autocast: Any
+    model: RACNN,
+    cfg: Config,
+    out: RACNNOutput,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Any,
+    anchor: nn.ModuleList | None,
 ) -> Terms:
     """``cls``; the ranking loss for the log."""
     cls, rank, extra, terms = _ranked(model, cfg, out, labels)
@@ -142,7 +162,13 @@ def _classify_terms(
 
 
 def _attend_terms(
-    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, autocast: Any
+    model: RACNN,
+    cfg: Config,
+    out: RACNNOutput,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Any,
+    anchor: nn.ModuleList | None,
 ) -> Terms:
     """``rank + prior_weight * prior``; the cross-entropies for the log."""
     cls, rank, extra, terms = _ranked(model, cfg, out, labels)
@@ -151,7 +177,13 @@ def _attend_terms(
 
 
 def _joint_terms(
-    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, autocast: Any
+    model: RACNN,
+    cfg: Config,
+    out: RACNNOutput,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Any,
+    anchor: nn.ModuleList | None,
 ) -> Terms:
     """``cls + rank_weight * rank + prior_weight * prior``."""
     cls, rank, extra, terms = _ranked(model, cfg, out, labels)
@@ -160,13 +192,19 @@ def _joint_terms(
 
 
 def _search_terms(
-    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, autocast: Any
+    model: RACNN,
+    cfg: Config,
+    out: RACNNOutput,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    autocast: Any,
+    anchor: nn.ModuleList | None,
 ) -> Terms:
     """``search``, every APN's regression towards the box its finer scale ranks best
     (:func:`racnn.training.search.search_loss`); the ranking loss of the current boxes for the log."""
     probs = [true_class_prob(out.logits[k], labels) for k in model.scale_keys]
     rank = sum((h.mean() for h in ranking_hinges(probs, cfg.loss.rank_margin, detach_coarse=True)), 0.0)
-    terms = search_loss(model, images, out, labels, cfg)
+    terms = search_loss(model, images, out, labels, cfg, anchor=anchor, autocast=autocast)
     return {"loss": terms["search"], "rank": torch.as_tensor(rank), **terms}
 
 
@@ -239,6 +277,7 @@ ATTEND_SEARCH = Phase(
     clip=False,
     lr_step=False,
     detach_crops=True,
+    anchor=lambda cfg: cfg.apn.search_anchor,
 )
 # both losses every step, everything trains
 JOINT = Phase(

@@ -15,7 +15,13 @@ by what a classifier sees in them).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
 import torch
+from torch import nn
 
 from ..attention import box_candidates, compose_boxes
 from ..config import Config
@@ -109,12 +115,48 @@ def chain_probs(
     return torch.cat([own[:, None], alts], dim=1)
 
 
+@contextmanager
+def apns_of(model: RACNN, apns: nn.ModuleList) -> Iterator[RACNN]:
+    """``model`` running ``apns`` (a copy of its APNs, e.g. :func:`epoch_anchor`'s) inside; its own after. The
+    module is swapped, not its weights loaded: the forward that the loss's backward needs keeps its tensors."""
+    own = model.apns
+    model.apns = apns
+    try:
+        yield model
+    finally:
+        model.apns = own
+
+
+def epoch_anchor(model: RACNN) -> nn.ModuleList:
+    """The APNs as they are now, frozen: the boxes an anchored search (``apn.search_anchor``) starts from for
+    a whole attention epoch."""
+    return copy.deepcopy(model.apns).requires_grad_(False)
+
+
 def search_loss(
-    model: RACNN, images: torch.Tensor, out: RACNNOutput, y: torch.Tensor, cfg: Config
+    model: RACNN,
+    images: torch.Tensor,
+    out: RACNNOutput,
+    y: torch.Tensor,
+    cfg: Config,
+    *,
+    anchor: nn.ModuleList | None = None,
+    autocast: AbstractContextManager[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The search update's loss terms: ``search``, every APN's smooth-L1 to its :func:`search_targets` box
-    (its gradient reaches APN s alone: the forward cut the crops from the boxes), and the log's figures."""
-    targets, stats = search_targets(model, images, out, y, cfg)
+    (its gradient reaches APN s alone: the forward cut the crops from the boxes), and the log's figures.
+
+    ``anchor`` (``apn.search_anchor``; :func:`epoch_anchor`): the targets are searched around the boxes of
+    those APNs, run on ``images`` under ``autocast``, so an image that does not move pulls its box back to
+    the anchor's and no box strays more than one neighbour's step from it within the epoch. Without it the
+    search starts from ``out``'s boxes, the current APNs'."""
+    if anchor is None:
+        targets, stats = search_targets(model, images, out, y, cfg)
+    else:
+        with torch.no_grad(), apns_of(model, anchor), autocast or nullcontext():
+            ref = model(images, detach_boxes=True)
+        with apns_of(model, anchor):  # the finer APNs of a total score are the anchor's too
+            targets, stats = search_targets(model, images, ref, y, cfg)
     loss = sum(
         (box_regression_loss(b.float(), t) for b, t in zip(out.boxes, targets, strict=True)),
         torch.zeros((), device=images.device),

@@ -28,12 +28,14 @@ def train_step(
     optimizers: Sequence[torch.optim.Optimizer],
     *,
     autocast: Any,
+    anchor: torch.nn.ModuleList | None = None,
 ) -> tuple[dict[str, torch.Tensor], RACNNOutput]:
     """One step of ``phase`` on the batch ``x`` (B x 3 x S x S), ``y`` (B): forward (under ``autocast``, the
     crops seeing the boxes as the phase says), the phase's loss, backward, gradient clipping
     (``optim.grad_clip``, where the phase clips) and a step of ``optimizers``, those the phase steps
     (:meth:`racnn.training.optim.Optimizers.stepped_by`). The model must already be in the phase
-    (:func:`racnn.training.phases.set_phase`). Returns the loss terms and the model's output."""
+    (:func:`racnn.training.phases.set_phase`); ``anchor``: the APNs as the epoch began, for a phase that reads
+    them (``Phase.anchor``). Returns the loss terms and the model's output."""
     with autocast:
         out = forward(
             x,
@@ -41,7 +43,7 @@ def train_step(
             detach_crops=phase.detach_crops,
             return_maps=phase.maps(cfg, model.cfg.num_scales),
         )
-    terms = phase.loss(model, cfg, out, x, y, autocast)
+    terms = phase.loss(model, cfg, out, x, y, autocast, anchor)
     loss = terms["loss"]
     for o in optimizers:
         o.zero_grad(set_to_none=True)

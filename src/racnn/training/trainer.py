@@ -34,6 +34,7 @@ from . import ddp, distributed, loaders, optim, runtime
 from .outputs import RunFolder, RunFolderError, TensorBoard
 from .phases import Phase, attend_phase, set_phase
 from .schedule import PhaseSchedule
+from .search import epoch_anchor
 from .state import RunState, initial_apns, read_resume
 from .step import NonFiniteWatch, epoch_record, train_step
 
@@ -212,12 +213,14 @@ class Trainer:
         return x, batch["label"].to(self.device, non_blocking=True)
 
     def _step(
-        self, phase: Phase, forward: Any, batch: dict[str, Any]
+        self, phase: Phase, forward: Any, batch: dict[str, Any], anchor: torch.nn.ModuleList | None = None
     ) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor]:
         x, y = self._inputs(batch)
         autocast = runtime.autocast(self.device, self.cfg.runtime.amp)
         opts = self.optimizers.stepped_by(phase)
-        terms, out = train_step(self.model, forward, x, y, phase, self.cfg, opts, autocast=autocast)
+        terms, out = train_step(
+            self.model, forward, x, y, phase, self.cfg, opts, autocast=autocast, anchor=anchor
+        )
         return terms, out, x
 
     # ---------------------------------------------------------------- phases
@@ -272,8 +275,10 @@ class Trainer:
         loader = self._train_loader(epoch)
         bad_before = loader.bad_images
         desc = f"epoch {epoch}/{cfg.train.epochs} {phase.name}"
+        # a resumed run restarts the epoch from the checkpoint at its start, so the anchor is the same
+        anchor = epoch_anchor(model) if phase.anchor(cfg) else None
         for bar, batch in self._batches(loader, desc, cfg.schedule.max_steps_per_epoch):
-            terms, out, _ = self._step(phase, forward, batch)
+            terms, out, _ = self._step(phase, forward, batch, anchor)
             # running sums and the non-finite flag stay on the device (read every log_every steps on GPUs)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
