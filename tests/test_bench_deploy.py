@@ -44,6 +44,17 @@ def test_deploy_benchmark_writes_every_variant_and_the_ratios(fake_cub: Path, tm
     one = 1 / r["test_images"]
     assert abs(r["accuracy"]["ort_fp32|full"]["top1"] - r["accuracy"]["torch|full"]["top1"]) <= one + 1e-9
     assert r["exit_confidence"] in deploy.EXIT_GRID and "torch|exit" in r["accuracy"]  # chosen on validation
+    # the threshold is the rule's on validation, and the test curve (every threshold from one staged run)
+    # gives at it what the staged run itself gave
+    _, *tried = r["exit_validation"]
+    chosen = [t for t in tried if t["exit_confidence"] == r["exit_confidence"]]
+    assert chosen and chosen[0]["disagree"] <= deploy.EXIT_MAX_DISAGREE
+    keep = [t["scales_mean"] for t in tried if t["disagree"] <= deploy.EXIT_MAX_DISAGREE]
+    assert chosen[0]["scales_mean"] == min(keep)
+    (at,) = [c for c in r["exit_curve"] if c["exit_confidence"] == r["exit_confidence"]]
+    staged = r["accuracy"]["ort_fp32|exit"]
+    assert abs(at["top1"] - staged["top1"]) <= one + 1e-9
+    assert at["scales_mean"] == pytest.approx(staged["scales_mean"], abs=one * 2)
     for name in ("torch", "ort_fp32", "backbone"):
         for b in (1, 2):
             assert r["times"][f"{name}|full|t1|b{b}"]["ms"] > 0

@@ -13,7 +13,14 @@ import torch
 import racnn
 from conftest import assert_same_prediction
 from racnn.cli import main
-from racnn.early_exit import check_exit_confidence, model_stages, staged_forward
+from racnn.early_exit import (
+    EXIT_GRID,
+    check_exit_confidence,
+    choose_exit_confidence,
+    exit_decisions,
+    model_stages,
+    staged_forward,
+)
 from test_cli import _seven_class_checkpoint, _seven_class_folder
 
 
@@ -80,6 +87,33 @@ def test_an_image_stops_at_the_first_confident_scale() -> None:
         assert len(rec["boxes"]) == n - 1  # the boxes that made the inputs of the scales it ran
     full = racnn.predict(model, list(x), topk=2)
     assert {r["scales_run"] for r in full} == {3} and {r["answered_by"] for r in full} == {"s123"}
+
+
+def test_the_decisions_of_any_threshold_from_one_full_run_are_the_staged_runs() -> None:
+    model = _model()
+    x = torch.randn(12, 3, 40, 40)
+    full = staged_forward(model_stages(model), x, keys=model.keys, exit_confidence=1.0)
+    stage_probs = [full.out.logits[k].softmax(1) for k in ("s1", "s12", "s123")]
+    confident = torch.cat([p.amax(1) for p in stage_probs[:2]])
+    for p in (_between(confident), 0.0, 1.0):  # no image's confidence near the threshold (kernels differ)
+        answers, ran = exit_decisions(stage_probs, p)
+        staged = staged_forward(model_stages(model), x, keys=model.keys, exit_confidence=p)
+        assert ran.tolist() == staged.scales_run.tolist()
+        want = [staged.out.logits[k][i].argmax() for i, k in enumerate(staged.answer_keys(model.keys))]
+        assert answers.tolist() == [int(a) for a in want]
+
+
+def test_the_exit_threshold_is_the_fewest_scales_that_keep_the_full_models_answers() -> None:
+    """Four images, two stages: the full model answers 0, 1, 1, 0. Threshold 0.6 stops images 0 and 1 at
+    scale 1, where image 1 answers 0 (a disagreement); 0.8 stops image 0 alone (agrees); 0.95 none."""
+    s1 = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.45, 0.55]])
+    s12 = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    p, tried = choose_exit_confidence([s1, s12], [0.6, 0.8, 0.95], max_disagree=0.0)
+    assert p == 0.8
+    assert [t["disagree"] for t in tried] == [0.25, 0.0, 0.0]
+    assert [t["scales_mean"] for t in tried] == [1.5, 1.75, 2.0]
+    assert choose_exit_confidence([s1, s12], [0.6, 0.8], max_disagree=0.25)[0] == 0.6
+    assert choose_exit_confidence([s1, s12], [0.6], max_disagree=0.1)[0] is None
 
 
 def test_threshold_one_runs_every_scale_and_zero_scale_one_only() -> None:
@@ -188,3 +222,21 @@ def test_predict_eval_and_the_csv_with_early_exit(tmp_path: Path, capsys: pytest
     # with flip TTA: refused in one line
     assert main(["eval", *base, "--data", str(trees), "--tta", "flip"]) == 1
     assert "do not combine" in capsys.readouterr().err
+    # the sweep that chooses the threshold: every threshold of the grid, as the staged runs themselves answer
+    sweep = ["eval", "--checkpoint", str(ckpt), "--data", str(trees), "--batch-size", "4", "--exit-sweep"]
+    assert main([*sweep, "--json", str(js)]) == 0
+    out = capsys.readouterr()
+    m = json.loads(js.read_text())
+    assert [r["exit_confidence"] for r in m["exit_sweep"]] == list(EXIT_GRID)
+    assert "chosen: --exit-confidence" in out.out or "run every scale" in out.out
+    assert "--split val" in out.err  # (this is the test split)
+    for row in m["exit_sweep"][::3]:
+        js2 = tmp_path / "at.json"
+        at = ["eval", "--checkpoint", str(ckpt), "--data", str(trees), "--exit-confidence"]
+        assert main([*at, str(row["exit_confidence"]), "--batch-size", "4", "--json", str(js2)]) == 0
+        got = json.loads(js2.read_text())
+        assert got["acc_s123"] == pytest.approx(row["top1"], abs=1e-9)  # (no image sits on a threshold here)
+        assert got["exit_scales_mean"] == pytest.approx(row["scales_mean"], abs=1e-6)
+    capsys.readouterr()
+    assert main([*sweep, "--exit-confidence", "0.5"]) == 1
+    assert "--exit-sweep runs every scale" in capsys.readouterr().err

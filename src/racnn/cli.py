@@ -140,6 +140,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="write DIR/confusion.png: the fused output's confusion matrix, classes sorted by accuracy, "
         "the most confused pairs beside it",
     )
+    p.add_argument(
+        "--exit-sweep",
+        action="store_true",
+        help="choose --exit-confidence (use --split val): for each threshold, the share of answers that "
+        "differ from the full model's, the mean scales run and top-1, and the threshold of the fewest scales "
+        "that changes at most 0.5%% of the answers (one more pass of the model)",
+    )
     p.set_defaults(func=cmd_eval)
 
 
@@ -151,6 +158,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .runtime import place_model
     from .training import loaders
 
+    if a.exit_sweep and (a.exit_confidence is not None or a.tta):
+        raise ValueError("--exit-sweep runs every scale: pass it without --exit-confidence and --tta")
     model, device = load_for_inference(a)
     cfg, classes = model.training_config, model.classes
     if cfg is None:
@@ -204,11 +213,44 @@ def cmd_eval(a: argparse.Namespace) -> int:
         pairs = report["most_confused"][:20]  # beside the matrix; the JSON has more
         figure = confusion_figure(acc.confusion, list(classes), pairs, Path(a.figures) / "confusion.png")
         print(f"wrote {figure}")
+    if a.exit_sweep:
+        metrics |= _exit_sweep(model, loader, device, a.split)
     if a.json:
         per_class = {"per_class_acc": report["per_class_acc"], "most_confused": report["most_confused"]}
         Path(a.json).write_text(json.dumps(json_safe(metrics) | per_class, indent=2))
         print(f"wrote {a.json}")
     return 0
+
+
+def _exit_sweep(model: Any, loader: Any, device: Any, split: str) -> dict[str, Any]:
+    """Print and return every early-exit threshold's figures on ``loader`` and the one the rule chooses
+    (:func:`racnn.early_exit.choose_exit_confidence`)."""
+    from .early_exit import EXIT_MAX_DISAGREE, choose_exit_confidence
+    from .evaluation import stage_predictions
+
+    if split == "test":
+        print(
+            "note: choose the exit threshold on --split val; a threshold chosen on test flatters it",
+            file=sys.stderr,
+        )
+    stages, labels = stage_predictions(model, loader, device=device, progress=sys.stderr.isatty())
+    chosen, rows = choose_exit_confidence(stages, labels=labels)
+    print(f"early exit on {split}: answers that differ from the full model's, mean scales run, top-1")
+    for r in rows:
+        mark = (
+            "  <- the fewest scales that keep the full model's answers"
+            if r["exit_confidence"] == chosen
+            else ""
+        )
+        print(
+            f"  {r['exit_confidence']:<5g} {100 * r['disagree']:5.1f}%  {r['scales_mean']:.2f}  "
+            f"{100 * r['top1']:6.2f}%{mark}"
+        )
+    if chosen is None:
+        print(f"no threshold changes at most {100 * EXIT_MAX_DISAGREE:g}% of the answers: run every scale")
+    else:
+        print(f"chosen: --exit-confidence {chosen:g}")
+    return {"exit_sweep": rows, "exit_confidence_chosen": chosen}
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:

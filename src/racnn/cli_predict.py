@@ -72,7 +72,7 @@ def add_exit(p: argparse.ArgumentParser) -> None:
         metavar="P",
         help="early exit: the scales run in order and an image stops at the first whose fused prediction's "
         "top probability is at least P (0 <= P <= 1; each record says which scale answered). Choose P on "
-        "validation (benchmarks/deploy.py). Default: every image runs every scale",
+        "validation: racnn eval --split val --exit-sweep. Default: every image runs every scale",
     )
 
 

@@ -3,7 +3,9 @@ fusion of the scales run so far, ``model.fusion``) is confident enough.
 
 RA-CNN pays three backbone passes per image; most images are already clear at scale 1 or after scales 1 and 2.
 With ``exit_confidence=P``, an image whose top probability after scale s is at least P is answered there, and
-only the others go on to scale s + 1. ``P`` is chosen on validation (``benchmarks/deploy.py``), never on test.
+only the others go on to scale s + 1. ``P`` is chosen on validation, never on test (``racnn eval --split val
+--exit-sweep``, :func:`choose_exit_confidence`): the fewest scales whose answers are the full model's on all but
+half a percent of the images.
 
 A stage is one scale as a module of its own (:class:`ScaleStage`): its backbone and head, the fusion of the
 scales so far, and, but for the last, its APN and the crop that is the next scale's input. The eager predictor
@@ -38,6 +40,10 @@ EXIT_KEY = "scales_run"
 # a stage's outputs by name, in this order (the last stage has the first three only; the first has no "view",
 # which is its box: a graph cannot name one value twice)
 STAGE_OUTPUTS = ("fused", "logits", "pooled", "box", "view", "next_input")
+# the thresholds choose_exit_confidence tries, and the share of the full model's answers it may change (half a
+# percent: the accuracy early exit may cost is at most that share)
+EXIT_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+EXIT_MAX_DISAGREE = 0.005
 
 
 def stage_outputs(s: int, num_scales: int) -> list[str]:
@@ -184,3 +190,48 @@ def _fill(
     logits: dict[str, torch.Tensor], key: str, rows: torch.Tensor, values: torch.Tensor, b: int
 ) -> None:
     logits[key] = _scatter(rows, values, b)
+
+
+def exit_decisions(
+    stage_probs: Sequence[torch.Tensor], exit_confidence: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What early exit at ``exit_confidence`` answers, from one run of every scale: ``stage_probs[r - 1]`` (B x
+    K) is the prediction after r scales (the probabilities of ``answer_key(keys, r)``: ``s1``, ``s12``,
+    ``s123``, ... of a staged run at exit confidence 1). Returns the class answered (B) and the scales run (B):
+    the decisions :func:`staged_forward` takes, for any threshold, without running the model again."""
+    n = len(stage_probs)
+    ran = torch.full(stage_probs[0].shape[:1], n, dtype=torch.long)
+    if exit_confidence < 1.0:  # (1 is the full model, as in staged_forward)
+        for r in range(n - 1, 0, -1):  # the earliest confident stage wins
+            ran = torch.where(stage_probs[r - 1].amax(1) >= exit_confidence, r, ran)
+    classes = torch.stack([p.argmax(1) for p in stage_probs], dim=1)  # B x n
+    return classes.gather(1, (ran - 1)[:, None]).squeeze(1), ran
+
+
+def choose_exit_confidence(
+    stage_probs: Sequence[torch.Tensor],
+    grid: Sequence[float] = EXIT_GRID,
+    *,
+    max_disagree: float = EXIT_MAX_DISAGREE,
+    labels: torch.Tensor | None = None,
+) -> tuple[float | None, list[dict[str, float]]]:
+    """The threshold of ``grid`` that runs the fewest scales on average while its answers differ from the full
+    model's on at most ``max_disagree`` of the images (``stage_probs``: :func:`exit_decisions`'s, of a held-out
+    split; None when no threshold qualifies), and every threshold's ``disagree`` share and ``scales_mean``
+    (and, given the ``labels``, the answers' ``top1``, which the choice does not read).
+
+    The reference is the full model's decision, not the label: early exit is meant to answer as the full
+    model would, agreement counts every image (a label-based rule sees only the images whose correctness
+    changes, and ties on a small split), and no labels are needed."""
+    full, _ = exit_decisions(stage_probs, 1.0)
+    tried = []
+    for p in grid:
+        answers, ran = exit_decisions(stage_probs, p)
+        row = {"exit_confidence": p, "disagree": float((answers != full).double().mean())}
+        row["scales_mean"] = float(ran.double().mean())
+        if labels is not None:
+            row["top1"] = float((answers == labels).double().mean())
+        tried.append(row)
+    keep = [t for t in tried if t["disagree"] <= max_disagree + 1e-12]
+    best = min(keep, key=lambda t: (t["scales_mean"], -t["exit_confidence"])) if keep else None
+    return (best["exit_confidence"] if best else None), tried

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .attention import box_to_xyxy
 from .config import Config
-from .early_exit import ExitOutput, check_exit_confidence, model_stages, staged_forward
+from .early_exit import ExitOutput, answer_key, check_exit_confidence, model_stages, staged_forward
 from .fusion import fit_model_weights
 from .model import RACNN, fusion_keys, scale_keys
 from .runtime import autocast, place_batch
@@ -435,3 +435,28 @@ def epoch_line(rec: dict[str, Any], fused: str) -> str:
             parts.append(f"{k.replace('_acc', '')} {rec[k]:.3f}")
     parts.append(f"{rec['images_per_s']:.1f} img/s")
     return " | ".join(parts)
+
+
+@torch.no_grad()
+def stage_predictions(
+    model: RACNN,
+    loader: Iterable[dict[str, Any]],
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every image's prediction after 1, 2, ..., N scales (the probabilities of ``s1``, ``s12``, ``s123``, ...:
+    n x K each, on the CPU) from one staged run of every scale, and the labels (n): what early exit answers at
+    any threshold follows from them (:func:`racnn.early_exit.exit_decisions`, ``choose_exit_confidence``)."""
+    keys = [answer_key(model.keys, r) for r in range(1, len(model.scale_keys) + 1)]
+    stages = model_stages(model)
+    got: list[list[torch.Tensor]] = [[] for _ in keys]
+    labels = []
+    for batch in tqdm(loader, desc="early exit sweep", leave=False, disable=not progress):
+        ran = staged_forward(
+            stages, place_batch(batch["image"], device), keys=model.keys, exit_confidence=1.0
+        )
+        for out, k in zip(got, keys, strict=True):
+            out.append(ran.out.logits[k].float().softmax(1).cpu())
+        labels.append(batch["label"].cpu())
+    return [torch.cat(g) for g in got], torch.cat(labels)
