@@ -265,6 +265,25 @@ def test_the_attend_probe_compares_learned_and_initial_boxes(fake_cub: Path, tmp
         probe.main(args)
 
 
+def test_learned_vs_init_evaluates_the_final_classifiers_with_both_boxes(
+    fake_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = load_benchmark("learned_vs_init")
+    overrides = {"apn.update": "search", "train.epochs": 3, "schedule.warmup_epochs": 1, "train.select": "last"}
+    cfg = tiny_config(fake_cub, **overrides)  # the test's model is last.pt's
+    with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
+        metrics = trainer.fit()
+    out = tmp_path / "cmp.json"
+    assert bench.main([str(tmp_path / "run"), "--split", "test", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["runs"][str(tmp_path / "run")]
+    for k in ("acc_s2", "pt_s2", "head_hit_s2", "box_side_s1"):  # the run's own test figures, both boxes
+        assert r["learned"][k] == pytest.approx(metrics[k], abs=1e-6), k
+        assert r["initial"][k] == pytest.approx(metrics[f"{k}_init"], abs=1e-6), k
+    assert "mean +- std" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no last.pt"):
+        bench.main([str(tmp_path)])
+
+
 def test_the_search_chain_reproduces_the_forward_on_the_box_itself() -> None:
     """``chain_probs`` on a candidate equal to the current box gives the forward's own p_t at every finer
     scale (the finer APNs re-run on the same view): the machinery of the total score, on a real tiny model."""
