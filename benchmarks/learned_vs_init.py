@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * v['learned'][k]:.1f} ({100 * d:+.1f})"
             for v, d in zip(per_run.values(), diffs, strict=True)
         ]
-        mean, std = statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        mean = statistics.mean(diffs)
+        std = statistics.stdev(diffs) if len(diffs) > 1 else None  # (one run has no spread)
         summary[k] = {"mean_difference": mean, "std_difference": std}
-        print(
-            f"{k:<16}" + "".join(f"{c:>22}" for c in cells) + f"{f'{100 * mean:+.1f} +- {100 * std:.1f}':>22}"
-        )
+        spread = f"{100 * mean:+.1f} +- {100 * std:.1f}" if std is not None else f"{100 * mean:+.1f}"
+        print(f"{k:<16}" + "".join(f"{c:>22}" for c in cells) + f"{spread:>22}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"split": args.split, "runs": per_run, "summary": summary}, indent=2))
