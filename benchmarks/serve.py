@@ -231,6 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="racnn serve's --backend (default: its own: onnxruntime for an ONNX export, torch otherwise)",
     )
     p.add_argument("--exit-confidence", type=float, help="racnn serve's --exit-confidence (default: none)")
+    p.add_argument("--max-batch", type=int, help="racnn serve's --max-batch (default: the server's)")
     p.add_argument("--json", help="write the results to this file")
     return p.parse_args(argv)
 
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         here = forward_time(model, images[0][1], iters=args.iters)
         extra = ["--backend", args.backend] if args.backend else []
         extra += ["--exit-confidence", str(args.exit_confidence)] if args.exit_confidence is not None else []
+        extra += ["--max-batch", str(args.max_batch)] if args.max_batch is not None else []
         proc, url = run_server(checkpoint, threads, Path(tmp) / "serve.log", extra)
         try:
             for _ in range(3):
@@ -282,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": f"{model.cfg.backbone}, {model.cfg.num_scales} scales, {model.scale_sizes} px, image {model.image_size} px",
         "backend": model.backend,
         "exit_confidence": args.exit_confidence,
+        "max_batch": args.max_batch,
         "forward_batch1_s": forward,
         "forward_batch1_s_this_process": here,
         "server_forward_ms": health["forward_ms"],
