@@ -269,7 +269,12 @@ def test_learned_vs_init_evaluates_the_final_classifiers_with_both_boxes(
     fake_cub: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bench = load_benchmark("learned_vs_init")
-    overrides = {"apn.update": "search", "train.epochs": 3, "schedule.warmup_epochs": 1, "train.select": "last"}
+    overrides = {
+        "apn.update": "search",
+        "train.epochs": 3,
+        "schedule.warmup_epochs": 1,
+        "train.select": "last",
+    }
     cfg = tiny_config(fake_cub, **overrides)  # the test's model is last.pt's
     with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
         metrics = trainer.fit()
@@ -280,7 +285,7 @@ def test_learned_vs_init_evaluates_the_final_classifiers_with_both_boxes(
         assert r["learned"][k] == pytest.approx(metrics[k], abs=1e-6), k
         assert r["initial"][k] == pytest.approx(metrics[f"{k}_init"], abs=1e-6), k
     assert "mean +- std" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="no last.pt"):
+    with pytest.raises(SystemExit, match=r"no last\.pt"):
         bench.main([str(tmp_path)])
 
 
