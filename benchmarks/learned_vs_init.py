@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from racnn.training import loaders
-from racnn.training.state import initial_apns
 from racnn.training.trainer import Trainer
 
 KEYS = (
@@ -56,14 +55,9 @@ def compare(run: Path, split: str) -> dict[str, dict[str, float]]:
         )
         if data is None or len(data) == 0:
             raise SystemExit(f"{run}: the {split} split is empty")
-
-        def figures() -> dict[str, float]:
-            m = trainer._evaluate(trainer.model, data, split)
-            return {k: m[k] for k in KEYS if k in m}
-
-        learned = figures()
-        with initial_apns(trainer.model, trainer.state.apn_init):
-            initial = figures()
+        m = trainer.evaluate_boxes(model, data, split)
+    learned = {k: m[k] for k in KEYS if k in m}
+    initial = {k: m[f"{k}_init"] for k in KEYS if f"{k}_init" in m}
     return {"learned": learned, "initial": initial}
 
 

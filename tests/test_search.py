@@ -12,6 +12,7 @@ import torch
 from conftest import load_benchmark
 from racnn.attention import box_candidates
 from racnn.checkpoint import load_checkpoint
+from racnn.losses import box_regression_loss
 from racnn.model import RACNNOutput, build_model
 from racnn.training import search
 from racnn.training.phases import APN_INIT, ATTEND, ATTEND_SEARCH, CLASSIFY, attend_phase
@@ -134,52 +135,72 @@ def test_a_search_epoch_changes_only_the_apns(fake_cub: Path, tmp_path: Path) ->
     trainer.close()
 
 
-def _live_and_anchor(score: str = "pair"):
-    """A 3-scale tiny model whose APNs have moved since ``anchor`` (a copy of them) was taken."""
+def _live_and_anchor(score: str = "pair", moved: tuple[int, ...] = (0, 1)):
+    """A 3-scale tiny model whose APNs ``moved`` have moved since ``anchor`` (a copy of them) was taken."""
     torch.manual_seed(0)
     cfg = tiny_config(Path("."), **{"apn.update": "search", "apn.search_score": score})
     model = build_model(cfg.model, num_classes=3).eval()
-    anchor = search.epoch_anchor(model)
     with torch.no_grad():
         for apn in model.apns:
-            apn.fc2.bias.add_(torch.tensor([0.3, -0.2, 0.4]))  # other centres and sides
+            apn.fc2.weight.mul_(20)  # boxes that follow what the APN sees (a fresh tiny APN barely does)
+    anchor = search.epoch_anchor(model)
+    with torch.no_grad():
+        for s in moved:
+            model.apns[s].fc2.bias.add_(torch.tensor([0.3, -0.2, 0.4]))  # other centres and sides
     return cfg, model, anchor
 
 
 @pytest.mark.parametrize("score", ["pair", "total"])
-def test_an_anchored_search_looks_around_the_anchors_boxes_and_pulls_every_image(
+def test_an_anchored_search_looks_around_the_anchors_boxes_on_the_anchors_views(
     monkeypatch: pytest.MonkeyPatch, score: str
 ) -> None:
-    cfg, model, anchor = _live_and_anchor(score)
+    """APN 1 has moved since the anchor, APN 2 has not: the targets are searched around the anchor's boxes
+    (with the anchor's finer APNs), and APN 2 regresses on the crop the anchor's APN 1 cuts, so its box is the
+    anchor's own there, not the one the live APN 1's crop gives."""
+    cfg, model, anchor = _live_and_anchor(score, moved=(0,))
     images, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     out = model(images)
     with search.apns_of(model, anchor):
         ref = model(images)
-    assert not torch.allclose(out.boxes[0], ref.boxes[0], atol=1e-3)  # the APNs did move
+    assert not torch.allclose(out.boxes[0], ref.boxes[0], atol=1e-3)  # APN 1 did move
+    assert not torch.allclose(out.boxes[1], ref.boxes[1], atol=1e-3)  # and so did scale 2's view
     seen = []
     real = search.search_targets
 
     def spy(model, images, out, y, cfg):
-        seen.append((out, [a is b for a, b in zip(model.apns, anchor, strict=True)]))
-        return real(model, images, out, y, cfg)
+        got = real(model, images, out, y, cfg)
+        seen.append((out, [a is b for a, b in zip(model.apns, anchor, strict=True)], got[0]))
+        return got
 
     monkeypatch.setattr(search, "search_targets", spy)
     terms = search.search_loss(model, images, out, y, cfg, anchor=anchor)
-    ((got, ran_anchor),) = seen
+    ((got, ran_anchor, targets),) = seen
     assert all(ran_anchor)  # the finer APNs of a total score are the anchor's too
-    torch.testing.assert_close(got.boxes[0], ref.boxes[0], atol=1e-5, rtol=0)  # PROB_TOL-like: kernels
-    assert model.apns is not anchor and all(p.requires_grad is False for p in anchor.parameters())
-    # every target is the anchor's box or one of its neighbours, and every image pulls (the loss is not 0
-    # although an image that keeps its box would pull on nothing without the anchor)
-    targets, _ = real(model, images, got, y, cfg)
-    m = model.cfg
+    a, m = cfg.apn, model.cfg
     for s in range(2):
+        torch.testing.assert_close(got.boxes[s], ref.boxes[s], atol=1e-5, rtol=0)  # kernels: batch layouts
         cands = box_candidates(
-            got.boxes[s].float(), shift=0.1, zoom=1.15, min_side=m.box_min_side, max_side=m.box_max_side
-        )
+            got.boxes[s].float(), shift=a.search_shift, zoom=a.search_zoom, min_side=m.box_min_side,
+            max_side=m.box_max_side,
+        )  # fmt: skip
         gap = (cands - targets[s][:, None]).abs().amax(2).amin(1)  # B: distance to the nearest candidate
         assert bool((gap < 1e-5).all()), s
-    assert float(terms["search"].detach()) > 0
+    # what is regressed: the live APN 1 on the image, APN 2 (unchanged) on the anchor's crop: its box there
+    want = box_regression_loss(out.boxes[0].float(), targets[0]) + box_regression_loss(
+        ref.boxes[1].float(), targets[1]
+    )
+    torch.testing.assert_close(terms["search"].detach(), want.detach(), atol=1e-5, rtol=0)
+    live = box_regression_loss(out.boxes[0].float(), targets[0]) + box_regression_loss(
+        out.boxes[1].float(), targets[1]
+    )
+    assert abs(float(live.detach()) - float(want.detach())) > 1e-4  # (the live crop's box would differ)
+    assert float(terms["search"].detach()) > 0  # an image that keeps its box pulls back to the anchor's
+    assert model.apns is not anchor and not any(p.requires_grad for p in anchor.parameters())
+
+
+def test_an_anchor_needs_the_search_update() -> None:
+    with pytest.raises(ValueError, match=r"apn\.search_anchor needs apn\.update=search"):
+        tiny_config(Path("."), **{"apn.search_anchor": True})  # (the default update is the gradient's)
 
 
 def test_an_anchor_equal_to_the_apns_searches_as_the_plain_update() -> None:

@@ -161,6 +161,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.exit_sweep and (a.exit_confidence is not None or a.tta):
         raise ValueError("--exit-sweep runs every scale: pass it without --exit-confidence and --tta")
     model, device = load_for_inference(a)
+    if a.exit_sweep:  # before any pass: a model without stage graphs, or of one scale, is refused at once
+        from .early_exit import model_stages
+
+        if len(model.scale_keys) < 2:
+            raise ValueError(f"{a.checkpoint}: a 1-scale model has no early exit to sweep")
+        model_stages(model)
     cfg, classes = model.training_config, model.classes
     if cfg is None:
         raise CheckpointError(

@@ -114,9 +114,10 @@ class APNConfig:
     # one more pass per finer scale)
     search_score: str = "pair"
     # the search's boxes and their neighbours come from the APNs as they were when the attention epoch began,
-    # and every image regresses towards its target (an image that does not move, back to that box): each epoch
-    # moves a box by at most one neighbour's step. Off, the search starts from the APN's current box and an
-    # image that does not move pulls on nothing, so steps add up within an epoch (docs/results.md)
+    # and every image regresses towards its target (an image that does not move, back to that box) on the
+    # views those APNs show: every target lies within one neighbour's step of the epoch's starting box. Off,
+    # the search starts from the APN's current box and an image that does not move pulls on nothing, so steps
+    # add up within an epoch (docs/results.md)
     search_anchor: bool = False
 
 
@@ -380,6 +381,10 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (cfg.apn.search_zoom > 1.0, "apn.search_zoom must be > 1"),
         (cfg.apn.search_min_gain >= 0.0, "apn.search_min_gain must be >= 0"),
         (1 <= cfg.apn.search_candidates <= 6, "apn.search_candidates must be in 1..6"),
+        (
+            not cfg.apn.search_anchor or cfg.apn.update == "search",
+            "apn.search_anchor needs apn.update=search (the gradient update has no search to anchor)",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

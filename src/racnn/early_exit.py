@@ -200,10 +200,10 @@ def exit_decisions(
     ``s123``, ... of a staged run at exit confidence 1). Returns the class answered (B) and the scales run (B):
     the decisions :func:`staged_forward` takes, for any threshold, without running the model again."""
     n = len(stage_probs)
-    ran = torch.full(stage_probs[0].shape[:1], n, dtype=torch.long)
+    ran = torch.full(stage_probs[0].shape[:1], n, dtype=torch.long, device=stage_probs[0].device)
     if exit_confidence < 1.0:  # (1 is the full model, as in staged_forward)
-        for r in range(n - 1, 0, -1):  # the earliest confident stage wins
-            ran = torch.where(stage_probs[r - 1].amax(1) >= exit_confidence, r, ran)
+        for r in range(n - 1, 0, -1):  # the earliest confident stage wins; NaN stops, as there
+            ran = torch.where(~(stage_probs[r - 1].amax(1) < exit_confidence), r, ran)
     classes = torch.stack([p.argmax(1) for p in stage_probs], dim=1)  # B x n
     return classes.gather(1, (ran - 1)[:, None]).squeeze(1), ran
 
@@ -222,7 +222,10 @@ def choose_exit_confidence(
 
     The reference is the full model's decision, not the label: early exit is meant to answer as the full
     model would, agreement counts every image (a label-based rule sees only the images whose correctness
-    changes, and ties on a small split), and no labels are needed."""
+    changes, and ties on a small split), and no labels are needed. (0.5% of fewer than 200 images is less
+    than one: there the rule asks that no answer change.) A 1-scale model has nothing to exit: ValueError."""
+    if len(stage_probs) < 2:
+        raise ValueError("early exit needs a model of at least 2 scales")
     full, _ = exit_decisions(stage_probs, 1.0)
     tried = []
     for p in grid:

@@ -129,8 +129,11 @@ def apns_of(model: RACNN, apns: nn.ModuleList) -> Iterator[RACNN]:
 
 def epoch_anchor(model: RACNN) -> nn.ModuleList:
     """The APNs as they are now, frozen: the boxes an anchored search (``apn.search_anchor``) starts from for
-    a whole attention epoch."""
-    return copy.deepcopy(model.apns).requires_grad_(False)
+    a whole attention epoch (a copy of their weights: 0.5 GB for three MobileNetV2 scales' APNs)."""
+    anchor = copy.deepcopy(model.apns).requires_grad_(False).eval()
+    for apn in anchor:
+        apn._fc1_cast = None  # (no low-precision copy of the live weights rides along)
+    return anchor
 
 
 def search_loss(
@@ -147,18 +150,22 @@ def search_loss(
     (its gradient reaches APN s alone: the forward cut the crops from the boxes), and the log's figures.
 
     ``anchor`` (``apn.search_anchor``; :func:`epoch_anchor`): the targets are searched around the boxes of
-    those APNs, run on ``images`` under ``autocast``, so an image that does not move pulls its box back to
-    the anchor's and no box strays more than one neighbour's step from it within the epoch. Without it the
-    search starts from ``out``'s boxes, the current APNs'."""
+    those APNs, run on ``images`` under ``autocast``, so every target lies within one neighbour's step of the
+    anchor's box and an image that does not move pulls back to it. Each live APN is then run on the view
+    the anchor shows its scale (the anchor forward's map), so its box and its target are relative to the same
+    crop. Without an anchor the search starts from ``out``'s boxes, the current APNs'."""
+    boxes = out.boxes
     if anchor is None:
         targets, stats = search_targets(model, images, out, y, cfg)
     else:
         with torch.no_grad(), apns_of(model, anchor), autocast or nullcontext():
-            ref = model(images, detach_boxes=True)
+            ref = model(images, detach_boxes=True, return_maps=True)
         with apns_of(model, anchor):  # the finer APNs of a total score are the anchor's too
             targets, stats = search_targets(model, images, ref, y, cfg)
+        with autocast or nullcontext():  # B x 3 each, the gradient to APN s alone
+            boxes = [model.apns[s](ref.maps[s].detach()) for s in range(len(targets))]
     loss = sum(
-        (box_regression_loss(b.float(), t) for b, t in zip(out.boxes, targets, strict=True)),
+        (box_regression_loss(b.float(), t) for b, t in zip(boxes, targets, strict=True)),
         torch.zeros((), device=images.device),
     )
     return {"search": loss, **stats}

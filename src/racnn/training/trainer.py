@@ -305,6 +305,17 @@ class Trainer:
         kw |= {"device": self.device, "desc": desc, "progress": self.progress}
         return evaluate_split(model, dataset, self.cfg, self.dist, **kw)
 
+    def evaluate_boxes(self, model: RACNN, dataset: Any, desc: str) -> dict[str, float]:
+        """``model``'s metrics on ``dataset`` and, where the run kept the APNs' state after their
+        initialisation, the same with those APNs as ``*_init``: what the attention phases added, under the
+        same classifiers."""
+        metrics = self._evaluate(model, dataset, desc)
+        if self.state.apn_init is not None:
+            with initial_apns(model, self.state.apn_init):
+                init = self._evaluate(model, dataset, f"{desc}, initial boxes")
+            metrics |= {f"{k}_init": v for k, v in init.items() if k != "num_images"}
+        return metrics
+
     def validate(self) -> dict[str, float]:
         if self.val_set is None or len(self.val_set) == 0:
             return {}
@@ -383,13 +394,7 @@ class Trainer:
             test_set = loaders.make_dataset(
                 self.cfg, "test", model.preprocessing, train=False, classes=self.classes
             )
-        metrics = self._evaluate(model, test_set, "test")
-        if (
-            self.state.apn_init is not None
-        ):  # what the attention phases added: the same classifiers, init boxes
-            with initial_apns(model, self.state.apn_init):
-                init = self._evaluate(model, test_set, "test, initial boxes")
-            metrics |= {f"{k}_init": v for k, v in init.items() if k != "num_images"}
+        metrics = self.evaluate_boxes(model, test_set, "test")
         metrics = {**metrics, "best_epoch": self.state.best_epoch, "split": "test"}
         if self.main:
             self.run.write_test(metrics)
