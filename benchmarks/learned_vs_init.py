@@ -21,21 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
+from attend_probe import KEYS  # the same figures (benchmarks/ is on sys.path when this script runs)
 
 from racnn.training import loaders
 from racnn.training.trainer import Trainer
-
-KEYS = (
-    "acc_s2",
-    "acc_s3",
-    "acc_s123",
-    "pt_s2",
-    "pt_s3",
-    "head_hit_s2",
-    "loc_acc_iou50",
-    "box_side_s1",
-    "box_side_s2",
-)
 
 
 def compare(run: Path, split: str) -> dict[str, dict[str, float]]:

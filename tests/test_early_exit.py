@@ -126,6 +126,22 @@ def test_the_sweep_refuses_a_model_of_one_scale_and_stops_a_nan_image_as_the_sta
     assert ran.tolist() == [1, 2]  # staged_forward goes on only where the confidence is below the threshold
 
 
+def test_stage_predictions_run_in_eval_mode_and_refuse_an_empty_loader() -> None:
+    from racnn.evaluation import stage_predictions
+
+    model = _model().train()
+    x = torch.randn(6, 3, 40, 40)
+    stages, labels = stage_predictions(model, [{"image": x, "label": torch.arange(6) % 5}])
+    assert model.training  # its mode given back
+    with torch.no_grad():
+        want = model.eval()(x).logits
+    assert labels.tolist() == [0, 1, 2, 3, 4, 0]
+    for got, k in zip(stages, ("s1", "s12", "s123"), strict=True):
+        torch.testing.assert_close(got, want[k].softmax(1), atol=1e-5, rtol=0)  # the eval-mode model's
+    with pytest.raises(ValueError, match="no images"):
+        stage_predictions(model, [])
+
+
 def test_threshold_one_runs_every_scale_and_zero_scale_one_only() -> None:
     """At 1.0 no uncertain prediction stops: every record is the full model's; at 0.0 scale 1 answers all."""
     model = _model()

@@ -452,11 +452,17 @@ def stage_predictions(
     stages = model_stages(model)
     got: list[list[torch.Tensor]] = [[] for _ in keys]
     labels = []
-    for batch in tqdm(loader, desc="early exit sweep", leave=False, disable=not progress):
-        ran = staged_forward(
-            stages, place_batch(batch["image"], device), keys=model.keys, exit_confidence=1.0
-        )
-        for out, k in zip(got, keys, strict=True):
-            out.append(ran.out.logits[k].float().softmax(1).cpu())
-        labels.append(batch["label"].cpu())
+    was_training = model.training
+    model.eval()  # (dropout off, BatchNorm statistics kept)
+    try:
+        for batch in tqdm(loader, desc="early exit sweep", leave=False, disable=not progress):
+            x = place_batch(batch["image"], device)
+            ran = staged_forward(stages, x, keys=model.keys, exit_confidence=1.0)
+            for out, k in zip(got, keys, strict=True):
+                out.append(ran.out.logits[k].float().softmax(1).cpu())
+            labels.append(batch["label"].cpu())
+    finally:
+        model.train(was_training)
+    if not labels:
+        raise ValueError("stage_predictions: the loader gave no images")
     return [torch.cat(g) for g in got], torch.cat(labels)

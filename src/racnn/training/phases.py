@@ -148,13 +148,7 @@ def _prior_maps(cfg: Config, num_scales: int) -> bool:
 
 
 def _classify_terms(
-    model: RACNN,
-    cfg: Config,
-    out: RACNNOutput,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    autocast: Any,
-    anchor: nn.ModuleList | None,
+    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, *_: Any
 ) -> Terms:
     """``cls``; the ranking loss for the log."""
     cls, rank, extra, terms = _ranked(model, cfg, out, labels)
@@ -162,13 +156,7 @@ def _classify_terms(
 
 
 def _attend_terms(
-    model: RACNN,
-    cfg: Config,
-    out: RACNNOutput,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    autocast: Any,
-    anchor: nn.ModuleList | None,
+    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, *_: Any
 ) -> Terms:
     """``rank + prior_weight * prior``; the cross-entropies for the log."""
     cls, rank, extra, terms = _ranked(model, cfg, out, labels)
@@ -177,13 +165,7 @@ def _attend_terms(
 
 
 def _joint_terms(
-    model: RACNN,
-    cfg: Config,
-    out: RACNNOutput,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    autocast: Any,
-    anchor: nn.ModuleList | None,
+    model: RACNN, cfg: Config, out: RACNNOutput, images: torch.Tensor, labels: torch.Tensor, *_: Any
 ) -> Terms:
     """``cls + rank_weight * rank + prior_weight * prior``."""
     cls, rank, extra, terms = _ranked(model, cfg, out, labels)

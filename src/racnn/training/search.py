@@ -158,9 +158,9 @@ def search_loss(
     if anchor is None:
         targets, stats = search_targets(model, images, out, y, cfg)
     else:
-        with torch.no_grad(), apns_of(model, anchor), autocast or nullcontext():
-            ref = model(images, detach_boxes=True, return_maps=True)
-        with apns_of(model, anchor):  # the finer APNs of a total score are the anchor's too
+        with apns_of(model, anchor):  # (the finer APNs of a total score are the anchor's too)
+            with torch.no_grad(), autocast or nullcontext():
+                ref = model(images, detach_boxes=True, return_maps=True)
             targets, stats = search_targets(model, images, ref, y, cfg)
         with autocast or nullcontext():  # B x 3 each, the gradient to APN s alone
             boxes = [model.apns[s](ref.maps[s].detach()) for s in range(len(targets))]
