@@ -119,6 +119,11 @@ class APNConfig:
     # the search starts from the APN's current box and an image that does not move pulls on nothing, so steps
     # add up within an epoch (docs/results.md)
     search_anchor: bool = False
+    # the share of the training split (per class, seeded) that the attention phases learn on and the
+    # classifiers do not train on until the budget's last attention phase has run: the finer scale's p_t then
+    # judges boxes on images it has not fitted (on the images it trained on it is near 1 whatever the box).
+    # An attention epoch visits these images as often as makes one epoch of the whole split
+    attend_holdout: float = 0.0
 
 
 @dataclass
@@ -384,6 +389,11 @@ def validate(cfg: Config, *, source: str = "config") -> None:
         (
             not cfg.apn.search_anchor or cfg.apn.update == "search",
             "apn.search_anchor needs apn.update=search (the gradient update has no search to anchor)",
+        ),
+        (0.0 <= cfg.apn.attend_holdout < 1.0, "apn.attend_holdout must be in [0, 1)"),
+        (
+            cfg.apn.attend_holdout == 0.0 or cfg.schedule.mode == "alternate",
+            "apn.attend_holdout needs schedule.mode=alternate (joint epochs train both on the same images)",
         ),
     ]
     for ok, msg in checks:

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 
 from ..backbones import Preprocessing, backbone_preprocessing
 from ..config import Config, ConfigError
 from ..data import DatasetError, build_dataset, build_transform
-from ..data.base import BadImage, SkipBadImages, check_labels, report_bad_images
+from ..data.base import BadImage, SkipBadImages, carve_val, check_labels, report_bad_images
 from .runtime import raise_if_interrupted
 
 
@@ -70,6 +70,44 @@ def run_datasets(
             "set data.val_fraction > 0 (or pass val_set), or choose mean_logprob"
         )
     return train_set, val_set
+
+
+# which of the training images a phase reads (Phase.images) when apn.attend_holdout holds a share out
+IMAGES = ("all", "fitted", "held_out")
+
+
+def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The positions of ``dataset`` (a training split with ``samples``) the classifiers train on and those
+    the attention phases learn on (``apn.attend_holdout``): ``fraction`` of each class, seeded, at least one
+    image of each class left to the classifiers. Sorted, disjoint, together every position."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise ConfigError(
+            f"apn.attend_holdout needs a training set that lists its samples' labels "
+            f"({type(dataset).__name__} has no .samples)"
+        )
+    fitted, held = carve_val([s.label for s in samples], fraction, seed + 1)  # (+1: not the val carve's draw)
+    if not held:
+        raise ConfigError(
+            f"apn.attend_holdout={fraction} holds out no image: every class of the {len(samples)} training "
+            "images is too small for that share"
+        )
+    return fitted, held
+
+
+def phase_images(dataset: Dataset, cfg: Config, images: str) -> Dataset:
+    """The images a phase reads (``images``, one of :data:`IMAGES`) of the training set ``dataset``:
+    ``fitted``, the classifiers' share; ``held_out``, the attention phases' share, each image repeated so
+    that an epoch of it takes as many steps as an epoch of the whole split (every repeat augmented from its
+    own seed); ``all``, the whole split."""
+    if images not in IMAGES:
+        raise ValueError(f"images must be one of {IMAGES}, got {images!r}")
+    if images == "all":
+        return dataset
+    fitted, held = holdout_split(dataset, cfg.apn.attend_holdout, cfg.train.seed)
+    if images == "fitted":
+        return Subset(dataset, fitted)
+    return Subset(dataset, held * max(1, round(len(dataset) / len(held))))  # type: ignore[arg-type]
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> int:

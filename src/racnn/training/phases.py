@@ -77,6 +77,10 @@ class Phase:
     initial_apns: bool = False  # the APNs it leaves are the run's initial ones (the test's ``*_init``)
     # anchor(cfg): its loss reads the APNs as they were when the epoch began (train_epoch copies them)
     anchor: Callable[[Config], bool] = lambda cfg: False
+    # the training images it reads where apn.attend_holdout holds a share out (racnn.training.loaders.IMAGES):
+    # "fitted", the classifiers' share (every image once no attention epoch is left in the budget);
+    # "held_out", the attention phases' share; "all", every image
+    images: str = "all"
 
     def __str__(self) -> str:
         return self.name
@@ -209,6 +213,7 @@ WARMUP = Phase(
     clip=True,
     lr_step=True,
     detach_boxes=True,
+    images="fitted",
 )
 # each APN regresses towards its initialisation box for apn.init_steps steps; the crops are cut with detached
 # boxes, so scale 2's target cannot move APN 1
@@ -236,6 +241,7 @@ CLASSIFY = Phase(
     clip=True,
     lr_step=True,
     detach_boxes=True,
+    images="fitted",
 )
 # the APNs learn from the ranking loss's gradient through the crops; classifiers fixed, BatchNorm too
 ATTEND = Phase(
@@ -247,6 +253,7 @@ ATTEND = Phase(
     clip=True,
     lr_step=False,
     maps=_prior_maps,
+    images="held_out",
 )
 # the attention phase of apn.update=search (racnn.training.search): each APN regresses towards the neighbouring
 # box the finer scale ranks best; the crops are cut with detached boxes, so each APN learns its own target
@@ -260,6 +267,7 @@ ATTEND_SEARCH = Phase(
     lr_step=False,
     detach_crops=True,
     anchor=lambda cfg: cfg.apn.search_anchor,
+    images="held_out",
 )
 # both losses every step, everything trains
 JOINT = Phase(

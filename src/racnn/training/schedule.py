@@ -94,6 +94,18 @@ class PhaseSchedule:
             return full * self.cfg.attend_epochs + max(0, rest - self.cfg.classify_epochs)
         return 0
 
+    def attention_ahead(self) -> bool:
+        """Whether the budget holds an attention epoch after the epochs finished so far (early stopping
+        aside): the epoch about to run is ``epoch`` (0-based), and the alternating schedule puts attention
+        epochs at the end of each cycle of ``classify_epochs + attend_epochs`` after the warm-up."""
+        if self.cfg.mode == JOINT.name:
+            return False
+        warm = min(self.cfg.warmup_epochs, self.epochs)
+        c, cycle = self.cfg.classify_epochs, self.cfg.classify_epochs + self.cfg.attend_epochs
+        full, rest = divmod(self.epochs - warm, cycle)
+        last = warm + full * cycle + rest - 1 if rest > c else warm + full * cycle - 1 if full else -1
+        return last > self.epoch
+
     def lr_epochs(self) -> int:
         """How many of the budget's epochs step the classifiers' learning-rate schedule (``Phase.lr_step``)."""
         return sum(self.planned_epochs(p) for p in (WARMUP, CLASSIFY, self.attend, JOINT) if p.lr_step)

@@ -95,7 +95,7 @@ class Trainer:
             cfg, preprocessing=prep, train_set=train_set, val_set=val_set
         )
         self.test_set = test_set
-        self._loader: loaders.Loader | None = None
+        self._loaders: dict[str, loaders.Loader] = {}  # per Phase.images
         self.classes: list[str] = _classes(self.train_set, model)
         if model is None:
             model = build_model(
@@ -185,20 +185,32 @@ class Trainer:
     def close(self) -> None:
         """Stop the training loader's workers, flush TensorBoard, release the run folder's lock and leave the
         process group (``with racnn.Trainer(...) as trainer:`` does it at the end of the block)."""
-        self._loader = None
+        self._loaders = {}
         if self.tb is not None:
             self.tb.close()
         self.run.unlock()
         distributed.close(self.dist)
 
     # ---------------------------------------------------------------- data
-    def _train_loader(self, epoch: int) -> loaders.Loader:
-        if self._loader is None:
-            self._loader = loaders.make_loader(
-                self.train_set, self.cfg, train=True, world_size=self.dist.world_size, rank=self.dist.rank
+    def _images(self, phase: Phase) -> str:
+        """Which training images ``phase`` reads now (:func:`racnn.training.loaders.phase_images`): with
+        ``apn.attend_holdout`` its own share, the classifiers' becoming every image once the budget's last
+        attention epoch has run; else every image."""
+        if self.cfg.apn.attend_holdout == 0 or (
+            phase.images == "fitted" and not self.schedule.attention_ahead()
+        ):
+            return "all"
+        return phase.images
+
+    def _train_loader(self, epoch: int, images: str = "all") -> loaders.Loader:
+        if images not in self._loaders:
+            data = loaders.phase_images(self.train_set, self.cfg, images)
+            self._loaders[images] = loaders.make_loader(
+                data, self.cfg, train=True, world_size=self.dist.world_size, rank=self.dist.rank
             )
-        self._loader.sampler.set_epoch(epoch)  # same order after a resume
-        return self._loader
+        loader = self._loaders[images]
+        loader.sampler.set_epoch(epoch)  # same order after a resume
+        return loader
 
     def _batches(self, loader: Any, desc: str, limit: int | None) -> Iterator[tuple[Any, Any]]:
         total = min(len(loader), limit) if limit else len(loader)
@@ -239,7 +251,7 @@ class Trainer:
                 total=steps, desc=phase.title, leave=False, disable=not self.progress, dynamic_ncols=True
             )
             while done < steps:
-                for batch in self._train_loader(10_000 + rounds):
+                for batch in self._train_loader(10_000 + rounds, self._images(phase)):
                     terms, _, x = self._step(phase, forward, batch)
                     done += 1
                     loss_sum += terms["loss"].detach()
@@ -272,7 +284,8 @@ class Trainer:
         steps, seen, t0 = 0, 0, time.perf_counter()
         epoch = self.schedule.epoch + 1
         watch = self._watch(f"epoch {epoch} ({phase.name})")
-        loader = self._train_loader(epoch)
+        images = self._images(phase)
+        loader = self._train_loader(epoch, images)
         bad_before = loader.bad_images
         desc = f"epoch {epoch}/{cfg.train.epochs} {phase.name}"
         # a resumed run restarts the epoch from the checkpoint at its start, so the anchor is the same
@@ -299,7 +312,8 @@ class Trainer:
                 )
         watch.check()
         bad = loader.bad_images - bad_before if cfg.data.skip_bad_images else None
-        return epoch_record(sums, acc, steps, seen, time.perf_counter() - t0, bad, self.dist)
+        rec = epoch_record(sums, acc, steps, seen, time.perf_counter() - t0, bad, self.dist)
+        return rec | ({"images": images} if cfg.apn.attend_holdout else {})
 
     def _evaluate(self, model: RACNN, dataset: Any, desc: str, **kw: Any) -> dict[str, float]:
         kw |= {"device": self.device, "desc": desc, "progress": self.progress}

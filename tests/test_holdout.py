@@ -1,0 +1,138 @@
+"""``apn.attend_holdout``: the attention phases learn on a share of the training split the classifiers do not
+train on until the budget's last attention epoch has run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from racnn.config import ConfigError, ScheduleConfig
+from racnn.training import loaders
+from racnn.training.phases import ATTEND, CLASSIFY
+from racnn.training.schedule import PhaseSchedule
+from racnn.training.trainer import Trainer
+from test_training import tiny_config
+
+
+class _Labels:
+    def __init__(self, labels: list[int]) -> None:
+        self.samples = [type("S", (), {"label": y})() for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def test_the_held_out_share_is_per_class_seeded_and_disjoint() -> None:
+    labels = [0] * 10 + [1] * 20 + [2] * 5 + [3]  # class 3: one image, kept for the classifiers
+    data = _Labels(labels)
+    fitted, held = loaders.holdout_split(data, 0.2, seed=0)
+    assert sorted(fitted + held) == list(range(len(labels))) and not set(fitted) & set(held)
+    assert Counter(labels[i] for i in held) == {0: 2, 1: 4, 2: 1}
+    assert loaders.holdout_split(data, 0.2, seed=0) == (fitted, held)
+    assert loaders.holdout_split(data, 0.2, seed=1)[1] != held  # another seed, another draw
+
+
+def test_an_attention_epoch_of_the_held_out_share_is_as_long_as_one_of_the_split() -> None:
+    data = _Labels([0] * 10 + [1] * 20)
+    cfg = tiny_config(Path("."), **{"apn.attend_holdout": 0.2})
+    held = loaders.phase_images(data, cfg, "held_out")
+    fitted = loaders.phase_images(data, cfg, "fitted")
+    assert len(held) == 30 and Counter(held[i] for i in range(len(held))) == dict.fromkeys(held.indices, 5)
+    assert len(fitted) == 24 and not set(fitted.indices) & set(held.indices)
+    assert loaders.phase_images(data, cfg, "all") is data
+    with pytest.raises(ValueError, match="images must be one of"):
+        loaders.phase_images(data, cfg, "val")
+
+
+def test_a_split_too_small_or_without_labels_is_refused() -> None:
+    with pytest.raises(ConfigError, match="holds out no image"):
+        loaders.holdout_split(_Labels([0, 1, 2]), 0.2, seed=0)
+    with pytest.raises(ConfigError, match=r"no \.samples"):
+        loaders.holdout_split(list(range(10)), 0.2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"apn.attend_holdout": 1.0}, r"apn\.attend_holdout must be in \[0, 1\)"),
+        ({"apn.attend_holdout": 0.2, "schedule.mode": "joint"}, "needs schedule.mode=alternate"),
+    ],
+)
+def test_bad_holdout_settings_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(Path("."), **overrides)
+
+
+@pytest.mark.parametrize(
+    ("warmup", "classify", "attend", "epochs"), [(2, 2, 1, 16), (1, 1, 2, 7), (0, 3, 1, 6)]
+)
+def test_attention_ahead_matches_the_schedule_it_runs(
+    warmup: int, classify: int, attend: int, epochs: int
+) -> None:
+    cfg = ScheduleConfig(warmup_epochs=warmup, classify_epochs=classify, attend_epochs=attend, converge_tol=0)
+    sched = PhaseSchedule(cfg, epochs)
+    kinds, ahead = [], []
+    while (phase := sched.next_phase()) is not None:
+        if phase.steps is not None:
+            sched.end_steps(phase)
+            continue
+        ahead.append(sched.attention_ahead())
+        sched.start_epoch(phase)
+        kinds.append(phase.name)
+        sched.end_epoch(1.0)
+    last = max(i for i, k in enumerate(kinds) if k == "attend")
+    assert ahead == [i < last for i in range(len(kinds))]
+
+
+def test_classifiers_never_see_the_held_out_images_while_attention_is_ahead(
+    fake_cub: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 warm-up, then (classify, attend) twice, then a classification epoch after the last attention one
+    cfg = tiny_config(
+        fake_cub,
+        **{"apn.attend_holdout": 0.4, "train.epochs": 6, "schedule.warmup_epochs": 1, "apn.init_steps": 1},
+    )
+    seen: list[tuple[int, str, set[int]]] = []
+    with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
+        real = trainer._step
+
+        def spy(phase, forward, batch, anchor=None):
+            seen.append((trainer.schedule.epoch, phase.name, set(batch["index"].tolist())))
+            return real(phase, forward, batch, anchor)
+
+        monkeypatch.setattr(trainer, "_step", spy)
+        trainer.fit()
+        fitted, held = (set(p) for p in loaders.holdout_split(trainer.train_set, 0.4, cfg.train.seed))
+    assert held and fitted
+    by_epoch: dict[tuple[int, str], set[int]] = {}
+    for epoch, name, idx in seen:
+        by_epoch.setdefault((epoch, name), set()).update(idx)
+    phases = [(e, n) for e, n in by_epoch if n != "apn_init"]
+    assert phases == [
+        (0, "warmup"),
+        (1, "classify"),
+        (2, "attend"),
+        (3, "classify"),
+        (4, "attend"),
+        (5, "classify"),
+    ]
+    for (epoch, name), idx in by_epoch.items():
+        if name == "apn_init":  # (one step: a batch of every image's loader)
+            assert len(idx) == cfg.train.batch_size
+            continue
+        want = held if name == "attend" else fitted if epoch < 4 else fitted | held
+        assert idx == want, (epoch, name)
+    log = [
+        line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"images"' in line
+    ]
+    assert len(log) == 6
+
+
+def test_without_a_holdout_every_phase_reads_every_image(fake_cub: Path, tmp_path: Path) -> None:
+    with Trainer(tiny_config(fake_cub), tmp_path / "run", progress=False) as trainer:
+        assert trainer._images(ATTEND) == trainer._images(CLASSIFY) == "all"
