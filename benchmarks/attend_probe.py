@@ -64,7 +64,7 @@ def gradient_check(trainer: Trainer, batches: int) -> dict[str, float]:
     shown: dict[int, list[torch.Tensor]] = {}
     best: dict[int, list[torch.Tensor]] = {}
     active: dict[int, list[torch.Tensor]] = {}
-    loader = trainer._train_loader(0)
+    loader = trainer._train_loader(0, trainer._images(ATTEND))  # the attention phases' images
     for i, batch in enumerate(loader):
         if i >= batches:
             break

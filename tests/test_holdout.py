@@ -3,12 +3,14 @@ train on until the budget's last attention epoch has run."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from racnn.config import ConfigError, ScheduleConfig
+from conftest import interrupt_epoch
+from racnn.config import Config, ConfigError, ScheduleConfig
 from racnn.training import loaders
 from racnn.training.phases import ATTEND, CLASSIFY
 from racnn.training.schedule import PhaseSchedule
@@ -69,7 +71,8 @@ def test_bad_holdout_settings_are_refused(overrides: dict, message: str) -> None
 
 
 @pytest.mark.parametrize(
-    ("warmup", "classify", "attend", "epochs"), [(2, 2, 1, 16), (1, 1, 2, 7), (0, 3, 1, 6)]
+    ("warmup", "classify", "attend", "epochs"),
+    [(2, 2, 1, 16), (1, 1, 2, 7), (0, 3, 1, 6), (1, 1, 2, 6), (0, 2, 1, 1), (3, 1, 1, 2), (2, 2, 2, 11)],
 )
 def test_attention_ahead_matches_the_schedule_it_runs(
     warmup: int, classify: int, attend: int, epochs: int
@@ -85,7 +88,8 @@ def test_attention_ahead_matches_the_schedule_it_runs(
         sched.start_epoch(phase)
         kinds.append(phase.name)
         sched.end_epoch(1.0)
-    last = max(i for i, k in enumerate(kinds) if k == "attend")
+    last = max((i for i, k in enumerate(kinds) if k == "attend"), default=-1)
+    assert sched.last_attention_epoch() == last
     assert ahead == [i < last for i in range(len(kinds))]
 
 
@@ -127,10 +131,45 @@ def test_classifiers_never_see_the_held_out_images_while_attention_is_ahead(
             continue
         want = held if name == "attend" else fitted if epoch < 4 else fitted | held
         assert idx == want, (epoch, name)
-    log = [
-        line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"images"' in line
-    ]
-    assert len(log) == 6
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    read = [r["images"] for r in log if "images" in r]
+    assert read == ["fitted", "fitted", "held_out", "fitted", "held_out", "all"]
+
+
+def test_a_resumed_run_reads_the_shares_of_an_uninterrupted_one(fake_cub: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        fake_cub,
+        **{
+            "apn.attend_holdout": 0.4,
+            "train.epochs": 6,
+            "schedule.warmup_epochs": 1,
+            "runtime.deterministic": "true",
+        },
+    )
+    full = Trainer(cfg, tmp_path / "full", progress=False).fit()
+    stopped = Trainer(cfg, tmp_path / "stopped", progress=False)
+    interrupt_epoch(stopped, 6)  # stopped after the last attention epoch, before every image is read
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    stopped.close()
+    assert Trainer(Config(), tmp_path / "stopped", resume=True, progress=False).fit() == full
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.epochs": 5}, "ends on an attention epoch"),
+        ({"data.val_fraction": 0.0}, "without a validation split"),
+        ({"apn.attend_holdout": 0.1}, "holds out no image"),
+    ],
+)
+def test_a_run_that_would_misuse_the_holdout_is_refused_before_its_folder(
+    fake_cub: Path, tmp_path: Path, overrides: dict, message: str
+) -> None:
+    settings = {"apn.attend_holdout": 0.4, "train.epochs": 6, "schedule.warmup_epochs": 1} | overrides
+    with pytest.raises(ConfigError, match=message):
+        Trainer(tiny_config(fake_cub, **settings), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_without_a_holdout_every_phase_reads_every_image(fake_cub: Path, tmp_path: Path) -> None:

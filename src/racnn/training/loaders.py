@@ -97,9 +97,9 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[list[in
 
 def phase_images(dataset: Dataset, cfg: Config, images: str) -> Dataset:
     """The images a phase reads (``images``, one of :data:`IMAGES`) of the training set ``dataset``:
-    ``fitted``, the classifiers' share; ``held_out``, the attention phases' share, each image repeated so
-    that an epoch of it takes as many steps as an epoch of the whole split (every repeat augmented from its
-    own seed); ``all``, the whole split."""
+    ``fitted``, the classifiers' share; ``held_out``, the attention phases' share, each image repeated the
+    whole number of times that makes an epoch of it about as long as an epoch of the whole split (every
+    repeat augmented from its own seed); ``all``, the whole split."""
     if images not in IMAGES:
         raise ValueError(f"images must be one of {IMAGES}, got {images!r}")
     if images == "all":

@@ -94,17 +94,21 @@ class PhaseSchedule:
             return full * self.cfg.attend_epochs + max(0, rest - self.cfg.classify_epochs)
         return 0
 
-    def attention_ahead(self) -> bool:
-        """Whether the budget holds an attention epoch after the epochs finished so far (early stopping
-        aside): the epoch about to run is ``epoch`` (0-based), and the alternating schedule puts attention
-        epochs at the end of each cycle of ``classify_epochs + attend_epochs`` after the warm-up."""
+    def last_attention_epoch(self) -> int:
+        """The budget's last attention epoch (0-based; -1: none), early stopping aside: the alternating
+        schedule puts attention epochs at the end of each cycle of ``classify_epochs + attend_epochs`` after
+        the warm-up."""
         if self.cfg.mode == JOINT.name:
-            return False
+            return -1
         warm = min(self.cfg.warmup_epochs, self.epochs)
         c, cycle = self.cfg.classify_epochs, self.cfg.classify_epochs + self.cfg.attend_epochs
         full, rest = divmod(self.epochs - warm, cycle)
-        last = warm + full * cycle + rest - 1 if rest > c else warm + full * cycle - 1 if full else -1
-        return last > self.epoch
+        return warm + full * cycle + rest - 1 if rest > c else warm + full * cycle - 1 if full else -1
+
+    def attention_ahead(self) -> bool:
+        """Whether an attention epoch of the budget is still to come after the epochs finished so far (the
+        epoch about to run is ``epoch``, 0-based), early stopping aside."""
+        return self.last_attention_epoch() > self.epoch
 
     def lr_epochs(self) -> int:
         """How many of the budget's epochs step the classifiers' learning-rate schedule (``Phase.lr_step``)."""

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import check_weights
 from ..checkpoint import load_model, model_record
-from ..config import Config
+from ..config import Config, ConfigError
 from ..evaluation import Accumulator, epoch_line, evaluate_split, format_table
 from ..model import RACNN, build_model
 from ..runtime import place_model
@@ -95,7 +95,7 @@ class Trainer:
             cfg, preprocessing=prep, train_set=train_set, val_set=val_set
         )
         self.test_set = test_set
-        self._loaders: dict[str, loaders.Loader] = {}  # per Phase.images
+        self._loaders: dict[str, loaders.Loader] = {}  # the loader of the share last read (Phase.images)
         self.classes: list[str] = _classes(self.train_set, model)
         if model is None:
             model = build_model(
@@ -114,6 +114,8 @@ class Trainer:
         self.model: RACNN = runtime.place_for_training(model, cfg.runtime, device=self.device, env=self.dist)
         self.forward_model = ddp.PhaseDDP(self.model, self.device, self.dist)
         self.schedule = PhaseSchedule(cfg.schedule, cfg.train.epochs, attend=attend_phase(cfg))
+        if cfg.apn.attend_holdout:
+            _check_holdout(cfg, self.schedule, self.train_set, self.val_set)
         self.optimizers = optim.run_optimizers(
             self.model, cfg, lr_epochs=self.schedule.lr_epochs(), given=optimizers
         )
@@ -204,6 +206,7 @@ class Trainer:
 
     def _train_loader(self, epoch: int, images: str = "all") -> loaders.Loader:
         if images not in self._loaders:
+            self._loaders.clear()  # one share's workers at a time: a phase of another share starts its own
             data = loaders.phase_images(self.train_set, self.cfg, images)
             self._loaders[images] = loaders.make_loader(
                 data, self.cfg, train=True, world_size=self.dist.world_size, rank=self.dist.rank
@@ -417,6 +420,26 @@ class Trainer:
         if self.progress:
             tqdm.write(format_table(metrics, title=f"RA-CNN test ({len(test_set)} images)"))
         return metrics
+
+
+def _check_holdout(cfg: Config, schedule: PhaseSchedule, train_set: Dataset, val_set: Dataset | None) -> None:
+    """``apn.attend_holdout`` is refused where the classifiers would never train on the held-out images (a
+    budget that ends on an attention epoch) or where model selection would compare training accuracy on
+    other images from epoch to epoch (no validation split); the split itself is checked here, before the
+    run folder is touched."""
+    last = schedule.last_attention_epoch()
+    if last >= cfg.train.epochs - 1:
+        raise ConfigError(
+            f"apn.attend_holdout: the budget of {cfg.train.epochs} epochs ends on an attention epoch, so the "
+            "classifiers would never train on the held-out images; end it on classification epochs "
+            f"(train.epochs={cfg.train.epochs + cfg.schedule.classify_epochs}, say)"
+        )
+    if val_set is None and cfg.train.select == "val":
+        raise ConfigError(
+            "apn.attend_holdout without a validation split: the model kept would be chosen on training "
+            "accuracy, measured on other images epoch to epoch; set data.val_fraction > 0 or train.select=last"
+        )
+    loaders.holdout_split(train_set, cfg.apn.attend_holdout, cfg.train.seed)
 
 
 def _classes(dataset: Dataset, model: RACNN | None) -> list[str]:
