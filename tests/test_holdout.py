@@ -42,13 +42,36 @@ def test_the_held_out_share_is_per_class_seeded_and_disjoint() -> None:
 def test_an_attention_epoch_of_the_held_out_share_is_as_long_as_one_of_the_split() -> None:
     data = _Labels([0] * 10 + [1] * 20)
     cfg = tiny_config(Path("."), **{"apn.attend_holdout": 0.2})
-    held = loaders.phase_images(data, cfg, "held_out")
-    fitted = loaders.phase_images(data, cfg, "fitted")
-    assert len(held) == 30 and Counter(held[i] for i in range(len(held))) == dict.fromkeys(held.indices, 5)
-    assert len(fitted) == 24 and not set(fitted.indices) & set(held.indices)
-    assert loaders.phase_images(data, cfg, "all") is data
+    held = loaders.share_positions(data, cfg, "held_out")
+    fitted = loaders.share_positions(data, cfg, "fitted")
+    assert held is not None and fitted is not None
+    assert len(held) == 30 and Counter(held) == dict.fromkeys(held, 5)
+    assert len(fitted) == 24 and not set(fitted) & set(held)
+    assert loaders.share_positions(data, cfg, "all") is None
     with pytest.raises(ValueError, match="images must be one of"):
-        loaders.phase_images(data, cfg, "val")
+        loaders.share_positions(data, cfg, "val")
+
+
+def test_a_selected_share_draws_as_a_loader_of_that_subset_would() -> None:
+    """One loader serves every share: narrowed to positions, its sampler yields the indices and augmentation
+    seeds a sampler over the subset of those positions would (the order of the subset's positions, each
+    place's seed; repeats get seeds of their own), and back to the whole split, the whole split's."""
+    from torch.utils.data import DistributedSampler, Subset
+
+    data = _Labels(list(range(12)))
+    positions = [3, 7, 1, 3, 7, 1]
+    fresh = lambda d: loaders.SeededSampler(DistributedSampler(d, num_replicas=1, rank=0, seed=5), 5)  # noqa: E731
+    sampler, subset = fresh(data), fresh(Subset(data, positions))
+    for epoch in (0, 3):
+        sampler.select(positions)
+        sampler.set_epoch(epoch)
+        subset.set_epoch(epoch)
+        assert [(positions[p], s) for p, s in subset] == list(sampler)
+    assert len({s for _, s in sampler}) == len(positions)
+    whole = fresh(data)
+    whole.set_epoch(3)
+    sampler.select(None)
+    assert list(sampler) == list(whole) and len(sampler) == 12
 
 
 def test_a_split_too_small_or_without_labels_is_refused() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from ..backbones import Preprocessing, backbone_preprocessing
 from ..config import Config, ConfigError
@@ -95,19 +95,19 @@ def holdout_split(dataset: Dataset, fraction: float, seed: int) -> tuple[list[in
     return fitted, held
 
 
-def phase_images(dataset: Dataset, cfg: Config, images: str) -> Dataset:
-    """The images a phase reads (``images``, one of :data:`IMAGES`) of the training set ``dataset``:
-    ``fitted``, the classifiers' share; ``held_out``, the attention phases' share, each image repeated the
-    whole number of times that makes an epoch of it about as long as an epoch of the whole split (every
-    repeat augmented from its own seed); ``all``, the whole split."""
+def share_positions(dataset: Dataset, cfg: Config, images: str) -> list[int] | None:
+    """The positions in the training set ``dataset`` that a phase reads (``images``, one of :data:`IMAGES`;
+    :meth:`SeededSampler.select` takes them): ``fitted``, the classifiers' share; ``held_out``, the attention
+    phases' share, each position repeated the whole number of times that makes an epoch of it about as long
+    as an epoch of the whole split; ``all``, None (the whole split)."""
     if images not in IMAGES:
         raise ValueError(f"images must be one of {IMAGES}, got {images!r}")
     if images == "all":
-        return dataset
+        return None
     fitted, held = holdout_split(dataset, cfg.apn.attend_holdout, cfg.train.seed)
     if images == "fitted":
-        return Subset(dataset, fitted)
-    return Subset(dataset, held * max(1, round(len(dataset) / len(held))))  # type: ignore[arg-type]
+        return fitted
+    return held * max(1, round(len(dataset) / len(held)))  # type: ignore[arg-type]
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> int:
@@ -203,10 +203,35 @@ class SeededSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, seed)`` pairs: the wrapped sampler's index and a seed made of ``train.seed``, the epoch
     and the index. Each image's augmentation then depends on these alone, not on the worker that loads it, the
     number of processes or what ran before: a resumed run (with or without workers) and a DDP run see the
-    same crops as an uninterrupted single-process run."""
+    same crops as an uninterrupted single-process run.
+
+    :meth:`select` narrows it to a share of the dataset's positions (``apn.attend_holdout``): the loader and
+    its workers stay, started once while the training process is small (a worker forked later shares a
+    process of several GB copy-on-write, and every page the trainer then writes is copied)."""
 
     def __init__(self, inner: DistributedSampler, seed: int) -> None:
-        self.inner, self.seed, self.epoch = inner, seed, 0
+        self.full, self.inner, self.seed, self.epoch = inner, inner, seed, 0
+        self.positions: list[int] | None = None
+
+    def select(self, positions: list[int] | None) -> None:
+        """Read ``positions`` of the dataset (repeats allowed; each place in the list draws its own seed), in
+        a shuffled order of their own; None: every position, as built."""
+        if positions == self.positions:
+            return
+        full = self.full
+        self.positions = positions
+        self.inner = (
+            full
+            if positions is None
+            else DistributedSampler(
+                positions,  # type: ignore[arg-type]  (a Sized: the sampler reads its length)
+                num_replicas=full.num_replicas,
+                rank=full.rank,
+                shuffle=True,
+                seed=full.seed,
+            )
+        )
+        self.inner.set_epoch(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
@@ -216,9 +241,9 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return len(self.inner)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.inner:  # 32 bits: what seeds torch's CPU generator
-            digest = hashlib.blake2b(f"{self.seed},{self.epoch},{i}".encode(), digest_size=4).digest()
-            yield i, int.from_bytes(digest, "little")
+        for p in self.inner:  # 32 bits: what seeds torch's CPU generator
+            digest = hashlib.blake2b(f"{self.seed},{self.epoch},{p}".encode(), digest_size=4).digest()
+            yield (p if self.positions is None else self.positions[p]), int.from_bytes(digest, "little")
 
 
 class _SeededItems(Dataset):

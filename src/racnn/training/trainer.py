@@ -95,7 +95,7 @@ class Trainer:
             cfg, preprocessing=prep, train_set=train_set, val_set=val_set
         )
         self.test_set = test_set
-        self._loaders: dict[str, loaders.Loader] = {}  # the loader of the share last read (Phase.images)
+        self._loader: loaders.Loader | None = None
         self.classes: list[str] = _classes(self.train_set, model)
         if model is None:
             model = build_model(
@@ -187,7 +187,7 @@ class Trainer:
     def close(self) -> None:
         """Stop the training loader's workers, flush TensorBoard, release the run folder's lock and leave the
         process group (``with racnn.Trainer(...) as trainer:`` does it at the end of the block)."""
-        self._loaders = {}
+        self._loader = None
         if self.tb is not None:
             self.tb.close()
         self.run.unlock()
@@ -195,7 +195,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- data
     def _images(self, phase: Phase) -> str:
-        """Which training images ``phase`` reads now (:func:`racnn.training.loaders.phase_images`): with
+        """Which training images ``phase`` reads now (:func:`racnn.training.loaders.share_positions`): with
         ``apn.attend_holdout`` its own share, the classifiers' becoming every image once the budget's last
         attention epoch has run; else every image."""
         if self.cfg.apn.attend_holdout == 0 or (
@@ -205,15 +205,15 @@ class Trainer:
         return phase.images
 
     def _train_loader(self, epoch: int, images: str = "all") -> loaders.Loader:
-        if images not in self._loaders:
-            self._loaders.clear()  # one share's workers at a time: a phase of another share starts its own
-            data = loaders.phase_images(self.train_set, self.cfg, images)
-            self._loaders[images] = loaders.make_loader(
-                data, self.cfg, train=True, world_size=self.dist.world_size, rank=self.dist.rank
+        """The one training loader (its workers started at the first call), reading the share ``images``
+        (:func:`racnn.training.loaders.share_positions`) in epoch ``epoch``'s order."""
+        if self._loader is None:
+            self._loader = loaders.make_loader(
+                self.train_set, self.cfg, train=True, world_size=self.dist.world_size, rank=self.dist.rank
             )
-        loader = self._loaders[images]
-        loader.sampler.set_epoch(epoch)  # same order after a resume
-        return loader
+        self._loader.sampler.select(loaders.share_positions(self.train_set, self.cfg, images))
+        self._loader.sampler.set_epoch(epoch)  # same order after a resume
+        return self._loader
 
     def _batches(self, loader: Any, desc: str, limit: int | None) -> Iterator[tuple[Any, Any]]:
         total = min(len(loader), limit) if limit else len(loader)
