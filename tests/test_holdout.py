@@ -159,7 +159,12 @@ def test_classifiers_never_see_the_held_out_images_while_attention_is_ahead(
     assert read == ["fitted", "fitted", "held_out", "fitted", "held_out", "all"]
 
 
-def test_a_resumed_run_reads_the_shares_of_an_uninterrupted_one(fake_cub: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resumed_run_reads_the_shares_of_an_uninterrupted_one(
+    fake_cub: Path, tmp_path: Path, workers: int
+) -> None:
+    # resumed before the first attention epoch (the search draws candidates at random) and the switch to
+    # every image, with and without loader workers
     cfg = tiny_config(
         fake_cub,
         **{
@@ -167,11 +172,16 @@ def test_a_resumed_run_reads_the_shares_of_an_uninterrupted_one(fake_cub: Path, 
             "train.epochs": 6,
             "schedule.warmup_epochs": 1,
             "runtime.deterministic": "true",
+            "apn.update": "search",
+            "apn.search_candidates": 2,
+            "data.num_workers": workers,
         },
     )
     full = Trainer(cfg, tmp_path / "full", progress=False).fit()
     stopped = Trainer(cfg, tmp_path / "stopped", progress=False)
-    interrupt_epoch(stopped, 6)  # stopped after the last attention epoch, before every image is read
+    interrupt_epoch(
+        stopped, 3
+    )  # stopped before the first attention epoch: it and the switch to every image resume
     with pytest.raises(KeyboardInterrupt):
         stopped.fit()
     stopped.close()
@@ -184,6 +194,7 @@ def test_a_resumed_run_reads_the_shares_of_an_uninterrupted_one(fake_cub: Path, 
         ({"train.epochs": 5}, "ends on an attention epoch"),
         ({"data.val_fraction": 0.0}, "without a validation split"),
         ({"apn.attend_holdout": 0.1}, "holds out no image"),
+        ({"data.skip_bad_images": True}, "with data.skip_bad_images"),
     ],
 )
 def test_a_run_that_would_misuse_the_holdout_is_refused_before_its_folder(
@@ -193,6 +204,31 @@ def test_a_run_that_would_misuse_the_holdout_is_refused_before_its_folder(
     with pytest.raises(ConfigError, match=message):
         Trainer(tiny_config(fake_cub, **settings), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_one_loader_with_persistent_workers_reads_only_the_selected_share(
+    fake_cub: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(fake_cub, **{"apn.attend_holdout": 0.4, "train.epochs": 6, "schedule.warmup_epochs": 1})
+    cfg.data.num_workers = 1
+    with Trainer(cfg, tmp_path / "run", progress=False) as trainer:
+        fitted, held = loaders.holdout_split(trainer.train_set, 0.4, cfg.train.seed)
+        loader, pids = trainer._train_loader(0, "fitted"), set()
+        for epoch, images, want in [
+            (0, "fitted", fitted),
+            (1, "held_out", held),
+            (2, "all", None),
+            (3, "held_out", held),
+        ]:
+            assert trainer._train_loader(epoch, images) is loader
+            seen = [i for batch in loader for i in batch["index"].tolist()]
+            assert set(seen) == set(want if want is not None else range(len(trainer.train_set))), images
+            assert len(seen) == len(
+                loaders.share_positions(trainer.train_set, cfg, images) or trainer.train_set
+            )
+            next(iter(loader))  # an epoch left after one batch: nothing of it may reach the next
+            pids.add(tuple(w.pid for w in loader._iterator._workers))
+        assert len(pids) == 1  # the same worker throughout
 
 
 def test_without_a_holdout_every_phase_reads_every_image(fake_cub: Path, tmp_path: Path) -> None:

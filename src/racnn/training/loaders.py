@@ -152,6 +152,10 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
         collate_fn=_collate_skipping if skip and not train else None,
+        # the workers' base seed from a generator of its own, not the process's stream: a resumed run
+        # starts its workers where an uninterrupted one does not, and the search's random draws of
+        # candidates must not depend on that (each item's augmentation has its own seed anyway)
+        generator=torch.Generator() if train else None,
     )
 
 
@@ -241,9 +245,10 @@ class SeededSampler(Sampler[tuple[int, int]]):
         return len(self.inner)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for p in self.inner:  # 32 bits: what seeds torch's CPU generator
-            digest = hashlib.blake2b(f"{self.seed},{self.epoch},{p}".encode(), digest_size=4).digest()
-            yield (p if self.positions is None else self.positions[p]), int.from_bytes(digest, "little")
+        inner, positions, epoch = self.inner, self.positions, self.epoch  # as they were when it began
+        for p in inner:  # 32 bits: what seeds torch's CPU generator
+            digest = hashlib.blake2b(f"{self.seed},{epoch},{p}".encode(), digest_size=4).digest()
+            yield (p if positions is None else positions[p]), int.from_bytes(digest, "little")
 
 
 class _SeededItems(Dataset):

@@ -434,6 +434,11 @@ def _check_holdout(cfg: Config, schedule: PhaseSchedule, train_set: Dataset, val
             "classifiers would never train on the held-out images; end it on classification epochs "
             f"(train.epochs={cfg.train.epochs + cfg.schedule.classify_epochs}, say)"
         )
+    if cfg.data.skip_bad_images:
+        raise ConfigError(
+            "apn.attend_holdout with data.skip_bad_images: an unreadable image's stand-in may come from the "
+            "other share; remove or fix the unreadable images (racnn train without --skip-bad-images names them)"
+        )
     if val_set is None and cfg.train.select == "val":
         raise ConfigError(
             "apn.attend_holdout without a validation split: the model kept would be chosen on training "
