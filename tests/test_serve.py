@@ -691,6 +691,9 @@ def test_64_clients_against_a_queue_of_32(tmp_path: Path) -> None:
         assert len(refused) == 32 and all(a.status == 503 for a in refused)
         metrics = _samples(urllib.request.urlopen(f"{s.url}/metrics", timeout=10).read().decode())
         assert metrics[("racnn_queue_depth", ())] == 32
+        # probed while the model is held and the queue full (a count of probes over a time would depend on
+        # the machine's speed: on an idle one the answers came before the third probe)
+        _wait_for(lambda: len(health) >= 3, "/healthz was not probed 3 times while the model was held")
         (s.gate / "open").touch()
         got = [a.result(timeout=120) for a in answers]
         live.set()
