@@ -120,9 +120,9 @@ class APNConfig:
     # add up within an epoch (docs/results.md)
     search_anchor: bool = False
     # the share of the training split (per class, seeded) that the attention phases learn on and the
-    # classifiers do not train on until the budget's last attention phase has run: the finer scale's p_t then
-    # judges boxes on images it has not fitted (on the images it trained on it is near 1 whatever the box).
-    # An attention epoch visits these images as often as makes one epoch of the whole split
+    # classifiers do not train on until the budget's last attention epoch has run: the finer scale's p_t then
+    # judges boxes on images it has not fitted (on those it has, it barely depends on the box). An attention
+    # epoch visits each of these images the whole number of times that makes it about one epoch of the split
     attend_holdout: float = 0.0
 
 
