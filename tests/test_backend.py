@@ -104,20 +104,36 @@ def test_eval_gives_the_same_metrics_with_either_backend(
             assert got[k] == pytest.approx(w, abs=ENGINE_TOL, nan_ok=True), k
 
 
-def test_serve_runs_an_onnx_export(release: tuple[Path, Path, Path]) -> None:
+def test_serve_runs_an_onnx_export(release: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The answer is eager torch's; with onnxruntime the decoders also preprocess (the batcher is handed
+    tensors), with torch the batcher's thread does (it is handed the decoded images)."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from racnn import serve
 
+    handed: list[object] = []
+    run = serve.Batcher.run
+
+    async def recording_run(self: serve.Batcher, x: object, slot: object = None) -> object:
+        handed.append(x)
+        return await run(self, x, slot)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serve.Batcher, "run", recording_run)
     ckpt, folder, trees = release
     image = sorted((trees / "test").rglob("*.png"))[0]
+    upload = [("image", (image.name, image.read_bytes(), "image/png"))]
     with TestClient(serve.create_app(load_model(folder))) as client:  # type: ignore[arg-type]
         assert client.get("/info").json()["backend"] == "onnxruntime"
-        got = client.post("/predict", files=[("image", (image.name, image.read_bytes(), "image/png"))])
+        got = client.post("/predict", files=upload)
     assert got.status_code == 200, got.text
     want = racnn.predict(load_model(ckpt), [image])[0]
     assert_same_prediction(got.json()[0]["top"], want["top"], tol=ENGINE_TOL)
+    size = load_model(folder).image_size
+    assert isinstance(handed[0], torch.Tensor) and handed[0].shape == (1, 3, size, size)
+    with TestClient(serve.create_app(load_model(ckpt))) as client:  # type: ignore[arg-type]
+        assert client.post("/predict", files=upload).status_code == 200
+    assert isinstance(handed[1], list) and len(handed[1]) == 1
 
 
 def test_backend_errors_are_one_line(

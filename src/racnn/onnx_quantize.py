@@ -3,14 +3,19 @@
 Uses onnxruntime's own tools (``onnxruntime.quantization``; ``pip install racnn[onnx]``): the fp32 graph of
 :func:`racnn.onnx_export.export_onnx` goes through ``quant_pre_process`` (ONNX shape inference and
 onnxruntime's portable graph optimisations) and ``quantize_static`` in the QDQ format: int8 weights, one scale
-per output channel (7 bits used: see :func:`quantize_onnx`), and int8 activations whose ranges (min/max) are
+per output channel (7 bits used: see :func:`quantize_onnx`), and 8-bit activations whose ranges (min/max) are
 measured on calibration images.
 
-Only the heavy ops are quantized (:data:`QUANTIZED_OPS`: the convolutions of the trunks, the FC layers of the
-heads, fusions and APNs); the resize, the crop-and-zoom (``GridSample``) and the box arithmetic stay float and
-read float tensors (:func:`_float_ops_read_float`), and the FC layers return float (logits, the APN's box
-before its sigmoid), so a box the quantized APN proposes is cut out of the image as accurately as in the fp32
-graph. Conv outputs stay int8 from one convolution to the next (onnxruntime runs them as ``QLinearConv``).
+Only the trunks and the FC layers are quantized (:func:`quantized_nodes`: the convolutions, the activations
+that follow them and the trunks' residual additions, which onnxruntime folds into ``QLinearConv`` and runs
+as ``QLinearAdd``; the FC layers of the heads, fusions and APNs); the resize, the crop-and-zoom
+(``GridSample``) and the box arithmetic stay float and read float tensors (:func:`_float_ops_read_float`),
+and the FC layers return float (logits, the APN's box before its sigmoid), so a box the quantized APN
+proposes is cut out of the image as accurately as in the fp32 graph. Activations are uint8 and weights int8
+(U8S8, onnxruntime's x86 format): with int8 activations onnxruntime converts them to uint8 when it loads the
+graph, and around a residual branch that left a convolution between a uint8 and an int8 pair, which no int8
+kernel takes: 30 of MobileNetV2 x 3's 156 convolutions ran in float between quantize/dequantize pairs, and
+the pairs around every float activation and addition took a third of the time (docs/performance.md).
 Inputs, outputs and their names are those of the fp32 graph (``images`` B x 3 x S x S with a dynamic batch;
 ``logits_<key>`` B x K; ``box_<key>`` B x 3). The file's metadata holds the fp32 graph's ``racnn.*``
 properties plus ``racnn.quantized`` (``"int8"``), ``racnn.calibrated_on`` (JSON ``{"data": folder, "split":
@@ -42,10 +47,17 @@ __all__ = [
     "QUANTIZED_OPS",
     "calibration_batches",
     "quantize_onnx",
+    "quantized_nodes",
     "stage_calibration",
 ]
 
-QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")  # always quantized; see quantized_nodes for the rest
+TRUNK_OPS = (
+    "Relu",
+    "Clip",
+    "Add",
+    "MaxPool",
+)  # quantized where they read trunk tensors alone (quantized_nodes)
 # enough images for stable activation ranges, few enough for a few minutes on a CPU at 448 px
 DEFAULT_CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8  # images per calibration run of onnxruntime
@@ -92,18 +104,20 @@ def quantize_onnx(
         quant_pre_process(
             str(fp32_path), str(prepared), skip_symbolic_shape=True, save_as_external_data=external
         )
+        chosen = quantized_nodes(onnx.load(str(prepared), load_external_data=False).graph)
         quantize_static(
             str(prepared),
             str(quantized),
             reader,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS),
+            op_types_to_quantize=[*QUANTIZED_OPS, *TRUNK_OPS],
+            nodes_to_quantize=sorted(chosen),
             per_channel=True,
             # 7-bit weights: the int8 kernels of CPUs without VNNI (AVX2, AVX-512F) add two u8 x s8 products in
             # 16 bits, which saturates with 8-bit weights (measured on 120 CUB test images, MobileNetV2: fused
             # top-1 0.83 instead of 0.87); with 7 bits no CPU saturates, and the file runs alike on all of them
             reduce_range=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
             use_external_data_format=external,
@@ -115,7 +129,7 @@ def quantize_onnx(
                 f"the calibration batches held {reader.images} images, not the {num_images} stated"
             )
         model = onnx.load(str(quantized))  # external data, if any, read into memory before tmp goes
-    _float_ops_read_float(model.graph)
+    _float_ops_read_float(model.graph, chosen)
     props = {p.key: p.value for p in model.metadata_props} | racnn_meta
     props |= {
         "racnn.quantized": "int8",
@@ -128,16 +142,37 @@ def quantize_onnx(
     return out_path
 
 
-def _float_ops_read_float(graph: onnx.GraphProto) -> None:
+def quantized_nodes(graph: onnx.GraphProto) -> set[str]:
+    """The names of the nodes to quantize in the fp32 ``graph``: every ``Conv``, ``MatMul`` and ``Gemm``
+    (:data:`QUANTIZED_OPS`), and every ``Relu``, ``Clip``, ``Add`` and ``MaxPool`` (:data:`TRUNK_OPS`) whose
+    data inputs are all trunk tensors (a convolution's output, or such a node's): a convolution's
+    activation, which onnxruntime folds into the int8 convolution, a residual addition (``QLinearAdd``) and
+    a ResNet stem's max-pool (whose output is its first block's identity). The box arithmetic's additions
+    and clamps read the APN's float outputs or constants and stay float."""
+    trunk: set[str] = set()  # tensors computed by the trunks' quantized nodes
+    chosen: set[str] = set()
+    for node in graph.node:  # an ONNX graph lists its nodes in topological order
+        data = node.input[:1] if node.op_type == "Clip" else node.input  # (Clip's bounds are constants)
+        if node.op_type in QUANTIZED_OPS or (node.op_type in TRUNK_OPS and all(i in trunk for i in data)):
+            if not node.name:
+                raise ValueError(f"an unnamed {node.op_type} node: its quantization cannot be chosen")
+            chosen.add(node.name)
+            if node.op_type not in ("MatMul", "Gemm"):  # FC layers return float (logits, boxes)
+                trunk.update(node.output)
+    return chosen
+
+
+def _float_ops_read_float(graph: onnx.GraphProto, quantized: set[str]) -> None:
     """Give the float ops back the float tensors they read: onnxruntime rounds an activation through a
     ``QuantizeLinear -> DequantizeLinear`` pair for the int8 op that takes it and hands the rounded copy to
     every reader, so the crops (``GridSample``) would sample an int8-rounded image and the fusion's concat
-    rounded features. Each float op is rewired to the pair's float input, unless that input is an int8 op's
-    output (a conv's int8 result is what its readers get). Also lets onnxruntime fuse each pair into the int8
-    op it feeds (``QLinearConv``), which it does only for a pair read by that op alone."""
+    rounded features. Each float op (not in ``quantized``, the names of :func:`quantized_nodes`) is rewired
+    to the pair's float input, unless that input is an int8 op's output (a conv's int8 result is what its
+    readers get). Also lets onnxruntime fuse each pair into the int8 op it feeds (``QLinearConv``), which it
+    does only for a pair read by that op alone."""
     made_by = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
-        if node.op_type in (*QUANTIZED_OPS, "QuantizeLinear", "DequantizeLinear"):
+        if node.name in quantized or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         for j, name in enumerate(node.input):
             dq = made_by.get(name)
@@ -145,7 +180,7 @@ def _float_ops_read_float(graph: onnx.GraphProto) -> None:
             if q is None or q.op_type != "QuantizeLinear":  # not an activation's pair (a weight's has no Q)
                 continue
             source = made_by.get(q.input[0])  # None: a graph input
-            if source is None or source.op_type not in QUANTIZED_OPS:
+            if source is None or source.name not in quantized:
                 node.input[j] = q.input[0]
 
 

@@ -293,8 +293,9 @@ class Batcher:
     while one batch runs, the next requests queue up, so the batch grows with the load and a lone request
     runs at once.
 
-    Every torch operation of the server runs in one thread, preprocessing included, given by ``executor``
-    (default: a thread of its own; ``racnn serve``: the process's main thread, :class:`MainThreadExecutor`).
+    With the torch backend every torch operation of the server runs in one thread, preprocessing included,
+    given by ``executor`` (default: a thread of its own; ``racnn serve``: the process's main thread,
+    :class:`MainThreadExecutor`); with onnxruntime the decoders preprocess and hand it tensors (create_app).
     Each thread that runs torch operations gets its own OpenMP thread team, and on a CPU a second team slows
     the first: the recipe's model took 41 ms a forward pass in the main thread alone, 50 ms in another
     thread alone, and 112 ms in another thread once the main thread had built the model.
@@ -482,7 +483,9 @@ def create_app(
     ``channels_last``: run the convolutions in NHWC (on a CPU 1.4 times faster for the recipe's model).
     ``executor``: where the model runs (default: a thread of the batcher's own; see :class:`Batcher`).
     ``app.state.drain`` (:class:`Drain`) starts its graceful shutdown; ``app.state.metrics`` (:class:`Metrics`).
-    ``limits.max_connections`` is not the app's to enforce: :func:`serve` gives it to uvicorn."""
+    ``limits.max_connections`` is not the app's to enforce: :func:`serve` gives it to uvicorn. With a
+    non-torch backend the decoders' threads run torch's preprocessing; :func:`serve` limits torch to one
+    thread for that (an app served otherwise keeps the process's setting: ``torch.set_num_threads(1)``)."""
     limits = limits or ServeLimits()
     device = torch.device(device)
     channels_last &= model.backend == "torch"  # (onnxruntime takes NCHW arrays)
@@ -607,9 +610,21 @@ def create_app(
         sizes = [image.size for image in images]
         return JSONResponse(records(model, probs, views, names, sizes, topk=limits.topk))
 
+    transform = model.transforms()
+    # With onnxruntime, torch only preprocesses: the decoders then also preprocess (the model's thread would
+    # otherwise do it for the whole batch between two forward passes). With torch, every torch operation
+    # stays in the model's thread (Batcher).
+    preprocess = model.backend != "torch"
+
+    def _prepare(upload: UploadFile, data: bytes) -> tuple[Image.Image, torch.Tensor | None]:
+        image = _decode(upload, data, limits)
+        return image, transform(image) if preprocess else None
+
     async def _run(uploads: list[tuple[UploadFile, bytes]], slot: Slot) -> tuple[list[Image.Image], Any]:
-        images = [await run_in_threadpool(_decode, upload, data, limits) for upload, data in uploads]
-        return images, await state["batcher"].run(images, slot)
+        got = [await run_in_threadpool(_prepare, upload, data) for upload, data in uploads]
+        images = [image for image, _ in got]
+        x = torch.stack([t for _, t in got]) if preprocess else images  # type: ignore[misc]
+        return images, await state["batcher"].run(x, slot)
 
     return app
 
@@ -736,6 +751,10 @@ def serve(
     import uvicorn
 
     check_seconds("drain_seconds", drain_seconds)
+    if model.backend != "torch":
+        # torch only preprocesses, in the decoders' threads (create_app): one core each, no OpenMP team of
+        # its own beside onnxruntime's threads
+        torch.set_num_threads(1)
     executor = MainThreadExecutor()
     app = create_app(model, device=device, limits=limits, channels_last=channels_last, executor=executor)
     drain: Drain = app.state.drain
