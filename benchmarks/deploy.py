@@ -4,7 +4,8 @@ For a trained checkpoint, on the test split of its dataset: eager PyTorch, PyTor
 onnxruntime fp32 and onnxruntime int8 (``racnn export --format onnx [--quantize int8]``), each with and without
 early exit (``--exit-confidence``, its threshold chosen on the *validation* split: the lowest mean number of
 scales whose validation answers differ from the full model's on at most half a percent of the images; the
-labels play no part), at batch 1 and 16 and with 1 and 2 threads.
+labels play no part; the int8 graphs get their own threshold by the same rule), at batch 1 and 16 and with 1
+and 2 threads.
 Per variant: top-1 of the fused output (early exit: of the answer), the median ms per image, images per
 second and the mean scales run. The reference row is ONE eager backbone of the same kind at the scale-1 input
 size (a 1-scale model of the same backbone, random weights: timing does not depend on them).
@@ -275,7 +276,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Deployment benchmark ({result['machine']['cpu']}, torch {result['machine']['torch']})",
         "",
-        f"Checkpoint `{result['checkpoint']}`; early exit at {result['exit_confidence']} (chosen on validation); "
+        f"Checkpoint `{result['checkpoint']}`; early exit at {result['exit_confidence']}, int8 at "
+        f"{result.get('exit_confidence_int8')} (each chosen on validation); "
         f"ms per image: medians over {result['rounds']} interleaved passes of {result['time_images']} test images.",
         "",
     ]
@@ -388,10 +390,16 @@ def main(argv: list[str] | None = None) -> int:
             ort = by_name["ort_fp32"](most)
             exit_p, tried = choose_exit(ort, val)
             print(f"  exit confidence {exit_p}", file=sys.stderr, flush=True)
+            # the int8 graphs answer otherwise than the float ones: their own threshold, by the same rule
+            exit_of = {name: exit_p for name in by_name}
+            int8_tried = None
+            if "ort_int8" in by_name:
+                exit_of["ort_int8"], int8_tried = choose_exit(by_name["ort_int8"](most), val)
+                print(f"  int8 exit confidence {exit_of['ort_int8']}", file=sys.stderr, flush=True)
             rows: dict[str, dict[str, Any]] = {}
             for name, load in by_name.items():
                 model = load(most)
-                for p in [None] + ([exit_p] if exit_p is not None else []):
+                for p in [None] + ([exit_of[name]] if exit_of[name] is not None else []):
                     rows[f"{name}|{mode_name(p)}"] = row = evaluate(model, test, p)
                     print(
                         f"  {name}|{mode_name(p)}: top-1 {100 * row['top1']:.2f}%",
@@ -412,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.backbone, num_classes=ref.num_classes, num_scales=1, input_size=cfg.input_size
             )
 
-        exits = [None] + ([exit_p] if exit_p is not None else [])
-        runs = {name: (load, images, exits) for name, load in by_name.items()}
+        runs = {
+            name: (load, images, [None] + ([exit_of[name]] if exit_of[name] is not None else []))
+            for name, load in by_name.items()
+        }
         runs |= {"backbone": (backbone, small, [None])}
         runs |= {
             "backbone_channels_last": (
@@ -440,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_images": len(test.dataset),
         "exit_confidence": exit_p,
         "exit_validation": tried,
+        "exit_confidence_int8": exit_of.get("ort_int8"),  # (the int8 graphs' own, chosen on validation)
+        "exit_validation_int8": int8_tried,
         "accuracy": rows,
         "times": times,
         "exit_curve": curve,

@@ -62,6 +62,6 @@ def test_deploy_benchmark_writes_every_variant_and_the_ratios(fake_cub: Path, tm
     want = r["times"]["ort_fp32|full|t1|b1"]["ms"] / r["times"]["torch|full|t1|b1"]["ms"]
     assert ratio["ort_fp32_over_eager"] == pytest.approx(want)
     assert ratio["best_variant"] is not None and ratio["best_over_backbone"] > 0
-    assert ratio["int8_over_ort_fp32"] is None  # --no-int8
+    assert ratio["int8_over_ort_fp32"] is None and r["exit_confidence_int8"] is None  # --no-int8
     assert out.with_suffix(".md").read_text().startswith("# Deployment benchmark")
     assert (tmp_path / "d.png").stat().st_size > 0

@@ -383,7 +383,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "per channel, uint8 activations through the trunks and into the FC layers; the resize, crop and box "
         "arithmetic stay float), its activation ranges calibrated on --calibrate's images; same inputs, "
         "outputs and metadata, plus racnn.quantized, racnn.calibrated_on and racnn.calibration_images. On an "
-        "x86 CPU with VNNI (docs/performance.md): 0.67 x the fp32 export's time at one thread, 0.5 point less "
+        "x86 CPU with VNNI (docs/performance.md): 0.7 x the fp32 export's time at one thread, 0.5 point less "
         "accurate, a 3.6 x smaller file",
     )
     p.add_argument(
