@@ -302,7 +302,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "threads": threads,
             "torch": torch.__version__,
         },
-        "command": " ".join(["python", "benchmarks/serve.py", *(sys.argv[1:] if argv is None else argv)]),
+        # (paths relative to where it ran: no machine's absolute path in the results)
+        "command": " ".join(
+            ["python", "benchmarks/serve.py"]
+            + [
+                os.path.relpath(a) if os.path.isabs(a) else a
+                for a in (sys.argv[1:] if argv is None else argv)
+            ]
+        ),
     }
     res["targets"] = {
         "p50_at_one_client": {"rule": "p50 <= 1.3 x batch-1 forward", "value": round(res["p50_over_forward"], 3),

@@ -50,6 +50,7 @@ def test_serve_benchmark_writes_latency_throughput_and_targets(tmp_path: Path) -
     ]
     res = bench.main([*args, "--threads", "1", "--json", str(out)])
     written = json.loads(out.read_text())
+    assert not any(a.startswith("/") for a in written["command"].split())  # paths relative to where it ran
     assert written["one_client"]["requests"] == 3 and written["many_clients"]["requests"] == 6
     for row in ("one_client", "many_clients"):
         assert 0 < written[row]["p50_s"] <= written[row]["p95_s"] and written[row]["images_per_s"] > 0
