@@ -25,11 +25,11 @@ import sys
 from pathlib import Path
 
 import torch
+from learned_vs_init import opened_run  # the same run and split (benchmarks/ is on sys.path when it runs)
 
 from racnn.config import APNConfig
 from racnn.losses import true_class_prob
 from racnn.model import RACNN
-from racnn.training.trainer import Trainer
 
 DEFAULT_REACHES = ((APNConfig.search_shift, APNConfig.search_zoom), (0.2, 1.3), (0.3, 1.45), (0.5, 1.8))
 
@@ -104,22 +104,10 @@ def summarise(
 
 
 def run_probe(run: Path, split: str, grid_sides: list[float], centres: int, reaches) -> dict[str, float]:
-    if not (run / "last.pt").is_file():
-        raise SystemExit(f"{run}: no last.pt; pass the folder of a training run")
-    with Trainer(out_dir=run, resume=True, progress=False) as trainer:
+    with opened_run(run, split) as (trainer, data):
         model = trainer.model.eval()
         if model.cfg.num_scales < 2:
             raise SystemExit(f"{run}: a 1-scale model has no box to search")
-        if split == "val":
-            data = trainer.val_set
-        else:
-            from racnn.training import loaders
-
-            data = loaders.make_dataset(
-                trainer.cfg, "test", model.preprocessing, train=False, classes=trainer.classes
-            )
-        if data is None or len(data) == 0:
-            raise SystemExit(f"{run}: the {split} split is empty")
         grid = box_grid(grid_sides, centres, model.cfg.box_min_side, model.cfg.box_max_side)
         got = [probe(model, data[i]["image"], int(data[i]["label"]), grid) for i in range(len(data))]
     own, on_grid, box = (torch.stack([g[k] for g in got]) for k in ("own", "grid", "box"))

@@ -392,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  exit confidence {exit_p}", file=sys.stderr, flush=True)
             # the int8 graphs answer otherwise than the float ones: their own threshold, by the same rule
             exit_of = {name: exit_p for name in by_name}
+
+            def modes(name: str) -> list[float | None]:  # the full model, then early exit where chosen
+                return [None] + ([exit_of[name]] if exit_of[name] is not None else [])
+
             int8_tried = None
             if "ort_int8" in by_name:
                 exit_of["ort_int8"], int8_tried = choose_exit(by_name["ort_int8"](most), val)
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             rows: dict[str, dict[str, Any]] = {}
             for name, load in by_name.items():
                 model = load(most)
-                for p in [None] + ([exit_of[name]] if exit_of[name] is not None else []):
+                for p in modes(name):
                     rows[f"{name}|{mode_name(p)}"] = row = evaluate(model, test, p)
                     print(
                         f"  {name}|{mode_name(p)}: top-1 {100 * row['top1']:.2f}%",
@@ -420,10 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.backbone, num_classes=ref.num_classes, num_scales=1, input_size=cfg.input_size
             )
 
-        runs = {
-            name: (load, images, [None] + ([exit_of[name]] if exit_of[name] is not None else []))
-            for name, load in by_name.items()
-        }
+        runs = {name: (load, images, modes(name)) for name, load in by_name.items()}
         runs |= {"backbone": (backbone, small, [None])}
         runs |= {
             "backbone_channels_last": (

@@ -18,7 +18,10 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from attend_probe import KEYS  # the same figures (benchmarks/ is on sys.path when this script runs)
@@ -27,24 +30,31 @@ from racnn.training import loaders
 from racnn.training.trainer import Trainer
 
 
-def compare(run: Path, split: str) -> dict[str, dict[str, float]]:
-    """``{"learned": figures, "initial": figures}`` of the run in folder ``run`` on ``split``."""
+@contextmanager
+def opened_run(run: Path, split: str) -> Iterator[tuple[Trainer, Any]]:
+    """The training run in folder ``run``, resumed from its ``last.pt``, and its ``split`` dataset (``val``,
+    the run's own carve-out, or ``test``); a one-line exit when either is missing."""
     if not (run / "last.pt").is_file():
         raise SystemExit(f"{run}: no last.pt; pass the folder of a training run")
     with Trainer(out_dir=run, resume=True, progress=False) as trainer:
-        if trainer.state.apn_init is None:
-            raise SystemExit(f"{run}: its state keeps no APN initialisation (a 1-scale run, or an older one)")
-        model = trainer.model
         data = (
             trainer.val_set
             if split == "val"
             else loaders.make_dataset(
-                trainer.cfg, "test", model.preprocessing, train=False, classes=trainer.classes
+                trainer.cfg, "test", trainer.model.preprocessing, train=False, classes=trainer.classes
             )
         )
         if data is None or len(data) == 0:
             raise SystemExit(f"{run}: the {split} split is empty")
-        m = trainer.evaluate_boxes(model, data, split)
+        yield trainer, data
+
+
+def compare(run: Path, split: str) -> dict[str, dict[str, float]]:
+    """``{"learned": figures, "initial": figures}`` of the run in folder ``run`` on ``split``."""
+    with opened_run(run, split) as (trainer, data):
+        if trainer.state.apn_init is None:
+            raise SystemExit(f"{run}: its state keeps no APN initialisation (a 1-scale run, or an older one)")
+        m = trainer.evaluate_boxes(trainer.model, data, split)
     learned = {k: m[k] for k in KEYS if k in m}
     initial = {k: m[f"{k}_init"] for k in KEYS if f"{k}_init" in m}
     return {"learned": learned, "initial": initial}

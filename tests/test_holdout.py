@@ -179,9 +179,7 @@ def test_a_resumed_run_reads_the_shares_of_an_uninterrupted_one(
     )
     full = Trainer(cfg, tmp_path / "full", progress=False).fit()
     stopped = Trainer(cfg, tmp_path / "stopped", progress=False)
-    interrupt_epoch(
-        stopped, 3
-    )  # stopped before the first attention epoch: it and the switch to every image resume
+    interrupt_epoch(stopped, 3)  # stopped before the first attention epoch: it and the switch to all resume
     with pytest.raises(KeyboardInterrupt):
         stopped.fit()
     stopped.close()

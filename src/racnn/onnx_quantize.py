@@ -52,12 +52,8 @@ __all__ = [
 ]
 
 QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")  # always quantized; see quantized_nodes for the rest
-TRUNK_OPS = (
-    "Relu",
-    "Clip",
-    "Add",
-    "MaxPool",
-)  # quantized where they read trunk tensors alone (quantized_nodes)
+# quantized where they read trunk tensors alone (quantized_nodes)
+TRUNK_OPS = ("Relu", "Clip", "Add", "MaxPool")
 # enough images for stable activation ranges, few enough for a few minutes on a CPU at 448 px
 DEFAULT_CALIBRATION_IMAGES = 64
 CALIBRATION_BATCH = 8  # images per calibration run of onnxruntime
