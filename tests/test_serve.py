@@ -42,7 +42,7 @@ pytest.importorskip("fastapi", reason="racnn serve needs the serve extra: pip in
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from racnn import serve
+from racnn import batcher, serve
 
 CLASSES = ["001.Red_bird", "002.Blue_bird", "003.Green_bird"]
 
@@ -188,7 +188,7 @@ def test_the_batcher_runs_what_waits_as_one_batch(monkeypatch: pytest.MonkeyPatc
     """While a batch runs, the requests that arrive queue up; the next batch takes them all (one forward
     pass), and each request gets its own rows back."""
     release, calls = threading.Event(), []
-    real = serve.forward_probs
+    real = batcher.forward_probs
 
     def slow(model, batch, **options):  # the first batch waits until released
         calls.append(len(batch))
@@ -196,7 +196,7 @@ def test_the_batcher_runs_what_waits_as_one_batch(monkeypatch: pytest.MonkeyPatc
             release.wait(10)
         return real(model, batch, **options)
 
-    monkeypatch.setattr(serve, "forward_probs", slow)
+    monkeypatch.setattr(batcher, "forward_probs", slow)
     model = _model().eval()
     xs = [torch.randn(n, 3, 48, 48, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 1, 3)]
 
@@ -293,14 +293,14 @@ def test_a_request_past_its_deadline_gets_a_504_and_leaves_the_queue(monkeypatch
     """Request A's forward pass is held; B waits in the queue behind it. Both get a 504 at the deadline, and B's
     images are not run once the model is free: they left the queue with B."""
     release, calls = threading.Event(), []
-    real = serve.forward_probs
+    real = batcher.forward_probs
 
     def held(model, batch, **options):  # every forward pass waits until released (at most 30 s)
         calls.append(len(batch))
         release.wait(30)
         return real(model, batch, **options)
 
-    monkeypatch.setattr(serve, "forward_probs", held)
+    monkeypatch.setattr(batcher, "forward_probs", held)
     jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
     with _client(timeout_s=0.5) as c, ThreadPoolExecutor(2) as pool:
         a = pool.submit(c.post, "/predict", files=[jpeg])
@@ -322,14 +322,14 @@ def test_a_drain_answers_what_was_received_and_refuses_new_predictions(
     gets a 503 with Retry-After; the request received before is answered 200, and only then is the drain done.
     Every answer during the drain closes its connection."""
     release, calls = threading.Event(), []
-    real = serve.forward_probs
+    real = batcher.forward_probs
 
     def held(model, batch, **options):
         calls.append(len(batch))
         release.wait(30)
         return real(model, batch, **options)
 
-    monkeypatch.setattr(serve, "forward_probs", held)
+    monkeypatch.setattr(batcher, "forward_probs", held)
     jpeg = ("image", ("a.jpg", _jpeg(), "image/jpeg"))
     app = serve.create_app(_model())
     drain = app.state.drain
@@ -472,10 +472,10 @@ def _post(url: str, files: list[tuple[str, bytes]]) -> Answer:
 GATED_SERVE = """
 import os, sys, time
 from pathlib import Path
-from racnn import serve
+from racnn import batcher
 from racnn.cli import main
 
-gate, real = Path(os.environ["RACNN_TEST_GATE"]), serve.forward_probs
+gate, real = Path(os.environ["RACNN_TEST_GATE"]), batcher.forward_probs
 
 def gated(model, batch, **options):
     (gate / f"forward-{len(batch)}").touch()
@@ -484,7 +484,7 @@ def gated(model, batch, **options):
         time.sleep(0.01)
     return real(model, batch, **options)
 
-serve.forward_probs = gated
+batcher.forward_probs = gated
 sys.exit(main(sys.argv[1:]))
 """
 
