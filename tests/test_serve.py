@@ -1,9 +1,8 @@
-"""racnn serve: the API in-process, the batcher, every bad input followed by a good one, the real server on a
-free port, and the page in a real headless Chromium (Debian's, driven by Playwright)."""
+"""racnn serve: the API in-process, every bad input followed by a good one, the real server on a free port,
+and the page in a real headless Chromium (Debian's, driven by Playwright). The batcher: test_batcher.py."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import http.client
 import io
@@ -184,63 +183,6 @@ def test_every_bad_input_is_a_4xx_and_the_server_goes_on() -> None:
         assert c.get("/healthz").json()["images"] == 1
 
 
-def test_the_batcher_runs_what_waits_as_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a batch runs, the requests that arrive queue up; the next batch takes them all (one forward
-    pass), and each request gets its own rows back."""
-    release, calls = threading.Event(), []
-    real = batcher.forward_probs
-
-    def slow(model, batch, **options):  # the first batch waits until released
-        calls.append(len(batch))
-        if len(calls) == 1:
-            release.wait(10)
-        return real(model, batch, **options)
-
-    monkeypatch.setattr(batcher, "forward_probs", slow)
-    model = _model().eval()
-    xs = [torch.randn(n, 3, 48, 48, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 1, 3)]
-
-    async def scenario() -> list:
-        batcher = serve.Batcher(model, torch.device("cpu"), max_batch=16)
-        batcher.start()
-        first = asyncio.create_task(batcher.run(xs[0]))
-        await asyncio.sleep(0.2)  # the first batch is running (and blocked)
-        rest = [asyncio.create_task(batcher.run(x)) for x in xs[1:]]
-        await asyncio.sleep(0.2)
-        release.set()
-        out = await asyncio.gather(first, *rest)
-        await batcher.stop()
-        return out
-
-    out = asyncio.run(scenario())
-    assert calls == [1, 6]  # the three waiting requests ran as one batch of 2 + 1 + 3 images
-    for x, (probs, views) in zip(xs, out, strict=True):
-        want, want_views = real(model, x)
-        assert all(torch.allclose(probs[k], want[k], atol=1e-5) for k in want)
-        assert len(views) == 2 and torch.allclose(views[0], want_views[0], atol=1e-5)
-
-
-def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
-    model = _model().eval()
-
-    async def scenario() -> tuple[list, object]:
-        batcher = serve.Batcher(model, torch.device("cpu"), max_batch=16)
-        batcher.start()
-        # two requests of different sides cannot be stacked into one batch: both fail, nothing hangs
-        bad = await asyncio.gather(
-            batcher.run(torch.zeros(1, 3, 48, 48)),
-            batcher.run(torch.zeros(1, 3, 40, 40)),
-            return_exceptions=True,
-        )
-        good = await asyncio.wait_for(batcher.run(torch.zeros(2, 3, 48, 48)), 30)
-        await batcher.stop()
-        return bad, good
-
-    bad, (probs, views) = asyncio.run(scenario())
-    assert any(isinstance(b, Exception) for b in bad)
-    assert probs["s123"].shape == (2, 3) and len(views) == 2
-
-
 def test_photos_are_turned_upright_by_their_exif_orientation() -> None:
     """A phone photo stored sideways with an EXIF orientation tag: the server answers (sizes and boxes) in the
     orientation a browser shows, so the page's boxes fall where the model looked."""
@@ -362,25 +304,6 @@ def test_a_drain_with_nothing_in_flight_is_done_at_once() -> None:
         assert c.get("/healthz").status_code == 200
         c.portal.call(app.state.drain.start, 60.0)
         assert app.state.drain.answered.done()
-
-
-def test_the_batcher_queue_bound_is_at_least_1_or_none() -> None:
-    """max_queue agrees with ServeLimits: at least 1; None (not 0) means no bound."""
-    model = _model().eval()
-    for bad in (0, -1):
-        with pytest.raises(ValueError, match="max_queue must be at least 1"):
-            serve.Batcher(model, torch.device("cpu"), max_batch=4, max_queue=bad)
-        with pytest.raises(ValueError, match="max_queue must be at least 1"):
-            serve.ServeLimits(max_queue=bad)
-    unbounded = serve.Batcher(model, torch.device("cpu"), max_batch=4)
-    assert unbounded.max_queue is None and unbounded.admit(10_000).n == 10_000
-    bounded = serve.Batcher(model, torch.device("cpu"), max_batch=4, max_queue=2)
-    slot = bounded.admit(2)
-    with pytest.raises(serve.BadInput) as refused:
-        bounded.admit(1)
-    assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
-    slot.release()
-    assert bounded.admit(1).n == 1
 
 
 @pytest.mark.parametrize(
@@ -905,21 +828,3 @@ def test_the_page_in_a_real_browser(server: str, tmp_path: Path) -> None:
         ) == ("200 image/png")
         assert not failed, failed  # no 404 in the console: the favicon is served
         browser.close()
-
-
-def test_main_thread_executor_fails_a_call_and_goes_on_but_stops_on_ctrl_c() -> None:
-    """An error in one call fails that request only; Ctrl-C during a call fails it and stops the loop
-    (``racnn serve`` then shuts the web server down), instead of being swallowed as a request error."""
-    ex = serve.MainThreadExecutor()
-
-    def interrupted() -> None:
-        raise KeyboardInterrupt
-
-    bad, ok, stop = ex.submit(lambda: 1 / 0), ex.submit(lambda: 42), ex.submit(interrupted)
-    later = ex.submit(lambda: 7)
-    checks = iter(range(10))  # a bound, so a swallowed Ctrl-C fails the test instead of hanging it
-    with pytest.raises(KeyboardInterrupt):
-        ex.run_while(lambda: next(checks, None) is not None)
-    assert isinstance(bad.exception(), ZeroDivisionError) and ok.result() == 42
-    assert isinstance(stop.exception(), serve.BadInput) and stop.exception().status == 503  # type: ignore[union-attr]
-    assert not later.done()
