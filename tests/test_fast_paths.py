@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import NEEDS_CXX, compare_crop, crop_boxes
 from racnn.attention import (
     APN,
     _sample_positions,
+    adaptive_pool,
     box_from_unit,
     crop_zoom,
     crop_zoom_gather,
@@ -112,13 +114,26 @@ def test_crop_zoom_low_precision_box_is_computed_in_float32(fn):
 
 
 def test_apn_pool_shortcut_is_exact():
-    """Features already grid x grid skip the adaptive pool, which is the identity there."""
+    """Features already grid x grid skip the pool, which is the identity there."""
     torch.manual_seed(0)
     apn = APN(6, grid=3, hidden=8).double()
     feats = torch.randn(4, 6, 3, 3, dtype=torch.float64)
-    z = torch.sigmoid(apn.fc2(torch.tanh(apn.fc1(apn.pool(feats).flatten(1)))))
+    z = torch.sigmoid(apn.fc2(torch.tanh(apn.fc1(feats.flatten(1)))))
     torch.testing.assert_close(apn(feats), box_from_unit(z, apn.min_side, apn.max_side), atol=0, rtol=0)
     assert apn(torch.randn(4, 6, 5, 4, dtype=torch.float64)).shape == (4, 3)  # other sizes still pool
+
+
+@pytest.mark.parametrize("size", [(7, 7), (14, 14), (5, 4), (2, 3), (4, 4)])
+def test_the_apn_pool_is_adaptive_average_pooling(size: tuple[int, int]) -> None:
+    """The matrix product equals ``nn.AdaptiveAvgPool2d`` (overlapping windows at 7 -> 4, fewer cells than
+    the grid at 2 x 3) in float64 to rounding, and its gradient too."""
+    feats = torch.randn(2, 5, *size, dtype=torch.float64, requires_grad=True)
+    ours = adaptive_pool(feats, 4)
+    ref = nn.AdaptiveAvgPool2d(4)(feats).flatten(2)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), feats)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), feats)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=0)
 
 
 def _apn_autocast_reference(apn: APN, feats: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,9 @@ from racnn.onnx_export import RACNNOnnxWrapper, export_onnx, output_names  # noq
 NAMES = ["logits_s1", "logits_s2", "logits_s3", "logits_s12", "logits_s123", "box_s1", "box_s2"]
 NAMES += ["concat_s12", "concat_s123"]
 CLASSES = ["a", "b", "c", "d"]
-# ModelConfig(backbone="tiny", pretrained=False, input_size=32, zoom_size=24, apn_grid=2, apn_hidden=8), 4 classes
-OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
+# ModelConfig(backbone="tiny", pretrained=False, input_size=32, zoom_size=24, apn_grid=3, apn_hidden=8), 4 classes;
+# the APNs pool their 2 x 2 maps to 3 x 3 (racnn.attention.adaptive_pool runs in the graphs)
+OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=3"]
 OVERRIDES += ["model.apn_hidden=8", "data.image_size=40", "model.zoom_size=24"]  # scales 2, 3 at 24 px
 
 
@@ -115,8 +116,8 @@ def test_cli_rejects_unknown_format(tmp_path: Path) -> None:
 def test_export_traces_the_eager_crop_of_a_compile_crop_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``runtime.compile_crop`` is an execution option: a traced forward (ONNX export, torch.compile of the
-    whole model) runs the plain crop, whose graph the exporter can read."""
+    """``runtime.compile_crop`` is an execution option: the exported forward runs the gather crop
+    (``crop_zoom_gather``), whose graph the exporter can read."""
     import racnn.crop_cpp as crop_cpp_module
 
     def never(*args: object) -> torch.Tensor:

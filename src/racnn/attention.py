@@ -65,6 +65,29 @@ def box_candidates(
     return out
 
 
+@functools.cache
+def _pool_weights(n_in: int, n_out: int) -> tuple[tuple[float, ...], ...]:
+    """``n_out x n_in``: row ``i`` averages the cells ``floor(i n_in / n_out) .. ceil((i + 1) n_in / n_out)``,
+    the windows of ``nn.AdaptiveAvgPool1d``. Numbers, not a tensor: a tensor made while a forward is traced
+    (ONNX export) is a fake one, and must not outlive the trace in a cache."""
+    rows = []
+    for i in range(n_out):
+        a, b = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        rows.append(tuple(1.0 / (b - a) if a <= j < b else 0.0 for j in range(n_in)))
+    return tuple(rows)
+
+
+def adaptive_pool(feats: torch.Tensor, grid: int) -> torch.Tensor:
+    """``nn.AdaptiveAvgPool2d(grid)`` as one matrix product: B x C x h x w -> B x C x (grid * grid), row-major
+    cells. Same values; an exported graph runs it as one ``MatMul`` where the pooling op becomes a dozen
+    gathers and masked fills (1 ms of onnxruntime time per APN, docs/performance.md)."""
+    h, w = feats.shape[-2:]
+    rows, cols = (
+        torch.tensor(_pool_weights(n, grid), dtype=feats.dtype, device=feats.device) for n in (h, w)
+    )
+    return feats.flatten(2) @ torch.kron(rows, cols).T  # (B x C x h*w) @ (h*w x grid^2)
+
+
 class APN(nn.Module):
     """Attention proposal network: two FC layers on a scale's last conv features (released model: FC 1024, tanh,
     FC 3, sigmoid). The features are average-pooled to ``grid x grid`` first so one APN fits any input size."""
@@ -80,7 +103,6 @@ class APN(nn.Module):
     ):
         super().__init__()
         self.grid, self.min_side, self.max_side = grid, min_side, max_side
-        self.pool = nn.AdaptiveAvgPool2d(grid)
         self.fc1 = nn.Linear(in_channels * grid * grid, hidden)
         self.fc2 = nn.Linear(hidden, 3)
         self._fc1_cast: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
@@ -109,7 +131,7 @@ class APN(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """B x C x h x w -> B x 3 box ``(cx, cy, half)`` normalised to the scale's input."""
         if feats.shape[-2:] != (self.grid, self.grid):  # already grid x grid: the pool is the identity
-            feats = self.pool(feats)
+            feats = adaptive_pool(feats, self.grid)
         z = feats.flatten(1)  # B x C*g*g
         z = torch.sigmoid(self.fc2(torch.tanh(self._hidden(z))))  # B x 3 in (0, 1)
         return box_from_unit(z, self.min_side, self.max_side)
@@ -267,8 +289,9 @@ def soft_box_gradient(
 
 
 def crop_zoom_gather(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 10.0) -> torch.Tensor:
-    """The previous batched formulation of :func:`crop_zoom`, kept for the benchmark: the masked taps as two
-    ``gather`` passes (rows, then columns). Same values and gradients, 2-4 times slower on CPU.
+    """The previous batched formulation of :func:`crop_zoom`: the masked taps as two ``gather`` passes (rows,
+    then columns). Same values and gradients, 2-4 times slower in PyTorch on a CPU; the ONNX export traces it
+    (:func:`racnn.crop_cpp.crop_function`), as onnxruntime runs its gathers faster than ``GridSample``.
 
     Each bilinear tap's weight is multiplied by the 1-D mask at that tap's pixel (``M`` is separable).
     """

@@ -383,8 +383,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "per channel, uint8 activations through the trunks and into the FC layers; the resize, crop and box "
         "arithmetic stay float), its activation ranges calibrated on --calibrate's images; same inputs, "
         "outputs and metadata, plus racnn.quantized, racnn.calibrated_on and racnn.calibration_images. On an "
-        "x86 CPU with VNNI (docs/performance.md): 0.7 x the fp32 export's time at one thread, 0.5 point less "
-        "accurate, a 3.6 x smaller file",
+        "x86 CPU with VNNI (docs/performance.md): 0.63 x the fp32 export's time at one thread, 0.15-0.46 point less "
+        "accurate (two exports), a 3.6 x smaller file",
     )
     p.add_argument(
         "--calibrate",

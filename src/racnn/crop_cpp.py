@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from .attention import box_taps, crop_zoom, crop_zoom_compiled
+from .attention import box_taps, crop_zoom, crop_zoom_compiled, crop_zoom_gather
 
 SOURCE = Path(__file__).with_name("csrc") / "crop_zoom.cpp"
 # -fopenmp-simd: the kernel's dot products vectorise without -ffast-math (gcc and clang; MSVC has no such flag)
@@ -143,10 +143,13 @@ def crop_zoom_cpp(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 1
 def crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The crop-and-zoom this forward runs. ``compile_crop``: ``torch.compile`` of it on CUDA, the C++ kernel on a
     CPU (this module; built on first use, the plain crop with one warning where it cannot be built).
-    A forward that is itself being traced (torch.compile of the whole model, ONNX export) runs the plain crop,
-    whose graph the tracer can read. All give the same values and gradients."""
-    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()  # torch >= 2.6
-    if not compile_crop or torch.compiler.is_compiling() or exporting or torch.jit.is_tracing():
+    A forward that is itself being traced runs a crop whose graph the tracer can read: the ONNX export the
+    two-tap gathers (:func:`racnn.attention.crop_zoom_gather`), which onnxruntime runs as ``GatherElements``
+    in a fifth of its ``GridSample``'s time (docs/performance.md); torch.compile of the whole model and a
+    TorchScript trace the plain crop. All give the same values and gradients."""
+    if getattr(torch.compiler, "is_exporting", lambda: False)():  # torch >= 2.6
+        return crop_zoom_gather
+    if not compile_crop or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return crop_zoom
     if images.is_cuda:
         return crop_zoom_compiled

@@ -2,9 +2,10 @@
 
 Uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``; needs the ``onnx`` and
 ``onnxscript`` packages: ``pip install racnn[onnx]``). The TorchScript exporter (``dynamo=False``) cannot
-export the model: it has no symbolic for antialiased bilinear resizing, and it loses the crop's spatial
-shape (a gather with an expanded index), which ``AdaptiveAvgPool2d`` in the APN needs. The default opset is
-18, the first whose ``Resize`` has the ``antialias`` attribute used when ``image_size != input_size``.
+export the model: it has no symbolic for antialiased bilinear resizing. The default opset is 18, the first
+whose ``Resize`` has the ``antialias`` attribute used when ``image_size != input_size``. The crops are
+exported as gathers of the two bilinear taps (:func:`racnn.attention.crop_zoom_gather`, chosen by
+:func:`racnn.crop_cpp.crop_function` while exporting), which onnxruntime runs faster than ``GridSample``.
 
 Graph: input ``images`` (B x 3 x S x S, float32, normalised with the model's mean/std); outputs
 ``logits_s1``, ..., ``logits_s123`` (B x K, in ``model.keys`` order), then ``box_s1``, ... (B x 3 boxes

@@ -9,7 +9,7 @@ measured on calibration images.
 Only the trunks and the FC layers are quantized (:func:`quantized_nodes`: the convolutions, the activations
 that follow them and the trunks' residual additions, which onnxruntime folds into ``QLinearConv`` and runs
 as ``QLinearAdd``; the FC layers of the heads, fusions and APNs); the resize, the crop-and-zoom
-(``GridSample``) and the box arithmetic stay float and read float tensors (:func:`_float_ops_read_float`),
+(``GatherElements``) and the box arithmetic stay float and read float tensors (:func:`_float_ops_read_float`),
 and the FC layers return float (logits, the APN's box before its sigmoid), so a box the quantized APN
 proposes is cut out of the image as accurately as in the fp32 graph. Activations are uint8 and weights int8
 (U8S8, onnxruntime's x86 format): with int8 activations onnxruntime converts them to uint8 when it loads the
@@ -161,7 +161,7 @@ def quantized_nodes(graph: onnx.GraphProto) -> set[str]:
 def _float_ops_read_float(graph: onnx.GraphProto, quantized: set[str]) -> None:
     """Give the float ops back the float tensors they read: onnxruntime rounds an activation through a
     ``QuantizeLinear -> DequantizeLinear`` pair for the int8 op that takes it and hands the rounded copy to
-    every reader, so the crops (``GridSample``) would sample an int8-rounded image and the fusion's concat
+    every reader, so the crops (``GatherElements``) would sample an int8-rounded image and the fusion's concat
     rounded features. Each float op (not in ``quantized``, the names of :func:`quantized_nodes`) is rewired
     to the pair's float input, unless that input is an int8 op's output (a conv's int8 result is what its
     readers get). Also lets onnxruntime fuse each pair into the int8 op it feeds (``QLinearConv``), which it
