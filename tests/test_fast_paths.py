@@ -113,14 +113,23 @@ def test_crop_zoom_low_precision_box_is_computed_in_float32(fn):
     torch.testing.assert_close(y.float(), fn(image.bfloat16().float(), box.float(), 32), atol=0.01, rtol=0)
 
 
-def test_apn_pool_shortcut_is_exact():
-    """Features already grid x grid skip the pool, which is the identity there."""
+def test_apn_pool_shortcut_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Features already grid x grid skip the pool, which is the identity there; other sizes pool."""
+    import racnn.attention as attention
+
     torch.manual_seed(0)
     apn = APN(6, grid=3, hidden=8).double()
     feats = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(adaptive_pool(feats, 3), feats.flatten(2), atol=0, rtol=0)
+    pooled = []
+    monkeypatch.setattr(
+        attention, "adaptive_pool", lambda f, g: pooled.append(f.shape) or adaptive_pool(f, g)
+    )
     z = torch.sigmoid(apn.fc2(torch.tanh(apn.fc1(feats.flatten(1)))))
     torch.testing.assert_close(apn(feats), box_from_unit(z, apn.min_side, apn.max_side), atol=0, rtol=0)
-    assert apn(torch.randn(4, 6, 5, 4, dtype=torch.float64)).shape == (4, 3)  # other sizes still pool
+    assert pooled == []  # the shortcut
+    assert apn(torch.randn(4, 6, 5, 4, dtype=torch.float64)).shape == (4, 3)
+    assert pooled == [(4, 6, 5, 4)]
 
 
 @pytest.mark.parametrize("size", [(7, 7), (14, 14), (5, 4), (2, 3), (4, 4)])

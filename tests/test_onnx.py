@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 
@@ -113,7 +113,7 @@ def test_cli_rejects_unknown_format(tmp_path: Path) -> None:
         main(["export", "--checkpoint", str(tmp_path / "x.pt"), "--format", "tflite", "--out", str(tmp_path)])
 
 
-def test_export_traces_the_eager_crop_of_a_compile_crop_model(
+def test_export_traces_the_gather_crop_of_a_compile_crop_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``runtime.compile_crop`` is an execution option: the exported forward runs the gather crop
@@ -128,6 +128,11 @@ def test_export_traces_the_eager_crop_of_a_compile_crop_model(
     model = build_model(load_config(None, OVERRIDES).model, num_classes=4)
     model.compile_crop = True
     path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert (ops.count("GatherElements"), ops.count("GridSample")) == (
+        8,
+        0,
+    )  # 2 crops: 2 row + 2 column gathers
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(2, 3, 40, 40)
     got = session.run(None, {"images": images.numpy()})
@@ -147,6 +152,11 @@ def test_the_configured_fusion_is_what_the_graph_fuses(tmp_path: Path, fusion: s
     with torch.no_grad():
         model.fusion_weights.copy_(torch.tensor([[0.9, 0.1, 0.0], [0.2, 1.5, 0.3]]))  # as if fitted
     path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert (ops.count("GatherElements"), ops.count("GridSample")) == (
+        8,
+        0,
+    )  # 2 crops: 2 row + 2 column gathers
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
     _check_outputs(session, model, images)

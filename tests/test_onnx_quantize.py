@@ -39,8 +39,8 @@ from racnn.onnx_quantize import (  # noqa: E402
 NAMES = ["logits_s1", "logits_s2", "logits_s3", "logits_s12", "logits_s123", "box_s1", "box_s2", "concat_s12"]
 NAMES += ["concat_s123"]
 CLASSES = ["a", "b", "c", "d"]
-OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=2"]
-OVERRIDES += ["model.apn_hidden=8", "data.image_size=40", "model.zoom_size=24"]  # as test_onnx.py
+OVERRIDES = ["model.backbone=tiny", "model.pretrained=false", "model.input_size=32", "model.apn_grid=3"]
+OVERRIDES += ["model.apn_hidden=8", "data.image_size=40", "model.zoom_size=24"]  # as test_onnx.py: APNs pool
 OVERRIDES += ["data.name=imagefolder", "data.num_workers=0"]
 PER_CLASS = 5  # 4 train + 1 carved into val (data.val_fraction 0.1) per class: 16 train images
 N_CALIBRATION = 12
@@ -117,9 +117,10 @@ def test_graph_is_qdq_with_the_crop_resize_and_boxes_in_float(quantized: tuple[P
     graph = onnx.load(str(quantized[0])).graph
     ops = [n.op_type for n in graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    # each crop: two gathers of rows, two of columns (racnn.attention.crop_zoom_gather); no GridSample
-    counts = [ops.count(op) for op in ("Conv", "Gemm", "GatherElements", "GridSample", "Resize")]
-    assert counts == [12, 9, 8, 0, 1]
+    # each crop: two gathers of rows, two of columns (racnn.attention.crop_zoom_gather), no GridSample;
+    # each APN's pooling of its 2 x 2 map to 3 x 3: one MatMul (racnn.attention.adaptive_pool)
+    counts = [ops.count(op) for op in ("Conv", "Gemm", "MatMul", "GatherElements", "GridSample", "Resize")]
+    assert counts == [12, 9, 2, 8, 0, 1]
     int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
     made_by = {out: n for n in graph.node for out in n.output}
 
@@ -127,7 +128,7 @@ def test_graph_is_qdq_with_the_crop_resize_and_boxes_in_float(quantized: tuple[P
         return name in made_by and made_by[name].op_type == "DequantizeLinear"
 
     for node in graph.node:
-        if node.op_type in ("Conv", "Gemm"):  # int8 weights (dequantized), an int8-rounded input
+        if node.op_type in ("Conv", "Gemm", "MatMul"):  # int8 weights (dequantized), an int8-rounded input
             weight = made_by[node.input[1]]
             assert weight.op_type == "DequantizeLinear" and weight.input[0] in int8
             assert dequantized(node.input[0])

@@ -143,9 +143,9 @@ def crop_zoom_cpp(image: torch.Tensor, box: torch.Tensor, out: int, k: float = 1
 def crop_function(compile_crop: bool, images: torch.Tensor) -> Callable[..., torch.Tensor]:
     """The crop-and-zoom this forward runs. ``compile_crop``: ``torch.compile`` of it on CUDA, the C++ kernel on a
     CPU (this module; built on first use, the plain crop with one warning where it cannot be built).
-    A forward that is itself being traced runs a crop whose graph the tracer can read: the ONNX export the
-    two-tap gathers (:func:`racnn.attention.crop_zoom_gather`), which onnxruntime runs as ``GatherElements``
-    in a fifth of its ``GridSample``'s time (docs/performance.md); torch.compile of the whole model and a
+    A forward that is itself being traced runs a crop whose graph the tracer can read: ``torch.export`` (the
+    ONNX export) the two-tap gathers (:func:`racnn.attention.crop_zoom_gather`), which onnxruntime runs in
+    about 70% of its ``GridSample``'s time (docs/performance.md); torch.compile of the whole model and a
     TorchScript trace the plain crop. All give the same values and gradients."""
     if getattr(torch.compiler, "is_exporting", lambda: False)():  # torch >= 2.6
         return crop_zoom_gather

@@ -8,9 +8,9 @@ measured on calibration images.
 
 Only the trunks and the FC layers are quantized (:func:`quantized_nodes`: the convolutions, the activations
 that follow them and the trunks' residual additions, which onnxruntime folds into ``QLinearConv`` and runs
-as ``QLinearAdd``; the FC layers of the heads, fusions and APNs); the resize, the crop-and-zoom
-(``GatherElements``) and the box arithmetic stay float and read float tensors (:func:`_float_ops_read_float`),
-and the FC layers return float (logits, the APN's box before its sigmoid), so a box the quantized APN
+as ``QLinearAdd``; the APNs' pooling, a ``MatMul``; the FC layers of the heads, fusions and APNs); the resize,
+the crop-and-zoom (``GatherElements``) and the box arithmetic stay float and read float tensors
+(:func:`_float_ops_read_float`), and the FC layers return float (logits, the APN's box before its sigmoid), so a box the quantized APN
 proposes is cut out of the image as accurately as in the fp32 graph. Activations are uint8 and weights int8
 (U8S8, onnxruntime's x86 format): with int8 activations onnxruntime converts them to uint8 when it loads the
 graph, and around a residual branch that left a convolution between a uint8 and an int8 pair, which no int8
