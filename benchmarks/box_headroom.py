@@ -114,6 +114,35 @@ def run_probe(run: Path, split: str, grid_sides: list[float], centres: int, reac
     return {"images": len(got), "candidates": len(grid)} | summarise(own, on_grid, box, grid, reaches)
 
 
+def report(
+    per_run: dict[str, dict[str, float]],
+    keys: list[str],
+    first: str,
+    *,
+    width: int,
+    json_path: Path | None,
+    payload: dict,
+) -> None:
+    """Print one row per key of ``keys``: each run's figure (columns named by the run folders) and their
+    mean +- std; with ``json_path``, write there ``payload`` with ``runs`` and ``summary`` (``{key: {"mean",
+    "std"}}``)."""
+    print(f"{first:<{width}}" + "".join(f"{Path(r).name:>14}" for r in per_run) + f"{'mean +- std':>18}")
+    summary = {}
+    for k in keys:
+        vals = [v[k] for v in per_run.values()]
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        summary[k] = {"mean": statistics.mean(vals), "std": std}
+        print(
+            f"{k:<{width}}"
+            + "".join(f"{v:>14.3f}" for v in vals)
+            + f"{summary[k]['mean']:>11.3f} +- {std:.3f}"
+        )
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(payload | {"runs": per_run, "summary": summary}, indent=2))
+        print(f"wrote {json_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0], allow_abbrev=False)
     p.add_argument("runs", nargs="+", type=Path, help="training run folders (each with its last.pt)")
@@ -127,20 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.split} split: mean p_t at scale 2 by scale 1's box (chosen on one view, judged on its mirror)"
     )
-    print(f"{'box':<28}" + "".join(f"{Path(r).name:>14}" for r in per_run) + f"{'mean +- std':>18}")
-    summary = {}
-    for k in keys:
-        vals = [v[k] for v in per_run.values()]
-        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        summary[k] = {"mean": statistics.mean(vals), "std": std}
-        print(
-            f"{k:<28}" + "".join(f"{v:>14.3f}" for v in vals) + f"{statistics.mean(vals):>11.3f} +- {std:.3f}"
-        )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"split": args.split, "sides": args.sides, "centres": args.centres, "runs": per_run}
-        args.json.write_text(json.dumps(payload | {"summary": summary}, indent=2))
-        print(f"wrote {args.json}")
+    payload = {"split": args.split, "sides": args.sides, "centres": args.centres}
+    report(per_run, keys, "box", width=28, json_path=args.json, payload=payload)
     return 0
 
 
