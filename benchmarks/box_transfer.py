@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -153,8 +154,11 @@ def predictors(
 
 def judge(model: RACNN, fit: Views, a: torch.Tensor, views: Views, b: torch.Tensor, **kw) -> dict[str, float]:
     """``p_t`` on ``views``' views ``b`` of every predictor fitted on ``fit``'s views ``a`` (``_fitted``: on
-    ``a`` itself), of the APN's boxes (``own``) and of the targets (``oracle``)."""
+    ``a`` itself), of the APN's boxes (``own``) and of the targets (``oracle``); and the common move the
+    ``global`` predictor makes (``move_dx``, ``move_dy``: centre shifts in sides; ``move_side``: side ratio)."""
     got = {"own": p_t(model, views, b, views.box[b]), "oracle": p_t(model, views, b, views.target[b])}
+    dx, dy, log_side = moves(fit.target[a], fit.box[a]).mean(0).tolist()
+    got |= {"move_dx": dx, "move_dy": dy, "move_side": math.exp(log_side)}
     for name, predict in predictors(model, fit, a, **kw).items():
         got[name] = p_t(model, views, b, predict(views.maps[b], views.box[b]))
         got[f"{name}_fitted"] = p_t(model, fit, a, predict(fit.maps[a], fit.box[a]))
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     per_run = {
         str(r): run_transfer(r, args.split, args.fit_split, args.steps, args.fit_images) for r in args.runs
     }
-    keys = [k for k in next(iter(per_run.values())) if "images" not in k]
+    keys = [k for k in next(iter(per_run.values())) if "images" not in k]  # (move_*: not p_t, the moves)
     fitted = "the run's training split" if args.fit_split else "the other half"
     print(f"{args.split} split: mean p_t at scale 2, boxes fitted on {fitted} (_fitted: judged where fitted)")
     payload = {"split": args.split, "fit_split": args.fit_split, "fit_images": args.fit_images}

@@ -53,6 +53,7 @@ def test_a_trained_run_end_to_end(fake_cub: Path, tmp_path: Path, fit: list[str]
     lr = cfg.apn.lr
     for k in ("own", "oracle", "global", "ridge_10", f"apn_{lr:g}", f"apn_{10 * lr:g}", "global_fitted"):
         assert 0.0 <= r[k] <= 1.0, k
+    assert r["move_side"] > 0 and abs(r["move_dx"]) < 5 and abs(r["move_dy"]) < 5
     with pytest.raises(SystemExit, match=r"no last\.pt"):
         bench.main([str(tmp_path)])
     with pytest.raises(SystemExit):  # --fit-images without --fit-split
@@ -71,8 +72,12 @@ def test_the_views_and_a_predictor_fitted_in_no_step(fake_cub: Path, tmp_path: P
         assert len(views.x) == 2 * len(data) and torch.equal(views.x[1], views.x[0].flip(-1))
         lo, hi = views.target[:, :2] - views.target[:, 2:], views.target[:, :2] + views.target[:, 2:]
         assert bool((lo >= -1e-6).all()) and bool((hi <= 1 + 1e-6).all())
-        views.target = views.box.clone()
         every = torch.arange(len(views.x))
+        got = bench.judge(model, views, every[::2], views, every[1::2], apn_lr=cfg.apn.lr, steps=0, seed=0)
+        move = bench.moves(views.target[::2], views.box[::2]).mean(0)  # the common move of the fitted views
+        assert got["move_side"] == pytest.approx(float(move[2].exp()))
+        assert (got["move_dx"], got["move_dy"]) == pytest.approx((float(move[0]), float(move[1])))
+        views.target = views.box.clone()
         got = bench.predictors(model, views, every, apn_lr=cfg.apn.lr, steps=0, seed=0)
         torch.testing.assert_close(got[f"apn_{cfg.apn.lr:g}"](views.maps, views.box), views.box)
         torch.testing.assert_close(got["global"](views.maps, views.box), views.box)
