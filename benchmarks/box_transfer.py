@@ -156,7 +156,8 @@ def judge(model: RACNN, fit: Views, a: torch.Tensor, views: Views, b: torch.Tens
     """``p_t`` on ``views``' views ``b`` of every predictor fitted on ``fit``'s views ``a`` (``_fitted``: on
     ``a`` itself), of the APN's boxes (``own``) and of the targets (``oracle``); and the common move the
     ``global`` predictor makes (``move_dx``, ``move_dy``: centre shifts in sides; ``move_side``: side ratio)."""
-    got = {"own": p_t(model, views, b, views.box[b]), "oracle": p_t(model, views, b, views.target[b])}
+    # own: the APN boxes' p_t that Views already measured; oracle: the targets'
+    got = {"own": float(views.own[b].mean()), "oracle": p_t(model, views, b, views.target[b])}
     dx, dy, log_side = moves(fit.target[a], fit.box[a]).mean(0).tolist()
     got |= {"move_dx": dx, "move_dy": dy, "move_side": math.exp(log_side)}
     for name, predict in predictors(model, fit, a, **kw).items():
