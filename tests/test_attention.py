@@ -9,12 +9,14 @@ import torch
 
 from racnn.attention import (
     APN,
+    MapAPN,
     box_from_unit,
     box_to_xyxy,
     boxcar_mask,
     compose_boxes,
     crop_zoom,
     crop_zoom_reference,
+    make_apn,
     soft_box_gradient,
 )
 
@@ -281,6 +283,66 @@ def test_apn_output_is_inside_the_bounds():
     apn(feats).sum().backward()
     assert feats.grad is not None and feats.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in apn.parameters())
+
+
+def _hot_cells(cells: list[tuple[int, int]], c: int = 6, h: int = 7, w: int = 7) -> torch.Tensor:
+    """1 x c x h x w features, 1 on the given (row, col) cells of every channel, 0 elsewhere."""
+    f = torch.zeros(1, c, h, w, dtype=torch.float64)
+    for r, col in cells:
+        f[..., r, col] = 1.0
+    return f
+
+
+@torch.no_grad()  # values only
+def test_map_apn_reads_the_box_off_the_map():
+    """MapAPN: the centre is the soft-argmax of the channel response, the side follows the above-mean area,
+    and the same rule holds at every cell (translation equivariant)."""
+    apn = MapAPN(6, min_side=0.25, max_side=1.0).double()
+    with torch.no_grad():
+        apn.log_beta.fill_(math.log(40.0))  # near a hard argmax
+    box = apn(_hot_cells([(2, 4)]))
+    half = float(box[0, 2])
+    assert half < 2.5 / 7  # (so the centre needs no move inside the image)
+    torch.testing.assert_close(
+        box[0, :2], torch.tensor([4.5 / 7, 2.5 / 7], dtype=torch.float64), atol=1e-9, rtol=0
+    )
+    # one cell down and left: the centre moves by one cell, the side stays
+    moved = apn(_hot_cells([(3, 3)]))
+    torch.testing.assert_close(
+        moved[0, :2] - box[0, :2], torch.tensor([-1 / 7, 1 / 7], dtype=torch.float64), atol=1e-9, rtol=0
+    )
+    torch.testing.assert_close(moved[0, 2], box[0, 2], atol=1e-5, rtol=0)  # (softmax leaks e^-20 per cell)
+    # a 3 x 3 object is framed by a larger box than one cell, centred on it (s1 = 1 > 0 at first)
+    blob = apn(_hot_cells([(r, c) for r in (2, 3, 4) for c in (2, 3, 4)]))
+    assert float(blob[0, 2]) > half
+    torch.testing.assert_close(blob[0, :2], torch.tensor([0.5, 0.5], dtype=torch.float64), atol=1e-9, rtol=0)
+    # the channel gains choose what it looks at: channel 0 hot at one cell, the others at another
+    f = torch.zeros(1, 6, 7, 7, dtype=torch.float64)
+    f[0, 0, 1, 1], f[0, 1:, 5, 5] = 10.0, 1.0
+    with torch.no_grad():
+        apn.gain.copy_(torch.tensor([0.0, 1, 1, 1, 1, 1]))
+    box = apn(f)
+    torch.testing.assert_close(
+        box[0, :2], torch.tensor([5.5 / 7, 5.5 / 7], dtype=torch.float64).clamp(max=1 - float(box[0, 2]))
+    )
+
+
+def test_map_apn_boxes_are_inside_and_differentiable():
+    torch.manual_seed(0)
+    apn = make_apn("map", 8, grid=2, hidden=16, min_side=0.3, max_side=0.8)
+    feats = torch.randn(32, 8, 5, 3)
+    apn64 = make_apn("map", 8, grid=2, hidden=16, min_side=0.3, max_side=0.8).double()
+    for scale in (1.0, 100.0):
+        _check_boxes(apn64(feats.double() * scale), 0.3, 0.8)
+    _check_boxes(apn64(torch.ones(2, 8, 5, 3).double()), 0.3, 0.8)  # a flat map: no NaN, a box inside
+    feats.requires_grad_(True)
+    apn(feats).sum().backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in apn.parameters())
+    assert sum(p.numel() for p in apn.parameters()) == 8 + 4
+    assert isinstance(make_apn("fc", 8, grid=2, hidden=16, min_side=0.3, max_side=0.8), APN)
+    with pytest.raises(ValueError, match="unknown APN kind 'conv'"):
+        make_apn("conv", 8, grid=2, hidden=16, min_side=0.3, max_side=0.8)
 
 
 # --------------------------------------------------------------------------------- batching and dtypes

@@ -202,6 +202,7 @@ def test_override_without_equals_raises(bad):
     [
         ("schedule.mode=foo", "schedule.mode"),
         ("model.crop_from=center", "model.crop_from"),
+        ("model.apn_kind=conv", "model.apn_kind"),
         ("optim.name=adam", "optim.name"),
         ("optim.scheduler=linear", "optim.scheduler"),
     ],

@@ -165,3 +165,17 @@ def test_the_configured_fusion_is_what_the_graph_fuses(tmp_path: Path, fusion: s
     want = model.fusion_variants(out)[f"s123_{fusion}"]
     got = session.run(["logits_s123"], {"images": images.numpy()})[0]
     assert np.abs(got - want.numpy()).max() < 1e-4
+
+
+def test_a_map_apn_model_exports(tmp_path: Path) -> None:
+    """``model.apn_kind=map``: the box rule (soft-argmax and spread over the map's cells) runs in the graph."""
+    cfg = load_config(None, [*OVERRIDES, "model.apn_kind=map"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=4).eval()
+    with torch.no_grad():
+        for apn in model.apns:  # off their initial values, so a wrong parameter would show
+            apn.gain.uniform_(0.5, 1.5)
+            apn.side.copy_(torch.tensor([0.3, 1.5]))
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=40)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _check_outputs(session, model, torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(2)))

@@ -123,9 +123,14 @@ def test_the_schedule_runs_the_attention_phase_that_apn_update_names() -> None:
     assert s.planned_epochs(ATTEND_SEARCH) == s.planned_epochs(ATTEND) == 2
 
 
-def test_a_search_epoch_changes_only_the_apns(fake_cub: Path, tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(fake_cub, **{"apn.update": "search"}), tmp_path / "run", progress=False)
+@pytest.mark.parametrize("kind", ["fc", "map"])
+def test_a_search_epoch_changes_only_the_apns(fake_cub: Path, tmp_path: Path, kind: str) -> None:
+    cfg = tiny_config(fake_cub, **{"apn.update": "search", "model.apn_kind": kind})
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
     m = trainer.model
+    trainer.train_steps(APN_INIT)  # (a map APN has no tanh units to probe: the log has no saturation)
+    init = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert init["phase"] == "apn_init" and ("apn_saturation_s1" in init) == (kind == "fc")
     classifier, apn = _snapshot([m.backbones, m.heads, m.fusions]), _snapshot([m.apns])
     trainer.schedule.start_epoch(ATTEND_SEARCH)
     rec = trainer.train_epoch(ATTEND_SEARCH)

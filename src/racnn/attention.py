@@ -9,6 +9,7 @@ k = 10 the mask goes from 0.12 to 0.88 within 0.4 px of an edge, i.e. it is the 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -133,6 +134,70 @@ class APN(nn.Module):
         z = feats.flatten(1)  # B x C*g*g
         z = torch.sigmoid(self.fc2(torch.tanh(self._hidden(z))))  # B x 3 in (0, 1)
         return box_from_unit(z, self.min_side, self.max_side)
+
+
+class MapAPN(nn.Module):
+    """An APN that reads its box off the scale's map by a rule with ``C + 4`` parameters
+    (``model.apn_kind=map``; the FC APN has ``C * grid^2 * hidden``).
+
+    Why: the boxes the ranking loss prefers are mostly the image's own, and what an FC on pooled features
+    learns from them does not carry over to the next image (docs/results.md, ``benchmarks/box_transfer.py``).
+    This rule is the same at every cell, so what it learns (which channels mark where to look, how sharply,
+    how wide a box) applies to every image. At ``gain = 1`` its response is the channel mean, whose peak and
+    above-mean region are what the initialisation boxes (``peak``, ``aolm``) are read from.
+
+    * response ``a = sum_c gain_c f_c / C`` (B x h x w), standardised over each image's cells;
+    * centre: the soft-argmax ``sum softmax(beta a) * cell centre``;
+    * side: ``min + (max - min) sigmoid(s0 + s1 (10 spread - 2))``, ``spread`` the root mean square distance
+      of the cells from their centre under ``softmax(gamma a)``: a box that follows the response's extent;
+    * the square moved inside the image, as the initialisation boxes are.
+    """
+
+    def __init__(self, in_channels: int, *, min_side: float = 0.25, max_side: float = 1.0):
+        super().__init__()
+        self.min_side, self.max_side = min_side, max_side
+        self.gain = nn.Parameter(torch.ones(in_channels))  # C; relative, so one Adam rate suits all
+        self.log_beta = nn.Parameter(torch.tensor(math.log(3.0)))  # soft-argmax sharpness
+        self.log_gamma = nn.Parameter(torch.tensor(math.log(3.0)))  # the extent's sharpness
+        self.side = nn.Parameter(torch.tensor([0.0, 1.0]))  # s0, s1
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """B x C x h x w -> B x 3 box ``(cx, cy, half)`` normalised to the scale's input."""
+        f = feats.to(self.gain.dtype)  # float32 under autocast too: a softmax over the cells
+        h, w = f.shape[-2:]
+        a = torch.einsum("bchw,c->bhw", f, self.gain / f.shape[1]).flatten(1)  # B x hw
+        a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-6)  # standardised, B x hw
+        ys = ((torch.arange(h, device=f.device, dtype=f.dtype) + 0.5) / h).repeat_interleave(
+            w
+        )  # hw, row-major
+        xs = ((torch.arange(w, device=f.device, dtype=f.dtype) + 0.5) / w).repeat(h)  # hw: x varies fastest
+        p = torch.softmax(self.log_beta.exp() * a, dim=1)  # B x hw, where to look
+        cx, cy = p @ xs, p @ ys  # B each
+        q = torch.softmax(self.log_gamma.exp() * a, dim=1)  # B x hw, how far the response reaches
+        mx, my = q @ xs, q @ ys
+        var = q @ xs.square() - mx.square() + q @ ys.square() - my.square()  # B
+        spread = (var.clamp(min=0) + 1e-8).sqrt()  # (a finite gradient where the response is one cell)
+        # spread: 0 for one cell, 0.165 for a 3 x 3 block of 7 x 7, 0.40 for all of them
+        z = torch.sigmoid(self.side[0] + self.side[1] * (10.0 * spread - 2.0))
+        half = 0.5 * (self.min_side + (self.max_side - self.min_side) * z)
+        cx = torch.minimum(torch.maximum(cx, half), 1 - half)
+        cy = torch.minimum(torch.maximum(cy, half), 1 - half)
+        return torch.stack([cx, cy, half], dim=1)
+
+
+APN_KINDS = ("fc", "map")
+
+
+def make_apn(
+    kind: str, in_channels: int, *, grid: int, hidden: int, min_side: float, max_side: float
+) -> nn.Module:
+    """The APN ``model.apn_kind`` names: ``fc`` (the paper's, :class:`APN`) or ``map`` (:class:`MapAPN`, which
+    reads neither ``grid`` nor ``hidden``)."""
+    if kind == "map":
+        return MapAPN(in_channels, min_side=min_side, max_side=max_side)
+    if kind == "fc":
+        return APN(in_channels, grid=grid, hidden=hidden, min_side=min_side, max_side=max_side)
+    raise ValueError(f"unknown APN kind {kind!r} (known: {', '.join(APN_KINDS)})")
 
 
 def _logistic(x: torch.Tensor, k: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Run configuration: dataclasses per concern, YAML loading and dotted ``--set`` overrides.
 
 The resolved :class:`Config` is stored (as a plain dict) inside every checkpoint, so a model can be rebuilt
-from the file alone. This module imports neither the model nor data code; the kinds of fusion and of
-APN initialisation box it accepts are those :mod:`racnn.fusion` and :mod:`racnn.localization` implement.
+from the file alone. This module imports neither the model nor data code; the kinds of fusion, of APN
+and of APN initialisation box it accepts are those :mod:`racnn.fusion`, :mod:`racnn.attention` and
+:mod:`racnn.localization` implement.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .attention import APN_KINDS
 from .fusion import FUSIONS
 from .localization import INIT_BOXES
 
@@ -48,6 +50,9 @@ class ModelConfig:
     box_max_side: float = 1.0  # upper bound on the box side
     apn_grid: int = 7  # APN input: last conv features pooled to grid x grid, then flattened
     apn_hidden: int = 1024  # released model: FC 1024, tanh, FC 3, sigmoid
+    # "fc": the paper's APN (two FC layers on the pooled map); "map": a box read off the map by a rule with
+    # C + 4 parameters (racnn.attention.MapAPN), which learns what holds for every image
+    apn_kind: str = "fc"
     dropout: float = 0.0  # before every classification head
     # what the fused outputs (s12, s123) are: concat (the paper's FC on the concatenated features),
     # mean_prob, mean_logprob, weighted (per-scale weights fitted on validation); see racnn.fusion
@@ -318,6 +323,7 @@ def _merge(obj: Any, d: dict[str, Any], prefix: str, source: str) -> None:
 _CHOICES = {
     "model.crop_from": ("previous", "source"),
     "model.fusion": FUSIONS,
+    "model.apn_kind": APN_KINDS,
     "optim.name": ("sgd", "adamw"),
     "optim.scheduler": ("cosine", "step", "none"),
     "apn.optimizer": ("adam", "sgd"),
@@ -331,7 +337,7 @@ _CHOICES = {
 
 def validate_model(m: ModelConfig, *, source: str = "config") -> None:
     """Range and choice checks of the model section alone (also what ``racnn.create_model`` checks)."""
-    for key in ("model.crop_from", "model.fusion"):
+    for key in ("model.crop_from", "model.fusion", "model.apn_kind"):
         value = getattr(m, key.split(".")[1])
         if value not in _CHOICES[key]:
             raise ConfigError(f"{source}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")

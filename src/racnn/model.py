@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import APN, compose_boxes, soft_box_gradient
+from .attention import compose_boxes, make_apn, soft_box_gradient
 from .backbones import Backbone, Preprocessing, build_backbone
 from .config import MAX_SCALES, Config, ModelConfig, validate_model
 from .crop_cpp import crop_function
@@ -139,7 +139,8 @@ class RACNN(nn.Module):
         c = backbones[0].channels
         self.heads = nn.ModuleList(nn.Linear(b.channels, num_classes) for b in backbones)
         self.apns = nn.ModuleList(
-            APN(
+            make_apn(
+                cfg.apn_kind,
                 b.channels,
                 grid=cfg.apn_grid,
                 hidden=cfg.apn_hidden,

@@ -37,7 +37,10 @@ def apn_saturation(model: RACNN, x: torch.Tensor) -> dict[str, float]:
     hooks = [
         apn.fc1.register_forward_hook(lambda _m, _i, o, s=s: pre.__setitem__(s, o))
         for s, apn in enumerate(model.apns)
+        if hasattr(apn, "fc1")  # (a map APN has no tanh units)
     ]
+    if not hooks:
+        return {}
     try:
         model(x)  # float32: under autocast a frozen-weight fast path skips fc1's hook
     finally:

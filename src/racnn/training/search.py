@@ -132,7 +132,8 @@ def epoch_anchor(model: RACNN) -> nn.ModuleList:
     a whole attention epoch (a copy of their weights: 0.5 GB for three MobileNetV2 scales' APNs)."""
     anchor = copy.deepcopy(model.apns).requires_grad_(False).eval()
     for apn in anchor:
-        apn._fc1_cast = None  # (no low-precision copy of the live weights rides along)
+        if hasattr(apn, "_fc1_cast"):
+            apn._fc1_cast = None  # (no low-precision copy of the live weights rides along)
     return anchor
 
 
