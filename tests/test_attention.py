@@ -285,7 +285,7 @@ def test_apn_output_is_inside_the_bounds():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in apn.parameters())
 
 
-def _hot_cells(cells: list[tuple[int, int]], c: int = 6, h: int = 7, w: int = 7) -> torch.Tensor:
+def _hot_cells(cells: list[tuple[int, int]], *, c: int = 6, h: int = 7, w: int = 7) -> torch.Tensor:
     """1 x c x h x w features, 1 on the given (row, col) cells of every channel, 0 elsewhere."""
     f = torch.zeros(1, c, h, w, dtype=torch.float64)
     for r, col in cells:
@@ -295,8 +295,8 @@ def _hot_cells(cells: list[tuple[int, int]], c: int = 6, h: int = 7, w: int = 7)
 
 @torch.no_grad()  # values only
 def test_map_apn_reads_the_box_off_the_map():
-    """MapAPN: the centre is the soft-argmax of the channel response, the side follows the above-mean area,
-    and the same rule holds at every cell (translation equivariant)."""
+    """MapAPN: the centre is the soft-argmax of the channel response, the side grows with its spread, and the
+    same rule holds at every cell (translation equivariant)."""
     apn = MapAPN(6, min_side=0.25, max_side=1.0).double()
     with torch.no_grad():
         apn.log_beta.fill_(math.log(40.0))  # near a hard argmax
@@ -327,13 +327,49 @@ def test_map_apn_reads_the_box_off_the_map():
     )
 
 
+@torch.no_grad()
+def test_map_apn_reads_rows_and_columns_of_a_non_square_map_and_sizes_the_box_by_the_spread():
+    apn = MapAPN(6, min_side=0.25, max_side=1.0).double()
+    with torch.no_grad():
+        apn.log_beta.fill_(math.log(40.0))
+        apn.log_gamma.fill_(math.log(40.0))
+    # 5 rows x 3 columns, hot at row 1, column 2: x = 2.5 / 3, y = 1.5 / 5 (before the move inside)
+    box = apn(_hot_cells([(1, 2)], h=5, w=3))
+    half = float(box[0, 2])
+    want = torch.tensor([2.5 / 3, 1.5 / 5], dtype=torch.float64)
+    torch.testing.assert_close(box[0, :2], torch.minimum(torch.clamp(want, min=half), 1 - torch.tensor(half)))
+    assert float(box[0, 0]) > float(box[0, 1])  # right of centre and above it, not the transpose
+    # a 3 x 3 block of 7 x 7: spread sqrt(2 * (2/3) / 49) = 0.1650; side = 0.25 + 0.75 sigmoid(s0 + s1 (10 spread - 2))
+    blob = apn(_hot_cells([(r, c) for r in (2, 3, 4) for c in (2, 3, 4)]))
+    spread = math.sqrt(2 * (2 / 3) / 49)
+    want_side = 0.25 + 0.75 / (1 + math.exp(-(0.0 + 1.0 * (10 * spread - 2))))
+    assert abs(2 * float(blob[0, 2]) - want_side) < 1e-6
+    # a 1 x 1 map: nothing to choose, the centred box of a spread of 0
+    one = apn(torch.rand(2, 6, 1, 1, dtype=torch.float64))
+    torch.testing.assert_close(one[:, :2], torch.full((2, 2), 0.5, dtype=torch.float64))
+    assert torch.isfinite(one).all()
+
+
+def test_map_apn_stays_float32_under_autocast():
+    """Its rule is products and sums, which autocast leaves in float32: the box equals the float32 box
+    computed from the same (bf16-rounded) features."""
+    torch.manual_seed(0)
+    apn = MapAPN(8)
+    feats = torch.randn(4, 8, 7, 7).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        box = apn(feats)
+    assert box.dtype == torch.float32
+    torch.testing.assert_close(box, apn(feats.float()), atol=1e-6, rtol=0)
+
+
 def test_map_apn_boxes_are_inside_and_differentiable():
     torch.manual_seed(0)
     apn = make_apn("map", 8, grid=2, hidden=16, min_side=0.3, max_side=0.8)
     feats = torch.randn(32, 8, 5, 3)
     apn64 = make_apn("map", 8, grid=2, hidden=16, min_side=0.3, max_side=0.8).double()
-    for scale in (1.0, 100.0):
-        _check_boxes(apn64(feats.double() * scale), 0.3, 0.8)
+    with torch.no_grad():
+        apn64.side.copy_(torch.tensor([4.0, 0.0]))  # sides near the upper bound: centres pushed inside
+    _check_boxes(apn64(feats.double()), 0.3, 0.8)
     _check_boxes(apn64(torch.ones(2, 8, 5, 3).double()), 0.3, 0.8)  # a flat map: no NaN, a box inside
     feats.requires_grad_(True)
     apn(feats).sum().backward()

@@ -128,7 +128,9 @@ def test_a_search_epoch_changes_only_the_apns(fake_cub: Path, tmp_path: Path, ki
     cfg = tiny_config(fake_cub, **{"apn.update": "search", "model.apn_kind": kind})
     trainer = Trainer(cfg, tmp_path / "run", progress=False)
     m = trainer.model
+    before_init = _snapshot([m.apns])
     trainer.train_steps(APN_INIT)  # (a map APN has no tanh units to probe: the log has no saturation)
+    assert not _same(before_init, _snapshot([m.apns]))
     init = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert init["phase"] == "apn_init" and ("apn_saturation_s1" in init) == (kind == "fc")
     classifier, apn = _snapshot([m.backbones, m.heads, m.fusions]), _snapshot([m.apns])

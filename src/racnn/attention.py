@@ -151,35 +151,44 @@ class MapAPN(nn.Module):
     * side: ``min + (max - min) sigmoid(s0 + s1 (10 spread - 2))``, ``spread`` the root mean square distance
       of the cells from their centre under ``softmax(gamma a)``: a box that follows the response's extent;
     * the square moved inside the image, as the initialisation boxes are.
+
+    Its parameters are of order 1, where the FC APN's are many and small: it needs rates about a thousand
+    times the FC APN's (``apn.init_lr`` 0.02, ``apn.lr`` 0.002 in docs/results.md), at whose defaults
+    (1e-5) it would hardly move.
     """
 
     def __init__(self, in_channels: int, *, min_side: float = 0.25, max_side: float = 1.0):
         super().__init__()
         self.min_side, self.max_side = min_side, max_side
-        self.gain = nn.Parameter(torch.ones(in_channels))  # C; relative, so one Adam rate suits all
+        self.gain = nn.Parameter(torch.ones(in_channels))  # C, relative to the channel mean
         self.log_beta = nn.Parameter(torch.tensor(math.log(3.0)))  # soft-argmax sharpness
         self.log_gamma = nn.Parameter(torch.tensor(math.log(3.0)))  # the extent's sharpness
         self.side = nn.Parameter(torch.tensor([0.0, 1.0]))  # s0, s1
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """B x C x h x w -> B x 3 box ``(cx, cy, half)`` normalised to the scale's input."""
-        f = feats.to(self.gain.dtype)  # float32 under autocast too: a softmax over the cells
+        """B x C x h x w -> B x 3 box ``(cx, cy, half)`` normalised to the scale's input.
+
+        Products and sums, no matmul: autocast leaves them in float32 (a bf16 variance of cell positions
+        would be rounding noise) and the int8 export quantizes no part of the rule (it quantizes MatMuls)."""
+        f = feats.to(self.gain.dtype)
         h, w = f.shape[-2:]
-        a = torch.einsum("bchw,c->bhw", f, self.gain / f.shape[1]).flatten(1)  # B x hw
-        a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-6)  # standardised, B x hw
+        a = (f * (self.gain / f.shape[1])[:, None, None]).sum(1).flatten(1)  # B x hw, the gained channel mean
+        if a.shape[1] > 1:  # standardised over the cells (one cell: nothing to choose, the box is centred)
+            a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-6)
         ys = ((torch.arange(h, device=f.device, dtype=f.dtype) + 0.5) / h).repeat_interleave(
             w
         )  # hw, row-major
         xs = ((torch.arange(w, device=f.device, dtype=f.dtype) + 0.5) / w).repeat(h)  # hw: x varies fastest
         p = torch.softmax(self.log_beta.exp() * a, dim=1)  # B x hw, where to look
-        cx, cy = p @ xs, p @ ys  # B each
+        cx, cy = (p * xs).sum(1), (p * ys).sum(1)  # B each
         q = torch.softmax(self.log_gamma.exp() * a, dim=1)  # B x hw, how far the response reaches
-        mx, my = q @ xs, q @ ys
-        var = q @ xs.square() - mx.square() + q @ ys.square() - my.square()  # B
-        spread = (var.clamp(min=0) + 1e-8).sqrt()  # (a finite gradient where the response is one cell)
+        mx, my = (q * xs).sum(1, keepdim=True), (q * ys).sum(1, keepdim=True)  # B x 1 each
+        var = (q * ((xs - mx).square() + (ys - my).square())).sum(1)  # B
+        spread = (var + 1e-8).sqrt()  # (a finite gradient where the response is one cell)
         # spread: 0 for one cell, 0.165 for a 3 x 3 block of 7 x 7, 0.40 for all of them
         z = torch.sigmoid(self.side[0] + self.side[1] * (10.0 * spread - 2.0))
         half = 0.5 * (self.min_side + (self.max_side - self.min_side) * z)
+        # moved inside the image as the initialisation boxes are (a centre held at an edge has no gradient)
         cx = torch.minimum(torch.maximum(cx, half), 1 - half)
         cy = torch.minimum(torch.maximum(cy, half), 1 - half)
         return torch.stack([cx, cy, half], dim=1)

@@ -51,7 +51,7 @@ class ModelConfig:
     apn_grid: int = 7  # APN input: last conv features pooled to grid x grid, then flattened
     apn_hidden: int = 1024  # released model: FC 1024, tanh, FC 3, sigmoid
     # "fc": the paper's APN (two FC layers on the pooled map); "map": a box read off the map by a rule with
-    # C + 4 parameters (racnn.attention.MapAPN), which learns what holds for every image
+    # C + 4 parameters, the same at every cell (racnn.attention.MapAPN); needs apn.lr and init_lr ~1000x fc's
     apn_kind: str = "fc"
     dropout: float = 0.0  # before every classification head
     # what the fused outputs (s12, s123) are: concat (the paper's FC on the concatenated features),
