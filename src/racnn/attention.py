@@ -175,10 +175,8 @@ class MapAPN(nn.Module):
         a = (f * (self.gain / f.shape[1])[:, None, None]).sum(1).flatten(1)  # B x hw, the gained channel mean
         if a.shape[1] > 1:  # standardised over the cells (one cell: nothing to choose, the box is centred)
             a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-6)
-        ys = ((torch.arange(h, device=f.device, dtype=f.dtype) + 0.5) / h).repeat_interleave(
-            w
-        )  # hw, row-major
-        xs = ((torch.arange(w, device=f.device, dtype=f.dtype) + 0.5) / w).repeat(h)  # hw: x varies fastest
+        cells = torch.arange(h * w, device=f.device)  # hw, row-major as a's: x varies fastest
+        ys, xs = ((cells // w).to(f.dtype) + 0.5) / h, ((cells % w).to(f.dtype) + 0.5) / w  # cell centres
         p = torch.softmax(self.log_beta.exp() * a, dim=1)  # B x hw, where to look
         cx, cy = (p * xs).sum(1), (p * ys).sum(1)  # B each
         q = torch.softmax(self.log_gamma.exp() * a, dim=1)  # B x hw, how far the response reaches
