@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import APN
 from ..config import Config
 from ..localization import aolm_boxes, class_activation, peak_response_boxes, region_response_boxes
 from ..model import RACNN
@@ -37,7 +38,7 @@ def apn_saturation(model: RACNN, x: torch.Tensor) -> dict[str, float]:
     hooks = [
         apn.fc1.register_forward_hook(lambda _m, _i, o, s=s: pre.__setitem__(s, o))
         for s, apn in enumerate(model.apns)
-        if hasattr(apn, "fc1")  # (a map APN has no tanh units)
+        if isinstance(apn, APN)  # (a map APN has no tanh units)
     ]
     if not hooks:
         return {}

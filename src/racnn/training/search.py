@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import box_candidates, compose_boxes
+from ..attention import APN, box_candidates, compose_boxes
 from ..config import Config
 from ..losses import box_regression_loss, rank_ceiling, true_class_prob
 from ..model import RACNN, RACNNOutput
@@ -132,7 +132,7 @@ def epoch_anchor(model: RACNN) -> nn.ModuleList:
     a whole attention epoch (a copy of their weights: 0.5 GB for three MobileNetV2 scales' APNs)."""
     anchor = copy.deepcopy(model.apns).requires_grad_(False).eval()
     for apn in anchor:
-        if hasattr(apn, "_fc1_cast"):
+        if isinstance(apn, APN):  # (a map APN keeps no copy)
             apn._fc1_cast = None  # (no low-precision copy of the live weights rides along)
     return anchor
 
